@@ -1,0 +1,30 @@
+# The README's two commands: `make study` (set up, then run the default study) and `make test`
+# (set up, then run the tests). Both create or reuse the virtual environment .venv in the repository.
+VENV := .venv
+PYTHON ?= python3
+STUDY ?=
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: setup study test ui
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+# `make study STUDY=large` first makes studies/large.yaml the active params.yaml.
+study: setup
+	@if [ -n "$(STUDY)" ]; then vaebench use-study $(STUDY); fi
+	vaebench check
+	dvc repro
+
+test: setup
+	pytest
+
+# The MLflow UI on the study's local store, bound to loopback only.
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -1,0 +1,1 @@
+"""vaebench: a reproducible DVC + MLflow pipeline comparing variational autoencoders on MNIST."""

@@ -1,0 +1,103 @@
+"""The `vaebench` command: one entry point for the DVC stages and the tools around them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from pipeline.config import PARAMS_FILE, ConfigError, load_study
+
+STUDIES_DIR = Path("studies")
+log = logging.getLogger("vaebench")
+
+
+def cmd_prepare(args) -> None:
+    from pipeline.prepare import prepare
+
+    prepare(load_study(args.params))
+
+
+def cmd_train(args) -> None:
+    from pipeline.train import train_cell
+
+    train_cell(load_study(args.params), args.cell)
+
+
+def cmd_evaluate(args) -> None:
+    from pipeline.evaluate import evaluate_cell
+
+    evaluate_cell(load_study(args.params), args.cell)
+
+
+def cmd_check(args) -> None:
+    config = load_study(args.params)
+    print(f"{args.params}: study {config.study!r}, {len(config.cells)} cells")
+    for cell in config.cells.values():
+        print(f"  {cell.name}: {cell.arch} latent_dim={cell.latent_dim} beta={cell.beta:g} seed={cell.seed} epochs={cell.epochs}")
+
+
+def cmd_table(args) -> None:
+    from pipeline.evaluate import results_table
+
+    print(results_table(load_study(args.params)))
+
+
+def cmd_use_study(args) -> None:
+    source = STUDIES_DIR / f"{args.name}.yaml"
+    if not source.is_file():
+        known = ", ".join(sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))) or "none"
+        raise ConfigError(f"no study file {source}; the studies are: {known}")
+    config = load_study(source)
+    shutil.copyfile(source, args.params)
+    print(f"{args.params} now holds study {config.study!r} ({len(config.cells)} cells); run `dvc repro`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vaebench", description=__doc__)
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="study parameters (default: params.yaml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("prepare", help="verify MNIST and write the train/val/test arrays").set_defaults(run=cmd_prepare)
+    for name, handler, text in (
+        ("train", cmd_train, "train one grid cell"),
+        ("evaluate", cmd_evaluate, "evaluate one trained grid cell on the test set"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("cell", help="a cell name from params.yaml (see `vaebench check`)")
+        sub.set_defaults(run=handler)
+    commands.add_parser("check", help="validate the parameters and list the cells").set_defaults(run=cmd_check)
+    commands.add_parser("table", help="print the study's test metrics as a Markdown table").set_defaults(run=cmd_table)
+    use = commands.add_parser("use-study", help="make studies/NAME.yaml the active params.yaml")
+    use.add_argument("name")
+    use.set_defaults(run=cmd_use_study)
+    return parser
+
+
+def _terminate(signum, frame):
+    # Turn SIGTERM into an exception so open MLflow runs end as FAILED instead of staying RUNNING.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[vaebench] %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        args.run(args)
+    except ConfigError as error:
+        print(f"vaebench: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vaebench: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError, ValueError) as error:
+        print(f"vaebench: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""The study's typed configuration: read `params.yaml` once, validate every value, fail with one clear line."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+DATA_ROOT_ENV = "VAEBENCH_DATA_ROOT"
+ARCHS = ("linear", "conv")
+LIKELIHOODS = ("bernoulli", "gaussian")
+DEVICES = ("auto", "cpu", "cuda")
+MNIST_TRAIN_IMAGES = 60_000
+MNIST_TEST_IMAGES = 10_000
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class ConfigError(ValueError):
+    """A value in params.yaml (or a study file) that the pipeline cannot use."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str
+    download: bool
+    train_size: int
+    val_size: int
+    test_size: int
+    split_seed: int
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    """One point of the grid: everything needed to train and evaluate one model."""
+
+    name: str
+    arch: str
+    latent_dim: int
+    beta: float
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    likelihood: str
+    gaussian_std: float
+    hidden: tuple[int, ...]
+    channels: tuple[int, ...]
+    device: str
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int
+    seed: int
+    n_images: int
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    study: str
+    data: DataConfig
+    cells: dict[str, CellConfig]
+    evaluate: EvaluateConfig
+
+    def cell(self, name: str) -> CellConfig:
+        if name not in self.cells:
+            known = ", ".join(self.cells) or "none"
+            raise ConfigError(f"unknown cell {name!r}; the study {self.study!r} has: {known}")
+        return self.cells[name]
+
+
+# Keys a cell may set; the ones in CELL_DEFAULT_KEYS fall back to the `train:` block.
+CELL_OWN_KEYS = ("arch", "latent_dim", "beta", "seed")
+CELL_DEFAULT_KEYS = tuple(
+    f.name for f in dataclasses.fields(CellConfig) if f.name not in CELL_OWN_KEYS + ("name",)
+)
+
+
+def load_study(path: Path | str = PARAMS_FILE) -> StudyConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found; run from the repository root or pass the params file") from None
+    except (OSError, yaml.YAMLError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"{path} is not readable YAML ({first_line}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping with the keys study, data, train, cells, evaluate")
+    return parse_study(raw, source=str(path))
+
+
+def parse_study(raw: dict, source: str = "params") -> StudyConfig:
+    _only_keys(raw, ("study", "data", "train", "cells", "evaluate"), source)
+    study = _name(_required(raw, "study", source), f"{source}: study")
+    data = _parse_data(_section(raw, "data", source))
+    train_defaults = _section(raw, "train", source)
+    _only_keys(train_defaults, CELL_DEFAULT_KEYS, f"{source}: train")
+    cells_raw = _section(raw, "cells", source)
+    if not cells_raw:
+        raise ConfigError(f"{source}: cells is empty; add at least one cell")
+    cells = {
+        name: _parse_cell(_name(name, f"{source}: cell name"), spec, train_defaults)
+        for name, spec in cells_raw.items()
+    }
+    evaluate = _parse_evaluate(_section(raw, "evaluate", source))
+    return StudyConfig(study=study, data=data, cells=cells, evaluate=evaluate)
+
+
+def _parse_data(raw: dict) -> DataConfig:
+    where = "data"
+    _only_keys(raw, [f.name for f in dataclasses.fields(DataConfig)], where)
+    root = os.environ.get(DATA_ROOT_ENV) or _string(_required(raw, "root", where), f"{where}.root")
+    data = DataConfig(
+        root=root,
+        download=_boolean(raw.get("download", True), f"{where}.download"),
+        train_size=_integer(_required(raw, "train_size", where), f"{where}.train_size", low=1),
+        val_size=_integer(_required(raw, "val_size", where), f"{where}.val_size", low=1),
+        test_size=_integer(_required(raw, "test_size", where), f"{where}.test_size", low=1),
+        split_seed=_integer(raw.get("split_seed", 0), f"{where}.split_seed", low=0),
+    )
+    if data.train_size + data.val_size > MNIST_TRAIN_IMAGES:
+        raise ConfigError(
+            f"data.train_size + data.val_size = {data.train_size + data.val_size} exceeds the "
+            f"{MNIST_TRAIN_IMAGES} MNIST training images; lower one of them"
+        )
+    if data.test_size > MNIST_TEST_IMAGES:
+        raise ConfigError(f"data.test_size = {data.test_size} exceeds the {MNIST_TEST_IMAGES} MNIST test images")
+    return data
+
+
+def _parse_cell(name: str, spec: object, defaults: dict) -> CellConfig:
+    where = f"cells.{name}"
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a mapping like {{arch: linear, latent_dim: 2, beta: 1.0, seed: 0}}")
+    _only_keys(spec, CELL_OWN_KEYS + CELL_DEFAULT_KEYS, where)
+    merged = {**defaults, **spec}
+    for key in CELL_OWN_KEYS + CELL_DEFAULT_KEYS:
+        if key not in merged:
+            raise ConfigError(f"{where}.{key} is missing; set it in the cell or in the train block")
+
+    def field(key: str) -> str:
+        return f"{where}.{key}"
+
+    return CellConfig(
+        name=name,
+        arch=_choice(merged["arch"], field("arch"), ARCHS),
+        latent_dim=_integer(merged["latent_dim"], field("latent_dim"), low=1),
+        beta=_number(merged["beta"], field("beta"), low=0.0),
+        seed=_integer(merged["seed"], field("seed"), low=0),
+        epochs=_integer(merged["epochs"], field("epochs"), low=1),
+        batch_size=_integer(merged["batch_size"], field("batch_size"), low=1),
+        lr=_number(merged["lr"], field("lr"), low=0.0, low_inclusive=False),
+        likelihood=_choice(merged["likelihood"], field("likelihood"), LIKELIHOODS),
+        gaussian_std=_number(merged["gaussian_std"], field("gaussian_std"), low=0.0, low_inclusive=False),
+        hidden=_int_list(merged["hidden"], field("hidden")),
+        channels=_int_list(merged["channels"], field("channels")),
+        device=_choice(merged["device"], field("device"), DEVICES),
+    )
+
+
+def _parse_evaluate(raw: dict) -> EvaluateConfig:
+    _only_keys(raw, [f.name for f in dataclasses.fields(EvaluateConfig)], "evaluate")
+    return EvaluateConfig(
+        batch_size=_integer(_required(raw, "batch_size", "evaluate"), "evaluate.batch_size", low=1),
+        seed=_integer(raw.get("seed", 0), "evaluate.seed", low=0),
+        n_images=_integer(raw.get("n_images", 64), "evaluate.n_images", low=1),
+    )
+
+
+def _section(raw: dict, key: str, where: str) -> dict:
+    value = _required(raw, key, where)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _required(raw: dict, key: str, where: str) -> object:
+    if key not in raw:
+        raise ConfigError(f"{where}: {key} is missing")
+    return raw[key]
+
+
+def _only_keys(raw: dict, allowed, where: str) -> None:
+    unknown = sorted(set(map(str, raw)) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(allowed)}")
+
+
+def _name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise ConfigError(f"{what} {value!r} must use only letters, digits, '-' and '_' (it names folders and runs)")
+    return value
+
+
+def _string(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _boolean(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
+def _choice(value: object, what: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{what} is {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def _integer(value: object, what: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise ConfigError(f"{what} must be >= {low}, got {value}")
+    return value
+
+
+def _number(value: object, what: str, low: float, low_inclusive: bool = True) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{what} must be a finite number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number, got {value!r}")
+    if value < low or (value == low and not low_inclusive):
+        bound = ">=" if low_inclusive else ">"
+        raise ConfigError(f"{what} must be {bound} {low:g}, got {value:g}")
+    return float(value)
+
+
+def _int_list(value: object, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{what} must be a non-empty list of integers, got {value!r}")
+    return tuple(_integer(item, f"{what}[{i}]", low=1) for i, item in enumerate(value))
+
+
+def cell_as_dict(cell: CellConfig) -> dict:
+    values = dataclasses.asdict(cell)
+    values["hidden"] = list(cell.hidden)
+    values["channels"] = list(cell.channels)
+    return values

@@ -1,0 +1,141 @@
+"""Everything MLflow: one experiment per study, a parent run per study, a child run per grid cell."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import CellConfig, StudyConfig, cell_as_dict
+
+# The study runs offline: MLflow's usage telemetry would only try, and fail, to reach the network.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+DEFAULT_STORE = Path("mlflow.db")
+ARTIFACT_ROOT = Path("mlartifacts")
+ROLE_TAG = "vaebench.role"
+STUDY_TAG = "vaebench.study"
+CELL_TAG = "vaebench.cell"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set (a tracking server), else the SQLite store in the repository."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE.resolve()}"
+
+
+def experiment_name(study: str) -> str:
+    return f"vaebench-{study}"
+
+
+def study_experiment(client: MlflowClient, study: str) -> str:
+    name = experiment_name(study)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A local store keeps artifacts beside it; a server decides its own artifact location.
+    location = ARTIFACT_ROOT.resolve().as_uri() if tracking_uri().startswith("sqlite:") else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def study_parent_run(client: MlflowClient, experiment_id: str, study: str) -> str:
+    """The study's parent run, created on first use; every cell's run hangs under it."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{ROLE_TAG}` = 'study'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment_id, run_name=study, tags={ROLE_TAG: "study", STUDY_TAG: study, **source_tags()}
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def source_tags() -> dict[str, str]:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"mlflow.source.git.commit": commit, "vaebench.git_commit": commit}
+
+
+@contextmanager
+def cell_run(config: StudyConfig, cell: CellConfig, stage: str, run_id: str | None = None):
+    """An active MLflow run for one cell: `run_id` continues an earlier run, else a new child run starts.
+
+    The run ends FINISHED when the block completes and FAILED (or KILLED) when it raises, never RUNNING.
+    """
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    experiment_id = study_experiment(client, config.study)
+    parent_id = study_parent_run(client, experiment_id, config.study)
+    if run_id is not None and not _run_exists(client, run_id):
+        run_id = None
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        ROLE_TAG: "cell",
+        STUDY_TAG: config.study,
+        CELL_TAG: cell.name,
+        "vaebench.dvc_stage": stage,
+        **source_tags(),
+    }
+    if run_id is None:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=cell.name, tags=tags)
+    else:
+        run = mlflow.start_run(run_id=run_id)
+        mlflow.set_tags(tags)
+    with run:
+        yield run
+
+
+def _run_exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+def log_cell_params(config: StudyConfig, cell: CellConfig) -> None:
+    params = {f"cell.{key}": value for key, value in cell_as_dict(cell).items()}
+    params |= {f"data.{key}": value for key, value in vars(config.data).items()}
+    params |= {f"evaluate.{key}": value for key, value in vars(config.evaluate).items()}
+    params["study"] = config.study
+    mlflow.log_params(params)
+
+
+def log_epoch(row: dict) -> None:
+    mlflow.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=row["epoch"])
+
+
+def log_test_metrics(metrics: dict) -> None:
+    mlflow.log_metrics({f"test_{key}": value for key, value in metrics.items()})
+
+
+def log_model(model) -> None:
+    import torch
+    import mlflow.pytorch
+
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # its warning about pickle, a deliberate choice
+    # Pickle rather than MLflow's default pt2 export, which traces forward() and needs an input example;
+    # loading needs the `pipeline` package installed. Explicit requirements: inferring them is slow.
+    mlflow.pytorch.log_model(
+        model.cpu(),
+        name="model",
+        serialization_format="pickle",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "vaebench"],
+    )
+
+
+def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifacts(str(folder), artifact_path=artifact_path)

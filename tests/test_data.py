@@ -1,0 +1,94 @@
+import dataclasses
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline import data
+from pipeline.outputs import PREPARED_DIR, PREPARED_FILE
+from pipeline.prepare import prepare
+
+from conftest import SHARED_DATA
+
+
+def with_data(config, **changes):
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, **changes))
+
+
+def copy_raw(target):
+    (target / "MNIST" / "raw").mkdir(parents=True)
+    for name in data.MNIST_SHA256:
+        shutil.copyfile(data.raw_dir(SHARED_DATA) / name, target / "MNIST" / "raw" / name)
+
+
+def test_read_idx_gives_the_published_shapes():
+    raw = data.load_raw(SHARED_DATA)
+    assert raw["train_images"].shape == (60_000, 28, 28) and raw["train_images"].dtype == np.uint8
+    assert raw["test_images"].shape == (10_000, 28, 28)
+    assert raw["train_labels"].shape == (60_000,) and set(np.unique(raw["test_labels"])) == set(range(10))
+    # The first training label of MNIST is a 5 and the first test label a 7.
+    assert raw["train_labels"][0] == 5 and raw["test_labels"][0] == 7
+
+
+def test_split_is_deterministic_and_disjoint():
+    raw = data.load_raw(SHARED_DATA)
+    first = data.split(raw, 55_000, 5_000, 10_000, seed=0)
+    again = data.split(raw, 55_000, 5_000, 10_000, seed=0)
+    other = data.split(raw, 55_000, 5_000, 10_000, seed=1)
+    assert all(np.array_equal(first[key], again[key]) for key in first)
+    assert not np.array_equal(first["val_images"], other["val_images"])
+    train = {img.tobytes() for img in first["train_images"]}
+    # MNIST has a handful of byte-identical duplicate images, so allow a few collisions.
+    assert sum(img.tobytes() in train for img in first["val_images"]) < 10
+    assert len(first["train_images"]) + len(first["val_images"]) == 60_000
+
+
+def test_prepare_writes_uint8_splits(prepared):
+    arrays = data.load_prepared(PREPARED_FILE)
+    assert arrays["train_images"].dtype == np.uint8
+    assert [len(arrays[f"{s}_images"]) for s in data.SPLITS] == [500, 100, 200]
+
+
+def test_corrupt_file_fails_with_the_file_named_and_no_output(tiny_study, workdir):
+    root = workdir / "copy"
+    copy_raw(root)
+    victim = data.raw_dir(root) / "t10k-labels-idx1-ubyte.gz"
+    victim.write_bytes(victim.read_bytes()[:-100])  # truncated
+    config = with_data(tiny_study, root=str(root))
+    with pytest.raises(data.DataError, match=r"checksum mismatch for .*t10k-labels-idx1-ubyte\.gz"):
+        prepare(config)
+    assert not PREPARED_DIR.exists()
+
+
+def test_missing_files_without_download_name_the_folder_and_files(tiny_study, workdir):
+    root = workdir / "empty"
+    config = with_data(tiny_study, root=str(root), download=False)
+    with pytest.raises(data.DataError) as error:
+        prepare(config)
+    assert str(data.raw_dir(root)) in str(error.value) and "train-images-idx3-ubyte.gz" in str(error.value)
+    assert not PREPARED_DIR.exists()
+
+
+def test_failed_download_names_the_folder(tiny_study, workdir, monkeypatch):
+    import torchvision.datasets
+
+    class OfflineMNIST:
+        def __init__(self, *args, **kwargs):
+            raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineMNIST)
+    root = workdir / "empty"
+    config = with_data(tiny_study, root=str(root))
+    with pytest.raises(data.DataError, match="the download failed") as error:
+        prepare(config)
+    assert str(data.raw_dir(root)) in str(error.value)
+    assert not PREPARED_DIR.exists()
+
+
+def test_not_an_idx_file_is_reported(tmp_path):
+    bogus = tmp_path / "x.gz"
+    with gzip.open(bogus, "wb") as handle:
+        handle.write(b"hello world, not idx")
+    with pytest.raises(data.DataError, match="not an IDX file"):
+        data.read_idx(bogus)

@@ -1,0 +1,118 @@
+"""`dvc repro` of the tiny study in a temporary copy of the repository, checked through DVC and MLflow."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import REPO, SHARED_DATA, TINY_STUDY
+
+COPIED = ["pipeline", "studies", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+CELLS = ["linear-z2-b1-s0", "conv-z2-b1-s0"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    for name in COPIED:
+        source, target = REPO / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
+    shutil.copyfile(TINY_STUDY, root / "params.yaml")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+def run(repo, *command):
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "VAEBENCH_DATA_ROOT": str(SHARED_DATA),
+        "DVC_NO_ANALYTICS": "1",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def mlflow_client(repo):
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def study_runs(repo):
+    client = mlflow_client(repo)
+    experiment = client.get_experiment_by_name("vaebench-tiny")
+    return client.search_runs([experiment.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def reproduced(repo):
+    return run(repo, "dvc", "repro")
+
+
+def test_repro_writes_every_stage_output(repo, reproduced):
+    assert (repo / "results/prepare/mnist.npz").is_file()
+    for cell in CELLS:
+        assert (repo / f"results/tiny/train/{cell}/model.pt").is_file()
+        history = json.loads((repo / f"results/tiny/train/{cell}/history.json").read_text())
+        assert [row["epoch"] for row in history] == [1]
+        metrics = json.loads((repo / f"results/tiny/evaluate/{cell}/metrics.json").read_text())
+        assert metrics["elbo"] == pytest.approx(metrics["recon"] + metrics["kl"])
+        assert 0 <= metrics["active_units"] <= 2
+        assert len(json.loads((repo / f"results/tiny/evaluate/{cell}/kl_per_dim.json").read_text())) == 2
+        for image in ("reconstructions.png", "samples.png"):
+            assert (repo / f"results/tiny/evaluate/{cell}/images/{image}").stat().st_size > 0
+
+
+def test_dvc_is_up_to_date_and_lists_every_cell_metric(repo, reproduced):
+    assert "up to date" in run(repo, "dvc", "status")
+    shown = json.loads(run(repo, "dvc", "metrics", "show", "--json"))
+    files = next(iter(shown.values()))["data"]
+    for cell in CELLS:
+        assert f"results/tiny/evaluate/{cell}/metrics.json" in files
+
+
+def test_mlflow_has_one_parent_and_a_child_per_cell(repo, reproduced):
+    runs = study_runs(repo)
+    parents = [r for r in runs if r.data.tags.get("vaebench.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("vaebench.role") == "cell"]
+    assert len(parents) == 1 and parents[0].info.run_name == "tiny"
+    assert sorted(r.info.run_name for r in children) == sorted(CELLS)
+    client = mlflow_client(repo)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.data.tags["vaebench.dvc_stage"] in {f"train@{child.info.run_name}", f"evaluate@{child.info.run_name}"}
+        assert {"test_elbo", "test_recon", "test_kl", "test_active_units"} <= set(child.data.metrics)
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [1]
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "images")] == [
+            "images/reconstructions.png",
+            "images/samples.png",
+        ]
+        models = client.search_logged_models([child.info.experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'")
+        assert [m.name for m in models] == ["model"]
+
+
+def test_second_repro_runs_nothing_and_logs_no_duplicate_run(repo, reproduced):
+    before = len(study_runs(repo))
+    output = run(repo, "dvc", "repro")
+    assert "Running stage" not in output
+    assert len(study_runs(repo)) == before
+
+
+def test_editing_one_cell_reruns_only_that_cell(repo, reproduced):
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("conv-z2-b1-s0: {arch: conv, latent_dim: 2, beta: 1.0, seed: 0}",
+                                                 "conv-z2-b1-s0: {arch: conv, latent_dim: 2, beta: 0.5, seed: 0}"))
+    output = run(repo, "dvc", "repro")
+    assert "Running stage 'train@conv-z2-b1-s0'" in output
+    assert "Running stage 'evaluate@conv-z2-b1-s0'" in output
+    assert "Running stage 'train@linear-z2-b1-s0'" not in output
+    assert "Running stage 'prepare'" not in output
+    assert "up to date" in run(repo, "dvc", "status")
