@@ -33,6 +33,21 @@ def cmd_evaluate(args) -> None:
     evaluate_cell(load_study(args.params), args.cell)
 
 
+def cmd_report(args) -> None:
+    from pipeline.report import build_report
+
+    build_report(load_study(args.params))
+
+
+def cmd_figures(args) -> None:
+    from pipeline.report import cell_figures
+
+    config = load_study(args.params)
+    config.cell(args.cell)
+    folder = cell_figures(config, args.cell, args.out or Path("figures") / config.study / args.cell)
+    print(f"figures of {args.cell} in {folder}/")
+
+
 def cmd_check(args) -> None:
     config = load_study(args.params)
     print(f"{args.params}: study {config.study!r}, {len(config.cells)} cells")
@@ -41,9 +56,9 @@ def cmd_check(args) -> None:
 
 
 def cmd_table(args) -> None:
-    from pipeline.evaluate import results_table
+    from pipeline.results import cell_table, markdown_table
 
-    print(results_table(load_study(args.params)))
+    print(markdown_table(cell_table(load_study(args.params))))
 
 
 def cmd_use_study(args) -> None:
@@ -68,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("cell", help="a cell name from params.yaml (see `vaebench check`)")
         sub.set_defaults(run=handler)
+    commands.add_parser("report", help="write the study report to reports/<study>/").set_defaults(run=cmd_report)
+    figures = commands.add_parser("figures", help="draw one trained cell's figures (default: figures/<study>/<cell>/)")
+    figures.add_argument("cell")
+    figures.add_argument("--out", type=Path, help="output folder")
+    figures.set_defaults(run=cmd_figures)
     commands.add_parser("check", help="validate the parameters and list the cells").set_defaults(run=cmd_check)
     commands.add_parser("table", help="print the study's test metrics as a Markdown table").set_defaults(run=cmd_table)
     use = commands.add_parser("use-study", help="make studies/NAME.yaml the active params.yaml")

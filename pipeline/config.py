@@ -62,11 +62,25 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    seed: int
+    digits: int  # test digits shown in the reconstruction figure
+    samples: int  # samples per model in the sample figure
+    interpolation_pairs: tuple[tuple[int, int], ...]  # digit labels, e.g. (1, 7)
+    interpolation_steps: int
+    latent_map_extent: float  # the 2-D latent map covers [-extent, extent]^2
+    latent_map_size: int  # decoded images per side of the map
+    scatter_points: int  # test images in the latent scatter
+    dpi: int
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     study: str
     data: DataConfig
     cells: dict[str, CellConfig]
     evaluate: EvaluateConfig
+    report: ReportConfig
 
     def cell(self, name: str) -> CellConfig:
         if name not in self.cells:
@@ -97,7 +111,7 @@ def load_study(path: Path | str = PARAMS_FILE) -> StudyConfig:
 
 
 def parse_study(raw: dict, source: str = "params") -> StudyConfig:
-    _only_keys(raw, ("study", "data", "train", "cells", "evaluate"), source)
+    _only_keys(raw, ("study", "data", "train", "cells", "evaluate", "report"), source)
     study = _name(_required(raw, "study", source), f"{source}: study")
     data = _parse_data(_section(raw, "data", source))
     train_defaults = _section(raw, "train", source)
@@ -110,7 +124,8 @@ def parse_study(raw: dict, source: str = "params") -> StudyConfig:
         for name, spec in cells_raw.items()
     }
     evaluate = _parse_evaluate(_section(raw, "evaluate", source))
-    return StudyConfig(study=study, data=data, cells=cells, evaluate=evaluate)
+    report = _parse_report(_section(raw, "report", source))
+    return StudyConfig(study=study, data=data, cells=cells, evaluate=evaluate, report=report)
 
 
 def _parse_data(raw: dict) -> DataConfig:
@@ -171,6 +186,32 @@ def _parse_evaluate(raw: dict) -> EvaluateConfig:
         batch_size=_integer(_required(raw, "batch_size", "evaluate"), "evaluate.batch_size", low=1),
         seed=_integer(raw.get("seed", 0), "evaluate.seed", low=0),
         n_images=_integer(raw.get("n_images", 64), "evaluate.n_images", low=1),
+    )
+
+
+def _parse_report(raw: dict) -> ReportConfig:
+    where = "report"
+    _only_keys(raw, [f.name for f in dataclasses.fields(ReportConfig)], where)
+    pairs = _required(raw, "interpolation_pairs", where)
+    if not isinstance(pairs, list) or not pairs:
+        raise ConfigError(f"{where}.interpolation_pairs must be a non-empty list of digit pairs like [[1, 7]]")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, list) or len(pair) != 2 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 9 for d in pair
+        ):
+            raise ConfigError(f"{where}.interpolation_pairs[{i}] must be two digit labels 0-9, got {pair!r}")
+    return ReportConfig(
+        seed=_integer(raw.get("seed", 0), f"{where}.seed", low=0),
+        digits=_integer(_required(raw, "digits", where), f"{where}.digits", low=1),
+        samples=_integer(_required(raw, "samples", where), f"{where}.samples", low=1),
+        interpolation_pairs=tuple(tuple(pair) for pair in pairs),
+        interpolation_steps=_integer(_required(raw, "interpolation_steps", where), f"{where}.interpolation_steps", low=2),
+        latent_map_extent=_number(
+            _required(raw, "latent_map_extent", where), f"{where}.latent_map_extent", low=0.0, low_inclusive=False
+        ),
+        latent_map_size=_integer(_required(raw, "latent_map_size", where), f"{where}.latent_map_size", low=2),
+        scatter_points=_integer(_required(raw, "scatter_points", where), f"{where}.scatter_points", low=10),
+        dpi=_integer(raw.get("dpi", 300), f"{where}.dpi", low=50),
     )
 
 

@@ -82,19 +82,3 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
     )
     return metrics
 
-
-def results_table(config: StudyConfig) -> str:
-    """The study's test metrics, one Markdown row per cell; a cell not evaluated yet says so."""
-    lines = [
-        "| cell | arch | latent_dim | beta | seed | test recon | test KL | test ELBO | active units |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for cell in config.cells.values():
-        path = evaluate_dir(config.study, cell.name) / METRICS_FILE
-        head = f"| {cell.name} | {cell.arch} | {cell.latent_dim} | {cell.beta:g} | {cell.seed} |"
-        if path.is_file():
-            m = read_json(path)
-            lines.append(f"{head} {m['recon']:.2f} | {m['kl']:.2f} | {m['elbo']:.2f} | {m['active_units']}/{cell.latent_dim} |")
-        else:
-            lines.append(f"{head} not evaluated | | | |")
-    return "\n".join(lines)

@@ -39,7 +39,7 @@ def study_experiment(client: MlflowClient, study: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     # A local store keeps artifacts beside it; a server decides its own artifact location.
-    location = ARTIFACT_ROOT.resolve().as_uri() if tracking_uri().startswith("sqlite:") else None
+    location = (ARTIFACT_ROOT / name).resolve().as_uri() if tracking_uri().startswith("sqlite:") else None
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -139,3 +139,16 @@ def log_model(model) -> None:
 
 def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+
+def log_report(config: StudyConfig, folder: Path, cell_folders: dict[str, Path]) -> None:
+    """The report's files on the study's parent run; each cell's figures on its own run (by run id)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    parent_id = study_parent_run(client, study_experiment(client, config.study), config.study)
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            client.log_artifact(parent_id, str(path), artifact_path="report")
+    for run_id, cell_folder in cell_folders.items():
+        if _run_exists(client, run_id):
+            client.log_artifacts(run_id, str(cell_folder), artifact_path="figures")

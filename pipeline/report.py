@@ -1,0 +1,216 @@
+"""Stage `report`: tables, figures and findings of a whole study in reports/<study>/ (Markdown and
+self-contained HTML), logged to the study's MLflow runs. Also `vaebench figures CELL` for one cell."""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import figures, tracking
+from pipeline.config import StudyConfig
+from pipeline.data import images_to_tensor, load_prepared
+from pipeline.findings import study_findings
+from pipeline.outputs import PREPARED_FILE, evaluate_dir, read_json, staged_dir, train_dir
+from pipeline.results import cell_table, markdown_seed_table, markdown_table, seed_table
+from pipeline.train import RUN_FILE, load_trained
+
+log = logging.getLogger(__name__)
+REPORTS = Path("reports")
+HEATMAP_METRICS = {"elbo": "ELBO (nats/image)", "recon": "reconstruction (nats/image)", "kl": "KL (nats/image)", "active_units": "active units"}
+CAPTIONS = {
+    "loss_curves": "Training (top) and validation (bottom) loss, reconstruction + β·KL in nats per image, per epoch; one panel per architecture, colour = latent_dim, line style = β.",
+    "reconstructions": "The same test digits (top row) reconstructed by every model from its posterior mean.",
+    "samples": "Decoder means for random z ~ N(0, I) with a fixed seed; models of equal latent_dim decode the same z.",
+    "interpolation": "Decoded points on the straight line between the posterior means of two fixed test digits.",
+    "latent_map": "Models with latent_dim = 2: the decoder's mean image on a regular grid over the latent plane.",
+    "latent_scatter": "Posterior means of test images coloured by digit label (2-D models directly, larger ones by their first two principal components).",
+    "rate_distortion": "Rate (test KL) against distortion (test reconstruction) for every group of cells, β annotated.",
+    "metric_heatmaps": "Each test metric over latent_dim × β, one column per architecture; blank where the grid has no cell.",
+    "kl_per_dim": "Test KL per latent dimension, sorted; the dotted line is 0.01 nats.",
+}
+
+
+class TestSet:
+    """The prepared test images and labels, with the fixed digits every figure uses."""
+
+    def __init__(self):
+        arrays = load_prepared(PREPARED_FILE)
+        self.images = images_to_tensor(arrays["test_images"])
+        self.labels = arrays["test_labels"]
+
+    def first_of(self, digit: int, occurrence: int = 0) -> torch.Tensor:
+        where = np.flatnonzero(self.labels == digit)
+        if len(where) <= occurrence:
+            raise ValueError(f"the prepared test set has too few images of digit {digit}; raise data.test_size")
+        return self.images[where[occurrence]]
+
+    def digits(self, count: int) -> torch.Tensor:
+        """0, 1, ..., 9, 0, 1, ...: the first test image of each class, then the second, and so on."""
+        return torch.stack([self.first_of(i % 10, i // 10) for i in range(count)])
+
+    def pairs(self, labels) -> list[tuple[int, torch.Tensor, int, torch.Tensor]]:
+        return [(a, self.first_of(a), b, self.first_of(b)) for a, b in labels]
+
+
+def model_figures(config: StudyConfig, models: dict, test: TestSet, folder: Path) -> list[Path]:
+    """The figures drawn from trained models, for one model or for many side by side."""
+    settings = config.report
+    scatter = slice(0, settings.scatter_points)
+    kl_dims = {name: read_json(evaluate_dir(config.study, name) / "kl_per_dim.json") for name in models}
+    return [
+        *figures.reconstructions(models, test.digits(settings.digits), folder, settings.dpi),
+        *figures.samples(models, settings.samples, settings.seed, folder, settings.dpi),
+        *figures.interpolations(
+            models, test.pairs(settings.interpolation_pairs), settings.interpolation_steps, folder, settings.dpi
+        ),
+        *figures.latent_maps(models, settings.latent_map_extent, settings.latent_map_size, folder, settings.dpi),
+        *figures.latent_scatter(models, test.images[scatter], test.labels[scatter], folder, settings.dpi),
+        *figures.kl_per_dimension(kl_dims, folder, settings.dpi),
+    ]
+
+
+def history_table(config: StudyConfig, cells: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for cell in cells[cells["status"] == "ok"].itertuples():
+        for epoch in read_json(train_dir(config.study, cell.cell) / "history.json"):
+            for split, prefix in (("training", "train"), ("validation", "val")):
+                rows.append(
+                    {"arch": cell.arch, "latent_dim": cell.latent_dim, "beta": cell.beta, "cell": cell.cell,
+                     "epoch": epoch["epoch"], "split": split, "loss": epoch[f"{prefix}_loss"]}
+                )
+    return pd.DataFrame(rows)
+
+
+def load_models(config: StudyConfig, names) -> dict:
+    return {name: load_trained(config.study, config.cell(name), torch.device("cpu")) for name in names}
+
+
+def design_text(config: StudyConfig, cells: pd.DataFrame) -> str:
+    values = lambda key: ", ".join(str(v) for v in sorted(cells[key].unique()))  # noqa: E731
+    epochs = sorted({cell.epochs for cell in config.cells.values()})
+    return (
+        f"{len(cells)} cells: arch {{{values('arch')}}}, latent_dim {{{values('latent_dim')}}}, "
+        f"β {{{', '.join(f'{b:g}' for b in sorted(cells['beta'].unique()))}}}, seeds {{{values('seed')}}}; "
+        f"{'/'.join(map(str, epochs))} epochs on {config.data.train_size:,} training images "
+        f"({config.data.val_size:,} for validation), evaluated on {config.data.test_size:,} test images. "
+        "All numbers are nats per image; ELBO means reconstruction + KL (the negative evidence lower bound, lower is better)."
+    )
+
+
+def report_blocks(config: StudyConfig, cells: pd.DataFrame, groups: pd.DataFrame, figure_names: list[str]) -> list:
+    blocks = [("h1", f"vaebench study report: {config.study}"), ("h2", "Design"), ("p", design_text(config, cells))]
+    blocks.append(("h2", "Findings"))
+    for question, sentences in study_findings(cells, groups).items():
+        blocks += [("h3", question), ("ul", sentences)]
+    blocks += [("h2", "Results"), ("table", markdown_table(cells))]
+    if (groups["seeds"] > 1).any():
+        blocks += [("p", "Aggregated over seeds (mean ± standard deviation):"), ("table", markdown_seed_table(groups))]
+    missing = cells[cells["status"] != "ok"]
+    if not missing.empty:
+        blocks += [("h2", "Missing cells"), ("ul", [f"{row.cell}: {row.status}" for row in missing.itertuples()])]
+    blocks.append(("h2", "Figures"))
+    blocks += [("figure", f"{name}.png", CAPTIONS[name]) for name in figure_names]
+    return blocks
+
+
+def to_markdown(blocks: list) -> str:
+    out = []
+    for kind, *content in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"{'#' * int(kind[1])} {content[0]}")
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in content[0]))
+        elif kind == "figure":
+            name, caption = content
+            out.append(f"![{caption}]({name})\n\n*{caption}*")
+        else:  # p, table
+            out.append(content[0])
+    return "\n\n".join(out) + "\n"
+
+
+def markdown_table_to_html(table: str) -> str:
+    rows = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in table.splitlines()]
+    head, body = rows[0], rows[2:]
+    return (
+        "<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr></thead><tbody>"
+        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
+        + "</tbody></table>"
+    )
+
+
+def to_html(blocks: list, folder: Path) -> str:
+    """One self-contained page: the images are embedded, nothing is fetched."""
+    out = []
+    for kind, *content in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"<{kind}>{html.escape(content[0])}</{kind}>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in content[0]) + "</ul>")
+        elif kind == "table":
+            out.append(markdown_table_to_html(content[0]))
+        elif kind == "figure":
+            name, caption = content
+            data = base64.b64encode((folder / name).read_bytes()).decode("ascii")
+            out.append(
+                f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+        else:
+            out.append(f"<p>{html.escape(content[0])}</p>")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
+        "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "figure{margin:1.5em 0}img{max-width:100%}figcaption{font-style:italic;color:#444}"
+    )
+    title = html.escape(blocks[0][1])
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{style}</style></head><body>{''.join(out)}</body></html>\n"
+    )
+
+
+def build_report(config: StudyConfig) -> Path:
+    cells = cell_table(config)
+    evaluated = cells[cells["status"] == "ok"]
+    if evaluated.empty:
+        raise RuntimeError(f"no cell of study {config.study!r} is evaluated yet; run dvc repro first")
+    groups = seed_table(cells)
+    test = TestSet()
+    final = REPORTS / config.study
+    # Study figures show one model per group (its first seed) so that rows stay readable.
+    shown = evaluated.drop_duplicates("group")["cell"].tolist()
+    with staged_dir(final) as folder:
+        log.info("report: drawing figures of %d models", len(shown))
+        written = [
+            *figures.loss_curves(history_table(config, cells), folder, config.report.dpi),
+            *model_figures(config, load_models(config, shown), test, folder),
+            *figures.rate_distortion(groups, folder, config.report.dpi),
+            *figures.metric_heatmaps(groups, HEATMAP_METRICS, folder, config.report.dpi),
+        ]
+        names = [name for name in CAPTIONS if any(p.stem == name for p in written)]
+        cells.to_csv(folder / "results.csv", index=False)
+        groups.to_csv(folder / "results_by_group.csv", index=False)
+        blocks = report_blocks(config, cells, groups, names)
+        (folder / "results.md").write_text(markdown_table(cells) + "\n")
+        (folder / "report.md").write_text(to_markdown(blocks))
+        (folder / "report.html").write_text(to_html(blocks, folder))
+    run_folders = {
+        read_json(train_dir(config.study, name) / RUN_FILE)["run_id"]: cell_figures(config, name, final / "cells" / name, test)
+        for name in evaluated["cell"]
+    }
+    tracking.log_report(config, final, run_folders)
+    log.info("report: %s", final / "report.html")
+    return final
+
+
+def cell_figures(config: StudyConfig, name: str, folder: Path, test: TestSet | None = None) -> Path:
+    """All model figures of one trained and evaluated cell, into `folder` (for `vaebench figures CELL`)."""
+    with staged_dir(folder) as scratch:
+        model_figures(config, load_models(config, [name]), test or TestSet(), scratch)
+    return folder
