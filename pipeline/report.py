@@ -211,6 +211,8 @@ def build_report(config: StudyConfig) -> Path:
 
 def cell_figures(config: StudyConfig, name: str, folder: Path, test: TestSet | None = None) -> Path:
     """All model figures of one trained and evaluated cell, into `folder` (for `vaebench figures CELL`)."""
+    if not (evaluate_dir(config.study, name) / "kl_per_dim.json").is_file():
+        raise FileNotFoundError(f"cell {name} is not evaluated yet; run `dvc repro evaluate@{name}` first")
     with staged_dir(folder) as scratch:
         model_figures(config, load_models(config, [name]), test or TestSet(), scratch)
     return folder

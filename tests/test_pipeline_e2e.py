@@ -68,6 +68,9 @@ def test_repro_writes_every_stage_output(repo, reproduced):
         assert len(json.loads((repo / f"results/tiny/evaluate/{cell}/kl_per_dim.json").read_text())) == 2
         for image in ("reconstructions.png", "samples.png"):
             assert (repo / f"results/tiny/evaluate/{cell}/images/{image}").stat().st_size > 0
+    report = (repo / "reports/tiny/report.md").read_text()
+    assert all(f"| {cell} |" in report for cell in CELLS)
+    assert (repo / "reports/tiny/report.html").stat().st_size > 0
 
 
 def test_dvc_is_up_to_date_and_lists_every_cell_metric(repo, reproduced):

@@ -1,0 +1,76 @@
+import dataclasses
+import xml.etree.ElementTree as ElementTree
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from pipeline.evaluate import evaluate_cell
+from pipeline.outputs import read_json, train_dir
+from pipeline.report import CAPTIONS, REPORTS, build_report, cell_figures
+from pipeline.train import RUN_FILE, train_cell
+
+STUDY_FIGURES = set(CAPTIONS)
+CELL_FIGURES = {"reconstructions", "samples", "interpolation", "latent_map", "latent_scatter", "kl_per_dim"}
+
+
+@pytest.fixture
+def evaluated(prepared):
+    for name in prepared.cells:
+        train_cell(prepared, name)
+        evaluate_cell(prepared, name)
+    return prepared
+
+
+def assert_valid_picture(path):
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    assert min(pixels.shape) > 100, path
+    assert pixels.std() > 5, f"{path} is blank"
+
+
+def test_report_has_every_figure_table_and_finding(evaluated):
+    folder = build_report(evaluated)
+    for name in STUDY_FIGURES:
+        assert_valid_picture(folder / f"{name}.png")
+    for svg in folder.glob("*.svg"):
+        assert ElementTree.parse(svg).getroot().tag.endswith("svg")
+    results = (folder / "results.csv").read_text().splitlines()
+    assert len(results) == 1 + len(evaluated.cells)
+    report = (folder / "report.md").read_text()
+    for name in evaluated.cells:
+        assert f"| {name} |" in report
+    assert "Does the convolutional VAE beat the linear one on test ELBO?" in report
+    page = (folder / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(STUDY_FIGURES)
+    assert "src=\"http" not in page and "<link" not in page and "<script" not in page
+    for name in evaluated.cells:
+        assert {p.stem for p in (folder / "cells" / name).glob("*.png")} == CELL_FIGURES
+
+
+def test_report_figures_reach_mlflow(evaluated):
+    build_report(evaluated)
+    client = MlflowClient()
+    run_id = read_json(train_dir(evaluated.study, "conv-z2-b1-s0") / RUN_FILE)["run_id"]
+    assert {a.path for a in client.list_artifacts(run_id, "figures")} >= {"figures/latent_map.png", "figures/samples.png"}
+    parent = client.get_run(run_id).data.tags["mlflow.parentRunId"]
+    assert "report/report.html" in {a.path for a in client.list_artifacts(parent, "report")}
+
+
+def test_partial_grid_lists_the_missing_cell(evaluated):
+    cells = dict(evaluated.cells)
+    cells["conv-z3-b1-s0"] = dataclasses.replace(cells["conv-z2-b1-s0"], name="conv-z3-b1-s0", latent_dim=3)
+    folder = build_report(dataclasses.replace(evaluated, cells=cells))
+    report = (folder / "report.md").read_text()
+    assert "## Missing cells" in report and "- conv-z3-b1-s0: not trained (missing or failed)" in report
+
+
+def test_figures_on_demand_for_one_cell(evaluated, workdir):
+    folder = cell_figures(evaluated, "linear-z2-b1-s0", workdir / "one")
+    assert {p.stem for p in folder.glob("*.png")} == CELL_FIGURES
+    for path in folder.glob("*.png"):
+        assert_valid_picture(path)
+    assert not (REPORTS / evaluated.study).exists()
