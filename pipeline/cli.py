@@ -21,6 +21,12 @@ def cmd_prepare(args) -> None:
     prepare(load_study(args.params))
 
 
+def cmd_classifier(args) -> None:
+    from pipeline.classifier import train_classifier
+
+    train_classifier(load_study(args.params))
+
+
 def cmd_train(args) -> None:
     from pipeline.train import train_cell
 
@@ -56,9 +62,13 @@ def cmd_check(args) -> None:
 
 
 def cmd_table(args) -> None:
-    from pipeline.results import cell_table, markdown_table
+    from pipeline.classifier import load_floor
+    from pipeline.results import cell_table, markdown_sample_table, markdown_table
 
-    print(markdown_table(cell_table(load_study(args.params))))
+    cells = cell_table(load_study(args.params))
+    print(markdown_table(cells))
+    print()
+    print(markdown_sample_table(cells, load_floor()))
 
 
 def cmd_use_study(args) -> None:
@@ -76,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="study parameters (default: params.yaml)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prepare", help="verify MNIST and write the train/val/test arrays").set_defaults(run=cmd_prepare)
+    commands.add_parser("classifier", help="train the MNIST CNN behind the *_mnist_cnn scores").set_defaults(
+        run=cmd_classifier
+    )
     for name, handler, text in (
         ("train", cmd_train, "train one grid cell"),
         ("evaluate", cmd_evaluate, "evaluate one trained grid cell on the test set"),

@@ -62,6 +62,27 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ClassifierConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    device: str
+
+
+@dataclass(frozen=True)
+class SampleQualityConfig:
+    n_samples: int  # generated images scored against the test set
+    kid_subsets: int
+    kid_subset_size: int
+    pr_k: int  # neighbours that define the precision/recall manifolds
+    iw_samples: int  # K of the importance-weighted bound
+    iw_images: int  # test images the bound is computed on
+    binarize: bool  # evaluate the bound on dynamically binarized test images
+    seed: int
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     seed: int
     digits: int  # test digits shown in the reconstruction figure
@@ -80,6 +101,8 @@ class StudyConfig:
     data: DataConfig
     cells: dict[str, CellConfig]
     evaluate: EvaluateConfig
+    classifier: ClassifierConfig
+    sample_quality: SampleQualityConfig
     report: ReportConfig
 
     def cell(self, name: str) -> CellConfig:
@@ -111,7 +134,7 @@ def load_study(path: Path | str = PARAMS_FILE) -> StudyConfig:
 
 
 def parse_study(raw: dict, source: str = "params") -> StudyConfig:
-    _only_keys(raw, ("study", "data", "train", "cells", "evaluate", "report"), source)
+    _only_keys(raw, ("study", "data", "train", "cells", "evaluate", "classifier", "sample_quality", "report"), source)
     study = _name(_required(raw, "study", source), f"{source}: study")
     data = _parse_data(_section(raw, "data", source))
     train_defaults = _section(raw, "train", source)
@@ -124,8 +147,15 @@ def parse_study(raw: dict, source: str = "params") -> StudyConfig:
         for name, spec in cells_raw.items()
     }
     evaluate = _parse_evaluate(_section(raw, "evaluate", source))
-    report = _parse_report(_section(raw, "report", source))
-    return StudyConfig(study=study, data=data, cells=cells, evaluate=evaluate, report=report)
+    return StudyConfig(
+        study=study,
+        data=data,
+        cells=cells,
+        evaluate=evaluate,
+        classifier=_parse_classifier(_section(raw, "classifier", source)),
+        sample_quality=_parse_sample_quality(_section(raw, "sample_quality", source)),
+        report=_parse_report(_section(raw, "report", source)),
+    )
 
 
 def _parse_data(raw: dict) -> DataConfig:
@@ -186,6 +216,37 @@ def _parse_evaluate(raw: dict) -> EvaluateConfig:
         batch_size=_integer(_required(raw, "batch_size", "evaluate"), "evaluate.batch_size", low=1),
         seed=_integer(raw.get("seed", 0), "evaluate.seed", low=0),
         n_images=_integer(raw.get("n_images", 64), "evaluate.n_images", low=1),
+    )
+
+
+def _parse_classifier(raw: dict) -> ClassifierConfig:
+    where = "classifier"
+    _only_keys(raw, [f.name for f in dataclasses.fields(ClassifierConfig)], where)
+    return ClassifierConfig(
+        epochs=_integer(_required(raw, "epochs", where), f"{where}.epochs", low=1),
+        batch_size=_integer(_required(raw, "batch_size", where), f"{where}.batch_size", low=1),
+        lr=_number(_required(raw, "lr", where), f"{where}.lr", low=0.0, low_inclusive=False),
+        seed=_integer(raw.get("seed", 0), f"{where}.seed", low=0),
+        device=_choice(raw.get("device", "auto"), f"{where}.device", DEVICES),
+    )
+
+
+def _parse_sample_quality(raw: dict) -> SampleQualityConfig:
+    where = "sample_quality"
+    _only_keys(raw, [f.name for f in dataclasses.fields(SampleQualityConfig)], where)
+
+    def count(key: str, low: int) -> int:
+        return _integer(_required(raw, key, where), f"{where}.{key}", low=low)
+
+    return SampleQualityConfig(
+        n_samples=count("n_samples", 10),
+        kid_subsets=count("kid_subsets", 1),
+        kid_subset_size=count("kid_subset_size", 2),
+        pr_k=count("pr_k", 1),
+        iw_samples=count("iw_samples", 1),
+        iw_images=count("iw_images", 1),
+        binarize=_boolean(raw.get("binarize", False), f"{where}.binarize"),
+        seed=_integer(raw.get("seed", 0), f"{where}.seed", low=0),
     )
 
 

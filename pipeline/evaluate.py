@@ -14,6 +14,8 @@ from pipeline.losses import kl_per_dim, reconstruction_nats
 from pipeline.metrics import active_units
 from pipeline.models import reparameterize
 from pipeline.outputs import PREPARED_FILE, evaluate_dir, read_json, staged_dir, train_dir, write_json
+from pipeline.classifier import load_classifier, load_test_features
+from pipeline.sample_quality import model_scores
 from pipeline.train import RUN_FILE, load_trained, resolve_device, set_threads
 
 log = logging.getLogger(__name__)
@@ -66,15 +68,22 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
     test_images = images_to_tensor(load_prepared(PREPARED_FILE)["test_images"], device)
     torch.manual_seed(settings.seed)
     metrics, kl_dims = test_metrics(model, test_images, cell.likelihood, cell.gaussian_std, settings.batch_size)
+    scores, class_shares = model_scores(
+        model, load_classifier(device), load_test_features(device), test_images, cell.likelihood, cell.gaussian_std,
+        config.sample_quality,
+    )
+    metrics |= scores
     run_id = read_json(train_dir(config.study, cell.name) / RUN_FILE)["run_id"]
     with tracking.cell_run(config, cell, stage=f"evaluate@{cell.name}", run_id=run_id):
         with staged_dir(evaluate_dir(config.study, cell.name)) as out:
             write_json(out / METRICS_FILE, metrics)
             write_json(out / "kl_per_dim.json", kl_dims)
+            write_json(out / "class_shares.json", class_shares)
             images_dir = out / "images"
             images_dir.mkdir()
             save_figures(model, test_images, settings.n_images, settings.seed, images_dir)
         tracking.log_test_metrics(metrics)
+        tracking.log_test_metrics({f"sample_class_share_{d}": share for d, share in enumerate(class_shares["samples"])})
         tracking.log_artifacts(evaluate_dir(config.study, cell.name) / "images", artifact_path="images")
     log.info(
         "%s test: elbo %.2f = recon %.2f + kl %.2f nats/image, %d/%d active units",

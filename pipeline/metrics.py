@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -10,3 +15,75 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
     """Latent dimensions d with Cov_x(E[z_d | x]) > threshold (Burda et al., 2016), from (N, latent_dim) means."""
     return int((posterior_means.var(dim=0, unbiased=False) > threshold).sum())
+
+
+class _Precomputed(nn.Module):
+    """Hands torchmetrics features that are already computed (the classifier runs once per image set)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between Gaussians fitted to two feature sets."""
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), normalize=True).set_dtype(torch.float64)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    return metric.compute().item()
+
+
+def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int, subset_size: int, seed: int) -> tuple[float, float]:
+    """KID: the unbiased MMD^2 with the cubic polynomial kernel, mean and std over random subsets."""
+    size = min(subset_size, len(real), len(fake))
+    with warnings.catch_warnings():  # its note that it buffers all features: these are small
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(
+            feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size, normalize=True
+        )
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return mean.item(), std.item()
+
+
+def inception_score(probabilities: torch.Tensor) -> float:
+    """IS-style score exp E_x[KL(p(y|x) || p(y))] from a classifier's class probabilities (1 to #classes)."""
+    p = probabilities.double().clamp_min(1e-12)
+    marginal = p.mean(0, keepdim=True)
+    return torch.exp((p * (p.log() - marginal.log())).sum(1).mean()).item()
+
+
+def class_distribution(probabilities: torch.Tensor) -> tuple[list[float], float]:
+    """Share of images assigned to each class and the entropy of those shares in nats (log 10 = uniform)."""
+    counts = torch.bincount(probabilities.argmax(1), minlength=probabilities.shape[1]).double()
+    shares = counts / counts.sum()
+    entropy = -(shares[shares > 0] * shares[shares > 0].log()).sum().item()
+    return shares.tolist(), entropy
+
+
+def _kth_neighbour_radii(points: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """Distance from each point to its k-th nearest other point of the same set."""
+    radii = [torch.cdist(points[i : i + chunk], points).kthvalue(k + 1, dim=1).values for i in range(0, len(points), chunk)]
+    return torch.cat(radii)
+
+
+def _covered(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Whether each query lies within the k-NN ball of at least one point."""
+    return torch.cat(
+        [(torch.cdist(queries[i : i + chunk], points) <= radii).any(1) for i in range(0, len(queries), chunk)]
+    )
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = 1000) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., 2019) with k-nearest-neighbour manifolds:
+    precision = share of fakes inside the real manifold, recall = share of reals inside the fake manifold."""
+    real, fake = real.float(), fake.float()
+    precision = _covered(fake, real, _kth_neighbour_radii(real, k, chunk), chunk).double().mean().item()
+    recall = _covered(real, fake, _kth_neighbour_radii(fake, k, chunk), chunk).double().mean().item()
+    return precision, recall

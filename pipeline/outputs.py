@@ -11,6 +11,7 @@ from pathlib import Path
 RESULTS = Path("results")
 PREPARED_DIR = RESULTS / "prepare"
 PREPARED_FILE = PREPARED_DIR / "mnist.npz"
+CLASSIFIER_DIR = RESULTS / "classifier"
 # Resume checkpoints live outside the stage outputs, because DVC deletes a stage's outputs before running it.
 RESUME_DIR = Path(".vaebench") / "resume"
 

@@ -17,12 +17,20 @@ from pipeline.config import StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.findings import study_findings
 from pipeline.outputs import PREPARED_FILE, evaluate_dir, read_json, staged_dir, train_dir
-from pipeline.results import cell_table, markdown_seed_table, markdown_table, seed_table
+from pipeline.classifier import load_floor
+from pipeline.results import cell_table, markdown_sample_table, markdown_seed_table, markdown_table, seed_table
 from pipeline.train import RUN_FILE, load_trained
 
 log = logging.getLogger(__name__)
 REPORTS = Path("reports")
-HEATMAP_METRICS = {"elbo": "ELBO (nats/image)", "recon": "reconstruction (nats/image)", "kl": "KL (nats/image)", "active_units": "active units"}
+HEATMAP_METRICS = {
+    "elbo": "ELBO (nats/image)",
+    "recon": "reconstruction (nats/image)",
+    "kl": "KL (nats/image)",
+    "active_units": "active units",
+    "fid_mnist_cnn": "sample FID (MNIST CNN)",
+    "iw_nll": "IW NLL (nats/image)",
+}
 CAPTIONS = {
     "loss_curves": "Training (top) and validation (bottom) loss, reconstruction + β·KL in nats per image, per epoch; one panel per architecture, colour = latent_dim, line style = β.",
     "reconstructions": "The same test digits (top row) reconstructed by every model from its posterior mean.",
@@ -34,6 +42,16 @@ CAPTIONS = {
     "metric_heatmaps": "Each test metric over latent_dim × β, one column per architecture; blank where the grid has no cell.",
     "kl_per_dim": "Test KL per latent dimension, sorted; the dotted line is 0.01 nats.",
 }
+
+
+SAMPLE_QUALITY_TEXT = (
+    "Scores in the 128-d feature space of the in-project MNIST classifier (results/classifier), not Inception-v3: "
+    "{n_samples} samples z ~ N(0, I) and the reconstructions of as many test images, each against the test set. "
+    "FID and KID: lower is better; IS-style score: higher is better (10 at most); precision and recall "
+    "(k = {pr_k} nearest neighbours): higher is better; class entropy: log 10 = 2.303 nats when every digit is "
+    "generated equally often. IW NLL: the importance-weighted bound on -log p(x) with K = {iw_samples} on the "
+    "first {iw_images} test images (binarized: {binarize}). The first row scores real training digits: the floor."
+)
 
 
 class TestSet:
@@ -111,6 +129,11 @@ def report_blocks(config: StudyConfig, cells: pd.DataFrame, groups: pd.DataFrame
     blocks += [("h2", "Results"), ("table", markdown_table(cells))]
     if (groups["seeds"] > 1).any():
         blocks += [("p", "Aggregated over seeds (mean ± standard deviation):"), ("table", markdown_seed_table(groups))]
+    blocks += [
+        ("h3", "Sample quality"),
+        ("p", SAMPLE_QUALITY_TEXT.format(**vars(config.sample_quality))),
+        ("table", markdown_sample_table(cells, load_floor())),
+    ]
     missing = cells[cells["status"] != "ok"]
     if not missing.empty:
         blocks += [("h2", "Missing cells"), ("ul", [f"{row.cell}: {row.status}" for row in missing.itertuples()])]

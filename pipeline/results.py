@@ -10,6 +10,9 @@ from pipeline.config import StudyConfig
 from pipeline.outputs import evaluate_dir, read_json, train_dir
 
 METRICS = ("recon", "kl", "elbo", "active_units")
+SAMPLE_METRICS = ("fid_mnist_cnn", "kid_mnist_cnn_mean", "is_mnist_cnn", "precision_mnist_cnn", "recall_mnist_cnn",
+                  "class_entropy_mnist_cnn", "fid_mnist_cnn_recon", "iw_nll")
+ALL_METRICS = METRICS + SAMPLE_METRICS
 SEED_SUFFIX = re.compile(r"-s\d+$")
 
 
@@ -32,14 +35,15 @@ def cell_table(config: StudyConfig) -> pd.DataFrame:
         }
         metrics_file = evaluate_dir(config.study, cell.name) / "metrics.json"
         if metrics_file.is_file():
-            row |= {key: read_json(metrics_file)[key] for key in METRICS} | {"status": "ok"}
+            measured = read_json(metrics_file)
+            row |= {key: measured.get(key, float("nan")) for key in ALL_METRICS} | {"status": "ok"}
         elif (train_dir(config.study, cell.name) / "model.pt").is_file():
             row["status"] = "trained, not evaluated"
         else:
             row["status"] = "not trained (missing or failed)"
         rows.append(row)
     frame = pd.DataFrame(rows)
-    for key in METRICS:
+    for key in ALL_METRICS:
         if key not in frame:
             frame[key] = float("nan")
     return frame
@@ -49,7 +53,7 @@ def seed_table(cells: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over the seeds of each group of evaluated cells."""
     done = cells[cells["status"] == "ok"]
     grouped = done.groupby(["group", "arch", "latent_dim", "beta"], sort=False)
-    table = grouped[list(METRICS)].agg(["mean", "std"])
+    table = grouped[[key for key in ALL_METRICS if key in done]].agg(["mean", "std"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
     table["seeds"] = grouped.size()
     return table.reset_index()
@@ -89,4 +93,31 @@ def markdown_seed_table(groups: pd.DataFrame) -> str:
             + " | ".join(cell(row, metric) for metric in METRICS)
             + " |"
         )
+    return "\n".join(lines)
+
+
+SAMPLE_COLUMNS = {
+    "fid_mnist_cnn": "FID samples",
+    "kid_mnist_cnn_mean": "KID samples",
+    "is_mnist_cnn": "IS-style samples",
+    "precision_mnist_cnn": "precision",
+    "recall_mnist_cnn": "recall",
+    "class_entropy_mnist_cnn": "class entropy (nats)",
+    "fid_mnist_cnn_recon": "FID reconstructions",
+    "iw_nll": "IW NLL (nats/image)",
+}
+
+
+def markdown_sample_table(cells: pd.DataFrame, floor: dict | None) -> str:
+    """Sample-quality scores (MNIST-CNN feature space) per evaluated cell, with the real-data floor first."""
+    lines = [
+        "| cell | " + " | ".join(SAMPLE_COLUMNS.values()) + " |",
+        "|---|" + "---|" * len(SAMPLE_COLUMNS),
+    ]
+    if floor is not None:
+        values = [f"{floor[key]:.3f}" if key in floor else "–" for key in SAMPLE_COLUMNS]
+        lines.append("| real training digits (floor) | " + " | ".join(values) + " |")
+    for row in cells[cells["status"] == "ok"].itertuples():
+        values = ["–" if pd.isna(getattr(row, key)) else f"{getattr(row, key):.3f}" for key in SAMPLE_COLUMNS]
+        lines.append(f"| {row.cell} | " + " | ".join(values) + " |")
     return "\n".join(lines)

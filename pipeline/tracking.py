@@ -110,6 +110,7 @@ def log_cell_params(config: StudyConfig, cell: CellConfig) -> None:
     params = {f"cell.{key}": value for key, value in cell_as_dict(cell).items()}
     params |= {f"data.{key}": value for key, value in vars(config.data).items()}
     params |= {f"evaluate.{key}": value for key, value in vars(config.evaluate).items()}
+    params |= {f"sample_quality.{key}": value for key, value in vars(config.sample_quality).items()}
     params["study"] = config.study
     mlflow.log_params(params)
 

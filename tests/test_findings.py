@@ -85,3 +85,23 @@ def test_seed_table_aggregates_mean_and_std():
 
 def test_trend():
     assert (trend([1, 2, 3]), trend([3, 2, 1]), trend([1, 3, 2])) == ("rises", "falls", "changes non-monotonically")
+
+
+def with_sample_scores(rows, fid):
+    cells = cells_frame(rows)
+    cells["fid_mnist_cnn"] = cells["cell"].map(fid)
+    cells["precision_mnist_cnn"] = 0.8
+    cells["recall_mnist_cnn"] = 0.5
+    return study_findings(cells, seed_table(cells))[QUESTIONS["latent_dim"]]
+
+
+def test_sample_fid_findings_follow_the_scores():
+    fid = {"linear-z2-b1-s0": 20.0, "linear-z10-b1-s0": 35.0, "conv-z2-b1-s0": 18.0, "conv-z10-b1-s0": 30.0}
+    answer = with_sample_scores(LAB_GRID[:4], fid)
+    assert "Samples: a larger latent_dim gives a worse (higher) sample FID in 2 of 2 comparisons; in 2 of them" in answer[-3]
+    assert any("conv, β 1, latent_dim 2 → 10: sample FID (MNIST-CNN features, lower is better) rises (18.00 → 30.00)" in s for s in answer)
+    fid["conv-z10-b1-s0"] = 10.0
+    answer = with_sample_scores(LAB_GRID[:4], fid)
+    assert "worse (higher) sample FID in 1 of 2 comparisons; in 1 of them" in answer[-3]
+    without = findings(LAB_GRID)[QUESTIONS["latent_dim"]]
+    assert without[-1].startswith("Sample quality is not scored")

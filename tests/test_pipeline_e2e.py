@@ -14,6 +14,7 @@ from conftest import REPO, SHARED_DATA, TINY_STUDY
 
 COPIED = ["pipeline", "studies", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
 CELLS = ["linear-z2-b1-s0", "conv-z2-b1-s0"]
+SAMPLE_SCORES = ["fid_mnist_cnn", "kid_mnist_cnn_mean", "is_mnist_cnn", "precision_mnist_cnn", "recall_mnist_cnn", "iw_nll"]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,8 @@ def test_repro_writes_every_stage_output(repo, reproduced):
         assert [row["epoch"] for row in history] == [1]
         metrics = json.loads((repo / f"results/tiny/evaluate/{cell}/metrics.json").read_text())
         assert metrics["elbo"] == pytest.approx(metrics["recon"] + metrics["kl"])
+        assert set(SAMPLE_SCORES) <= set(metrics)
+        assert metrics["iw_nll"] <= metrics["elbo"] + 1.0  # the IW bound is tighter up to Monte-Carlo noise
         assert 0 <= metrics["active_units"] <= 2
         assert len(json.loads((repo / f"results/tiny/evaluate/{cell}/kl_per_dim.json").read_text())) == 2
         for image in ("reconstructions.png", "samples.png"):
@@ -78,7 +81,8 @@ def test_dvc_is_up_to_date_and_lists_every_cell_metric(repo, reproduced):
     shown = json.loads(run(repo, "dvc", "metrics", "show", "--json"))
     files = next(iter(shown.values()))["data"]
     for cell in CELLS:
-        assert f"results/tiny/evaluate/{cell}/metrics.json" in files
+        assert set(SAMPLE_SCORES) <= set(files[f"results/tiny/evaluate/{cell}/metrics.json"]["data"])
+    assert "test_accuracy" in files["results/classifier/metrics.json"]["data"]
 
 
 def test_mlflow_has_one_parent_and_a_child_per_cell(repo, reproduced):
@@ -93,6 +97,7 @@ def test_mlflow_has_one_parent_and_a_child_per_cell(repo, reproduced):
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.data.tags["vaebench.dvc_stage"] in {f"train@{child.info.run_name}", f"evaluate@{child.info.run_name}"}
         assert {"test_elbo", "test_recon", "test_kl", "test_active_units"} <= set(child.data.metrics)
+        assert {f"test_{score}" for score in SAMPLE_SCORES} <= set(child.data.metrics)
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [1]
         assert [a.path for a in client.list_artifacts(child.info.run_id, "images")] == [
             "images/reconstructions.png",
@@ -117,5 +122,5 @@ def test_editing_one_cell_reruns_only_that_cell(repo, reproduced):
     assert "Running stage 'train@conv-z2-b1-s0'" in output
     assert "Running stage 'evaluate@conv-z2-b1-s0'" in output
     assert "Running stage 'train@linear-z2-b1-s0'" not in output
-    assert "Running stage 'prepare'" not in output
+    assert "Running stage 'prepare'" not in output and "Running stage 'classifier'" not in output
     assert "up to date" in run(repo, "dvc", "status")

@@ -6,6 +6,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+from pipeline.classifier import train_classifier
 from pipeline.evaluate import evaluate_cell
 from pipeline.outputs import read_json, train_dir
 from pipeline.report import CAPTIONS, REPORTS, build_report, cell_figures
@@ -17,6 +18,7 @@ CELL_FIGURES = {"reconstructions", "samples", "interpolation", "latent_map", "la
 
 @pytest.fixture
 def evaluated(prepared):
+    train_classifier(prepared)
     for name in prepared.cells:
         train_cell(prepared, name)
         evaluate_cell(prepared, name)

@@ -1,0 +1,109 @@
+"""Stage `classifier`: a LeNet-style CNN trained on the MNIST training split. Its 128-d penultimate layer
+is the feature space of every sample-quality score (`*_mnist_cnn`), and its class probabilities feed the
+IS-style score and the class distribution. The stage also scores real training digits against the test
+set: the real-data floor every model is read against."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import StudyConfig
+from pipeline.data import images_to_tensor, load_prepared
+from pipeline.outputs import CLASSIFIER_DIR, PREPARED_FILE, read_json, staged_dir, write_json
+from pipeline.sample_quality import embed, real_data_floor
+from pipeline.train import resolve_device, set_threads
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.pt"
+FLOOR_FILE = "floor.json"
+TEST_FEATURES_FILE = "test_features.pt"  # the real side of every score, computed once
+
+
+class DigitClassifier(nn.Module):
+    num_features = 128  # read by torchmetrics for a custom feature extractor
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 7 * 7, self.num_features), nn.ReLU(),
+        )
+        self.head = nn.Linear(self.num_features, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def accuracy(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    _, probabilities = embed(classifier, images)
+    return (probabilities.argmax(1) == labels).float().mean().item()
+
+
+def train_classifier(config: StudyConfig) -> dict:
+    settings = config.classifier
+    device = resolve_device(settings.device)
+    set_threads()
+    arrays = load_prepared(PREPARED_FILE)
+    images = images_to_tensor(arrays["train_images"], device)
+    labels = torch.from_numpy(arrays["train_labels"]).long().to(device)
+    torch.manual_seed(settings.seed)
+    classifier = DigitClassifier().to(device)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=settings.lr)
+    shuffle = torch.Generator().manual_seed(settings.seed)
+    steps = settings.epochs * -(-len(images) // settings.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=steps)
+    for epoch in range(1, settings.epochs + 1):
+        classifier.train()
+        order = torch.randperm(len(images), generator=shuffle).to(device)
+        for start in range(0, len(images), settings.batch_size):
+            batch = order[start : start + settings.batch_size]
+            loss = F.cross_entropy(classifier(images[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        val_accuracy = accuracy(
+            classifier, images_to_tensor(arrays["val_images"], device), torch.from_numpy(arrays["val_labels"]).to(device)
+        )
+        log.info("classifier epoch %d/%d: validation accuracy %.4f", epoch, settings.epochs, val_accuracy)
+    test_images = images_to_tensor(arrays["test_images"], device)
+    metrics = {
+        "val_accuracy": val_accuracy,
+        "test_accuracy": accuracy(classifier, test_images, torch.from_numpy(arrays["test_labels"]).to(device)),
+    }
+    test_features, _ = embed(classifier, test_images)
+    floor = real_data_floor(classifier, images, test_features, config.sample_quality)
+    with staged_dir(CLASSIFIER_DIR) as out:
+        torch.save(classifier.state_dict(), out / MODEL_FILE)
+        torch.save(test_features.cpu(), out / TEST_FEATURES_FILE)
+        write_json(out / "metrics.json", metrics)
+        write_json(out / FLOOR_FILE, floor)
+    log.info("classifier: test accuracy %.4f; real-data floor %s", metrics["test_accuracy"], floor)
+    return metrics
+
+
+def load_classifier(device: torch.device) -> DigitClassifier:
+    path = CLASSIFIER_DIR / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run `dvc repro classifier` first")
+    classifier = DigitClassifier().to(device)
+    classifier.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    return classifier.eval()
+
+
+def load_test_features(device: torch.device) -> torch.Tensor:
+    return torch.load(CLASSIFIER_DIR / TEST_FEATURES_FILE, map_location=device, weights_only=True)
+
+
+def load_floor() -> dict | None:
+    """The real-data floor, or None before the classifier stage has run."""
+    path = CLASSIFIER_DIR / FLOOR_FILE
+    return read_json(path) if path.is_file() else None
