@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup study test ui
+.PHONY: setup study test ui tune
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,12 @@ study: setup
 
 test: setup
 	pytest
+
+# `make tune` adds studies/tune/default.yaml to params.yaml's tune: block, then runs (or resumes) stage tune@default.
+TUNE ?= default
+tune: setup
+	vaebench enable-tune studies/tune/$(TUNE).yaml
+	dvc repro tune@$(TUNE)
 
 # The MLflow UI on the study's local store, bound to loopback only.
 ui: setup

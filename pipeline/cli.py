@@ -54,6 +54,34 @@ def cmd_figures(args) -> None:
     print(f"figures of {args.cell} in {folder}/")
 
 
+def cmd_tune(args) -> None:
+    from pipeline.search_space import load_space
+    from pipeline.tune import tune
+
+    space = load_space(args.space)
+    tune(load_study(args.params), space, str(args.space), str(args.params), storage=args.storage, workers=args.workers)
+
+
+def cmd_enable_tune(args) -> None:
+    """Add a search space to params.yaml's `tune:` block (keeping its comments), so DVC has a tune@NAME stage."""
+    from ruamel.yaml import YAML
+
+    from pipeline.search_space import load_space
+
+    space = load_space(args.space)
+    if space.name != args.space.stem:
+        raise ConfigError(f"{args.space}: name is {space.name!r}; make it the file's name {args.space.stem!r}")
+    round_trip = YAML()
+    document = round_trip.load(args.params.read_text())
+    if not document.get("tune"):
+        document["tune"] = {}
+    document["tune"][space.name] = str(args.space)
+    with open(args.params, "w") as handle:
+        round_trip.dump(document, handle)
+    load_study(args.params)
+    print(f"{args.params}: tune@{space.name} runs {args.space}; run `dvc repro tune@{space.name}`")
+
+
 def cmd_check(args) -> None:
     config = load_study(args.params)
     print(f"{args.params}: study {config.study!r}, {len(config.cells)} cells")
@@ -72,7 +100,7 @@ def cmd_table(args) -> None:
 
 
 def cmd_use_study(args) -> None:
-    source = STUDIES_DIR / f"{args.name}.yaml"
+    source = Path(args.name) if args.name.endswith(".yaml") else STUDIES_DIR / f"{args.name}.yaml"
     if not source.is_file():
         known = ", ".join(sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))) or "none"
         raise ConfigError(f"no study file {source}; the studies are: {known}")
@@ -101,10 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("cell")
     figures.add_argument("--out", type=Path, help="output folder")
     figures.set_defaults(run=cmd_figures)
+    tune = commands.add_parser("tune", help="run (or resume) an Optuna tuning study from a search-space file")
+    tune.add_argument("space", type=Path, help="for example studies/tune/default.yaml")
+    tune.add_argument("--storage", help="Optuna storage URL (default: VAEBENCH_OPTUNA_STORAGE or sqlite:///optuna.db)")
+    tune.add_argument("--workers", type=int, help="worker processes sharing the study (default: the file's workers)")
+    tune.set_defaults(run=cmd_tune)
+    enable = commands.add_parser("enable-tune", help="add a search space to params.yaml as DVC stage tune@NAME")
+    enable.add_argument("space", type=Path)
+    enable.set_defaults(run=cmd_enable_tune)
     commands.add_parser("check", help="validate the parameters and list the cells").set_defaults(run=cmd_check)
     commands.add_parser("table", help="print the study's test metrics as a Markdown table").set_defaults(run=cmd_table)
-    use = commands.add_parser("use-study", help="make studies/NAME.yaml the active params.yaml")
-    use.add_argument("name")
+    use = commands.add_parser("use-study", help="make studies/NAME.yaml (or a study file) the active params.yaml")
+    use.add_argument("name", help="a study name from studies/, or the path of a study .yaml file")
     use.set_defaults(run=cmd_use_study)
     return parser
 

@@ -104,6 +104,7 @@ class StudyConfig:
     classifier: ClassifierConfig
     sample_quality: SampleQualityConfig
     report: ReportConfig
+    tune: dict[str, str]  # enabled tuning studies: name -> search-space file (DVC stages tune@name)
 
     def cell(self, name: str) -> CellConfig:
         if name not in self.cells:
@@ -134,8 +135,8 @@ def load_study(path: Path | str = PARAMS_FILE) -> StudyConfig:
 
 
 def parse_study(raw: dict, source: str = "params") -> StudyConfig:
-    _only_keys(raw, ("study", "data", "train", "cells", "evaluate", "classifier", "sample_quality", "report"), source)
-    study = _name(_required(raw, "study", source), f"{source}: study")
+    _only_keys(raw, ("study", "data", "train", "cells", "evaluate", "classifier", "sample_quality", "report", "tune"), source)
+    study = check_name(_required(raw, "study", source), f"{source}: study")
     data = _parse_data(_section(raw, "data", source))
     train_defaults = _section(raw, "train", source)
     _only_keys(train_defaults, CELL_DEFAULT_KEYS, f"{source}: train")
@@ -143,7 +144,7 @@ def parse_study(raw: dict, source: str = "params") -> StudyConfig:
     if not cells_raw:
         raise ConfigError(f"{source}: cells is empty; add at least one cell")
     cells = {
-        name: _parse_cell(_name(name, f"{source}: cell name"), spec, train_defaults)
+        name: parse_cell(check_name(name, f"{source}: cell name"), spec, train_defaults)
         for name, spec in cells_raw.items()
     }
     evaluate = _parse_evaluate(_section(raw, "evaluate", source))
@@ -155,6 +156,7 @@ def parse_study(raw: dict, source: str = "params") -> StudyConfig:
         classifier=_parse_classifier(_section(raw, "classifier", source)),
         sample_quality=_parse_sample_quality(_section(raw, "sample_quality", source)),
         report=_parse_report(_section(raw, "report", source)),
+        tune=_parse_tune(raw.get("tune") or {}, source),
     )
 
 
@@ -180,7 +182,7 @@ def _parse_data(raw: dict) -> DataConfig:
     return data
 
 
-def _parse_cell(name: str, spec: object, defaults: dict) -> CellConfig:
+def parse_cell(name: str, spec: object, defaults: dict) -> CellConfig:
     where = f"cells.{name}"
     if not isinstance(spec, dict):
         raise ConfigError(f"{where} must be a mapping like {{arch: linear, latent_dim: 2, beta: 1.0, seed: 0}}")
@@ -217,6 +219,12 @@ def _parse_evaluate(raw: dict) -> EvaluateConfig:
         seed=_integer(raw.get("seed", 0), "evaluate.seed", low=0),
         n_images=_integer(raw.get("n_images", 64), "evaluate.n_images", low=1),
     )
+
+
+def _parse_tune(raw: object, source: str) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: tune must be a mapping of name: search-space file, or {{}}")
+    return {check_name(name, f"{source}: tune name"): _string(path, f"tune.{name}") for name, path in raw.items()}
 
 
 def _parse_classifier(raw: dict) -> ClassifierConfig:
@@ -295,7 +303,7 @@ def _only_keys(raw: dict, allowed, where: str) -> None:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(allowed)}")
 
 
-def _name(value: object, what: str) -> str:
+def check_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not NAME_PATTERN.match(value):
         raise ConfigError(f"{what} {value!r} must use only letters, digits, '-' and '_' (it names folders and runs)")
     return value

@@ -153,3 +153,84 @@ def log_report(config: StudyConfig, folder: Path, cell_folders: dict[str, Path])
     for run_id, cell_folder in cell_folders.items():
         if _run_exists(client, run_id):
             client.log_artifacts(run_id, str(cell_folder), artifact_path="figures")
+
+
+def tune_parent_run(config: StudyConfig, tune_name: str, space: dict) -> str:
+    """The tuning study's parent run in the study's experiment, created on first use; `tune_name` is the
+    Optuna study name, which changes with the search space."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    experiment_id = study_experiment(client, config.study)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'tune' and tags.`vaebench.tune` = '{tune_name}'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment_id, run_name=f"tune-{tune_name}", tags={ROLE_TAG: "tune", "vaebench.tune": tune_name, **source_tags()}
+    )
+    client.log_dict(run.info.run_id, space, "search_space.yaml")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+@contextmanager
+def trial_run(config: StudyConfig, tune_name: str, number: int, parent_id: str):
+    """A child run per Optuna trial: FINISHED when it completes or is pruned, FAILED when it raises."""
+    import optuna
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment_id = study_experiment(MlflowClient(), config.study)
+    tags = {"mlflow.parentRunId": parent_id, ROLE_TAG: "trial", "vaebench.tune": tune_name, "optuna.trial": str(number)}
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{tune_name}-trial-{number}", tags=tags)
+    try:
+        yield run
+    except optuna.TrialPruned:
+        mlflow.end_run("FINISHED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def log_trial_params(sampled: dict, cell: dict) -> None:
+    mlflow.log_params({f"cell.{key}": value for key, value in cell.items()})
+    mlflow.set_tags({f"optuna.param.{key}": str(value) for key, value in sampled.items()})
+
+
+def tag_trial_state(state: str, epoch: int, error: BaseException | None = None) -> None:
+    tags = {"optuna.state": state, "optuna.last_epoch": str(epoch)}
+    if error is not None:
+        tags["optuna.error"] = f"{type(error).__name__}: {error}"[:5000]
+    mlflow.set_tags(tags)
+
+
+def log_objective(values: dict) -> None:
+    mlflow.log_metrics({f"objective_{key}": value for key, value in values.items()})
+
+
+def log_tune_results(parent_id: str, summary: dict, folder: Path, best_checkpoint: Path) -> None:
+    """The best trial's params and model, and the tuning report, on the tuning parent run."""
+    import torch
+
+    from pipeline.config import parse_cell
+    from pipeline.models import build_model
+
+    client = MlflowClient(tracking_uri())
+    best = summary["best"][0]
+    # Tags, not params: a resumed study may find a better trial, and MLflow params cannot change.
+    tags = {f"best.{key}": str(value) for key, value in best["params"].items()} | {"vaebench.best_trial": str(best["number"])}
+    client.log_batch(
+        parent_id,
+        tags=[mlflow.entities.RunTag(key, value) for key, value in tags.items()],
+        metrics=[mlflow.entities.Metric(f"best_{key}", value, 0, 0) for key, value in zip(summary["metrics"], best["values"])],
+    )
+    client.log_artifacts(parent_id, str(folder), artifact_path="tune")
+    if best_checkpoint.is_file():
+        saved = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
+        cell = dict(saved["cell"])
+        model = build_model(parse_cell(cell.pop("name"), cell, {}))
+        model.load_state_dict(saved["state_dict"])
+        with mlflow.start_run(run_id=parent_id):
+            log_model(model)
