@@ -8,25 +8,23 @@ cell of the default study (`linear-z20-b1-s0`):
 
     python benchmarks/reference_vae.py --epochs 10
 
-torchvision's MNIST reads uncompressed IDX files, so the .gz files are extracted into a work folder
-(the data root stays read-only).
+torchvision's MNIST reads uncompressed IDX files, so the .gz files are extracted into
+.vaebench/torchvision (the data root stays read-only).
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import shutil
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import datasets, transforms
 
+from pipeline.bench import torchvision_root
 from pipeline.config import load_study
-from pipeline.data import MNIST_SHA256, raw_dir, verify_checksums
+from pipeline.data import verify_checksums
 
 
 class ReferenceVAE(nn.Module):
@@ -51,28 +49,16 @@ def loss_function(recon_x, x, mu, logvar):
     return bce + kld
 
 
-def torchvision_root(data_root: str, work: Path) -> Path:
-    """A folder in torchvision's layout holding the extracted IDX files."""
-    verify_checksums(data_root)
-    target = work / "MNIST" / "raw"
-    target.mkdir(parents=True, exist_ok=True)
-    for name in MNIST_SHA256:
-        extracted = target / name.removesuffix(".gz")
-        if not extracted.exists():
-            with gzip.open(raw_dir(data_root) / name) as source, open(extracted, "wb") as sink:
-                shutil.copyfileobj(source, sink)
-    return work
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--work", type=Path, default=Path(".vaebench/torchvision"))
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    root = torchvision_root(load_study().data.root, args.work)
+    config = load_study()
+    verify_checksums(config.data.root)
+    root = torchvision_root(config.data.root)
     train = datasets.MNIST(root, train=True, transform=transforms.ToTensor())
     test = datasets.MNIST(root, train=False, transform=transforms.ToTensor())
     train_loader = torch.utils.data.DataLoader(train, batch_size=128, shuffle=True)

@@ -82,6 +82,14 @@ def cmd_enable_tune(args) -> None:
     print(f"{args.params}: tune@{space.name} runs {args.space}; run `dvc repro tune@{space.name}`")
 
 
+def cmd_bench(args) -> None:
+    from pipeline.bench import run_bench, table, write_results
+
+    results = run_bench(load_study(args.params), args.cells, args.images, None if args.no_full else args.reference_cell)
+    print(table(results))
+    print(f"written to {write_results(results)}")
+
+
 def cmd_check(args) -> None:
     config = load_study(args.params)
     print(f"{args.params}: study {config.study!r}, {len(config.cells)} cells")
@@ -137,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     enable = commands.add_parser("enable-tune", help="add a search space to params.yaml as DVC stage tune@NAME")
     enable.add_argument("space", type=Path)
     enable.set_defaults(run=cmd_enable_tune)
+    bench = commands.add_parser("bench", help="measure the training engine against the standard loop and the compute bound")
+    bench.add_argument("--cells", nargs="+", default=["linear-z20-b1-s0", "conv-z10-b1-s0"])
+    bench.add_argument("--images", type=int, default=20_000, help="training images per throughput measurement")
+    bench.add_argument("--reference-cell", default="linear-z20-b1-s0", help="the cell of the full-training comparison")
+    bench.add_argument("--no-full", action="store_true", help="skip the full-training comparison")
+    bench.set_defaults(run=cmd_bench)
     commands.add_parser("check", help="validate the parameters and list the cells").set_defaults(run=cmd_check)
     commands.add_parser("table", help="print the study's test metrics as a Markdown table").set_defaults(run=cmd_table)
     use = commands.add_parser("use-study", help="make studies/NAME.yaml (or a study file) the active params.yaml")

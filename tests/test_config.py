@@ -68,9 +68,10 @@ def test_every_shipped_study_is_valid():
 
 
 def test_default_study_file_is_the_default_params():
-    assert yaml.safe_load((REPO / "studies" / "default.yaml").read_text()) == yaml.safe_load(
-        (REPO / "params.yaml").read_text()
-    )
+    # `make tune` adds entries under tune:, so that block may differ.
+    default, params = (yaml.safe_load((REPO / name).read_text()) for name in ("studies/default.yaml", "params.yaml"))
+    default.pop("tune"), params.pop("tune")
+    assert default == params
 
 
 def run_cli(*args, cwd):
