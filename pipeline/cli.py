@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[vaebench] %(message)s", stream=sys.stderr)
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `vaebench table | head` ends quietly
     try:
         args.run(args)
     except ConfigError as error:

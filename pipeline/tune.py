@@ -219,6 +219,7 @@ def export_results(config: StudyConfig, space: TuneSpace, study: optuna.Study, p
         **yaml.safe_load(PARAMS_FILE.read_text() if PARAMS_FILE.is_file() else "{}"),
         "study": f"tune-{space.name}",
         "cells": {cell_name: {k: v for k, v in cell_as_dict(best_cell).items() if k != "name"}},
+        "tune": {},
     }
     final = REPORT_DIR / space.name
     with staged_dir(final) as folder:
