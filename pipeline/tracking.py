@@ -194,6 +194,21 @@ def trial_run(config: StudyConfig, tune_name: str, number: int, parent_id: str):
     mlflow.end_run("FINISHED")
 
 
+def fail_orphaned_trial_runs(config: StudyConfig, tune_name: str, numbers: list[int]) -> None:
+    """Mark FAILED the MLflow runs of trials whose worker was killed (Optuna has marked those trials FAIL)."""
+    if not numbers:
+        return
+    client = MlflowClient(tracking_uri())
+    experiment_id = study_experiment(client, config.study)
+    for number in numbers:
+        for run in client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`vaebench.tune` = '{tune_name}' and tags.`optuna.trial` = '{number}' and attributes.status = 'RUNNING'",
+        ):
+            client.set_tag(run.info.run_id, "optuna.state", "FAIL")
+            client.set_terminated(run.info.run_id, "FAILED")
+
+
 def log_trial_params(sampled: dict, cell: dict) -> None:
     mlflow.log_params({f"cell.{key}": value for key, value in cell.items()})
     mlflow.set_tags({f"optuna.param.{key}": str(value) for key, value in sampled.items()})

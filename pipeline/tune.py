@@ -96,7 +96,7 @@ def run_trial(config: StudyConfig, space: TuneSpace, trial: optuna.Trial, data: 
     model = build_model(cell).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cell.lr)
     shuffle = torch.Generator().manual_seed(cell.seed)
-    with tracking.trial_run(config, space.name, trial.number, parent_id) as run:
+    with tracking.trial_run(config, study_name(space), trial.number, parent_id) as run:
         tracking.log_trial_params(trial.params, cell_as_dict(cell))
         epoch = 0
         try:
@@ -140,6 +140,8 @@ def worker(params_file: str, space_file: str, url: str, parent_id: str, index: i
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    failed = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
+    tracking.fail_orphaned_trial_runs(config, study_name(space), failed)
     device = resolve_device(config.cell(space.base_cell).device)
     arrays = load_prepared(PREPARED_FILE)
     data = {"train": images_to_tensor(arrays["train_images"], device), "val": images_to_tensor(arrays["val_images"], device)}
