@@ -85,7 +85,9 @@ def cmd_enable_tune(args) -> None:
 def cmd_bench(args) -> None:
     from pipeline.bench import run_bench, table, write_results
 
-    results = run_bench(load_study(args.params), args.cells, args.images, None if args.no_full else args.reference_cell)
+    results = run_bench(
+        load_study(args.params), args.cells, args.images, None if args.no_full else args.reference_cell, study=args.study
+    )
     print(table(results))
     print(f"written to {write_results(results)}")
 
@@ -150,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--images", type=int, default=20_000, help="training images per throughput measurement")
     bench.add_argument("--reference-cell", default="linear-z20-b1-s0", help="the cell of the full-training comparison")
     bench.add_argument("--no-full", action="store_true", help="skip the full-training comparison")
+    bench.add_argument("--study", action="store_true", help="also time `dvc repro` of the study from clean (minutes)")
     bench.set_defaults(run=cmd_bench)
     commands.add_parser("check", help="validate the parameters and list the cells").set_defaults(run=cmd_check)
     commands.add_parser("table", help="print the study's test metrics as a Markdown table").set_defaults(run=cmd_table)
