@@ -7,7 +7,8 @@ For each architecture, images per second of
       a `.item()` per step,
   (c) the compute bound: forward, backward and optimizer step on one pre-made batch in a tight loop,
 with achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode) against the measured float32 matmul
-GFLOP/s, and each measurement's peak memory (it runs in a fresh process). Writes reports/benchmarks/.
+GFLOP/s, and each measurement's peak memory (it runs in a fresh process). Each rate is the best of 3
+timed repeats after a warm-up. Writes reports/benchmarks/.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def standard_step(model, optimizer, x: torch.Tensor, cell) -> float:
     return loss.item()
 
 
+REPEATS = 3
+
+
+def best_of(measure, repeats: int = REPEATS) -> float:
+    """The best of several timed repeats: the least disturbed by whatever else the machine does."""
+    return max(measure() for _ in range(repeats))
+
+
 def measure_engine(cell, images: int) -> float:
     set_threads()
     data = images_to_tensor(load_prepared(PREPARED_FILE)["train_images"][:images])
@@ -87,9 +96,13 @@ def measure_engine(cell, images: int) -> float:
     optimizer = torch.optim.Adam(model.parameters(), lr=cell.lr)
     generator = torch.Generator().manual_seed(0)
     train_epoch(model, optimizer, data[: cell.batch_size * 5], cell, generator, lambda n: None)  # warm-up
-    started = time.perf_counter()
-    train_epoch(model, optimizer, data, cell, generator, lambda n: None)
-    return len(data) / (time.perf_counter() - started)
+
+    def once() -> float:
+        started = time.perf_counter()
+        train_epoch(model, optimizer, data, cell, generator, lambda n: None)
+        return len(data) / (time.perf_counter() - started)
+
+    return best_of(once)
 
 
 def measure_standard(cell, images: int, data_root: str) -> float:
@@ -101,15 +114,21 @@ def measure_standard(cell, images: int, data_root: str) -> float:
     torch.manual_seed(0)
     model = build_model(cell)
     optimizer = torch.optim.Adam(model.parameters(), lr=cell.lr)
-    seen, started = 0, None
-    for step, (x, _) in enumerate(loader):
-        if step == 5:  # the same warm-up as the engine
-            started, seen = time.perf_counter(), 0
+    for step, (x, _) in enumerate(loader):  # the same warm-up as the engine
         standard_step(model, optimizer, x, cell)
-        seen += len(x)
-        if started is not None and seen >= images:
+        if step == 4:
             break
-    return seen / (time.perf_counter() - started)
+
+    def once() -> float:
+        seen, started = 0, time.perf_counter()
+        for x, _ in loader:
+            standard_step(model, optimizer, x, cell)
+            seen += len(x)
+            if seen >= images:
+                break
+        return seen / (time.perf_counter() - started)
+
+    return best_of(once)
 
 
 def measure_compute_bound(cell, steps: int) -> float:
@@ -128,10 +147,14 @@ def measure_compute_bound(cell, steps: int) -> float:
 
     for _ in range(5):
         step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * cell.batch_size / (time.perf_counter() - started)
+
+    def once() -> float:
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return steps * cell.batch_size / (time.perf_counter() - started)
+
+    return best_of(once)
 
 
 def measure_stacked(cell, images: int, copies: int) -> float:
@@ -168,9 +191,13 @@ def measure_stacked(cell, images: int, copies: int) -> float:
             optimizer.step()
 
     run(cell.batch_size * 5)  # warm-up
-    started = time.perf_counter()
-    run(len(data))
-    return copies * len(data) / (time.perf_counter() - started)
+
+    def once() -> float:
+        started = time.perf_counter()
+        run(len(data))
+        return copies * len(data) / (time.perf_counter() - started)
+
+    return best_of(once)
 
 
 def train_split_indices(config: StudyConfig):

@@ -181,7 +181,7 @@ def metric_heatmaps(groups: pd.DataFrame, metrics: dict[str, str], folder: Path,
             axes[i, j].set_xlabel("β")
             axes[i, j].set_ylabel("latent_dim")
     fig.suptitle("Test metrics over latent_dim × β", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title above the first row
     return save(fig, folder, "metric_heatmaps", dpi, vector=True)
 
 
