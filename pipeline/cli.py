@@ -12,7 +12,6 @@ from pathlib import Path
 from pipeline.config import PARAMS_FILE, ConfigError, load_study
 
 STUDIES_DIR = Path("studies")
-log = logging.getLogger("vaebench")
 
 
 def cmd_prepare(args) -> None:
