@@ -26,10 +26,9 @@ import torch
 
 from pipeline.config import StudyConfig
 from pipeline.data import MNIST_SHA256, images_to_tensor, load_prepared, raw_dir
-from pipeline.losses import kl_divergence, objective, reconstruction_nats
+from pipeline.engine import model_epoch, set_threads
 from pipeline.models import build_model
 from pipeline.outputs import PREPARED_FILE, write_json
-from pipeline.train import set_threads, train_epoch
 
 OUT_DIR = Path("reports") / "benchmarks"
 TORCHVISION_DIR = Path(".vaebench") / "torchvision"
@@ -53,8 +52,7 @@ def training_step_flops(cell, batch_size: int) -> int:
     model = build_model(cell)
     x = torch.rand(batch_size, 1, 28, 28)
     with FlopCounterMode(display=False) as counter:
-        logits, mu, logvar = model(x)
-        objective(reconstruction_nats(logits, x, cell.likelihood), kl_divergence(mu, logvar), cell.beta).mean().backward()
+        model.loss_terms(x)["loss"].mean().backward()
     return counter.get_total_flops()
 
 
@@ -72,8 +70,7 @@ def torchvision_root(data_root: str) -> Path:
 
 def standard_step(model, optimizer, x: torch.Tensor, cell) -> float:
     """One step of the standard loop: summed loss, backward, step, and a `.item()` that waits for it."""
-    logits, mu, logvar = model(x)
-    loss = objective(reconstruction_nats(logits, x, cell.likelihood), kl_divergence(mu, logvar), cell.beta).sum()
+    loss = model.loss_terms(x)["loss"].sum()
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -95,11 +92,11 @@ def measure_engine(cell, images: int) -> float:
     model = build_model(cell)
     optimizer = torch.optim.Adam(model.parameters(), lr=cell.lr)
     generator = torch.Generator().manual_seed(0)
-    train_epoch(model, optimizer, data[: cell.batch_size * 5], cell, generator, lambda n: None)  # warm-up
+    model_epoch(model, optimizer, data[: cell.batch_size * 5], cell.batch_size, generator)  # warm-up
 
     def once() -> float:
         started = time.perf_counter()
-        train_epoch(model, optimizer, data, cell, generator, lambda n: None)
+        model_epoch(model, optimizer, data, cell.batch_size, generator)
         return len(data) / (time.perf_counter() - started)
 
     return best_of(once)
@@ -139,8 +136,7 @@ def measure_compute_bound(cell, steps: int) -> float:
     x = torch.rand(cell.batch_size, 1, 28, 28).round()
 
     def step():
-        logits, mu, logvar = model(x)
-        loss = objective(reconstruction_nats(logits, x, cell.likelihood), kl_divergence(mu, logvar), cell.beta)
+        loss = model.loss_terms(x)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.mean().backward()
         optimizer.step()
@@ -157,6 +153,17 @@ def measure_compute_bound(cell, steps: int) -> float:
     return best_of(once)
 
 
+class TrainingLoss(torch.nn.Module):
+    """A model whose forward is its mean training loss, for torch.func.functional_call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.loss_terms(x)["loss"].mean()
+
+
 def measure_stacked(cell, images: int, copies: int) -> float:
     """Images per second, summed over `copies` models of one cell (different seeds) trained as one stacked
     model with torch.func.vmap: the grid-level speed-up candidate (compare with the engine's rate)."""
@@ -170,12 +177,12 @@ def measure_stacked(cell, images: int, copies: int) -> float:
     for seed in range(copies):
         torch.manual_seed(seed)
         models.append(build_model(cell))
-    params, buffers = stack_module_state(models)
-    template = copy.deepcopy(models[0]).to("meta")
+    losses = [TrainingLoss(model) for model in models]
+    params, buffers = stack_module_state(losses)
+    template = copy.deepcopy(losses[0]).to("meta")
 
     def loss_of_one(p, b, x):
-        logits, mu, logvar = functional_call(template, (p, b), (x,))
-        return objective(reconstruction_nats(logits, x, cell.likelihood), kl_divergence(mu, logvar), cell.beta).mean()
+        return functional_call(template, (p, b), (x,))
 
     loss_of_all = vmap(loss_of_one, randomness="different")
     optimizer = torch.optim.Adam(params.values(), lr=cell.lr)
@@ -213,7 +220,7 @@ def ten_epochs(config: StudyConfig, cell_name: str, loop: str) -> dict:
     then the test ELBO of the result (one z sample per image, seeded like the evaluate stage)."""
     from torchvision import datasets, transforms
 
-    from pipeline.evaluate import test_metrics
+    from pipeline.evaluate import reconstruction_metrics
 
     set_threads()
     cell = dataclasses.replace(config.cell(cell_name), device="cpu")
@@ -225,7 +232,7 @@ def ten_epochs(config: StudyConfig, cell_name: str, loop: str) -> dict:
     if loop == "engine":
         images, generator = images_to_tensor(arrays["train_images"]), torch.Generator().manual_seed(cell.seed)
         for _ in range(cell.epochs):
-            train_epoch(model, optimizer, images, cell, generator, lambda n: None)
+            model_epoch(model, optimizer, images, cell.batch_size, generator)
     else:
         dataset = datasets.MNIST(torchvision_root(config.data.root), train=True, transform=transforms.ToTensor())
         subset = torch.utils.data.Subset(dataset, train_split_indices(config))
@@ -235,7 +242,7 @@ def ten_epochs(config: StudyConfig, cell_name: str, loop: str) -> dict:
                 standard_step(model, optimizer, x, cell)
     seconds = time.perf_counter() - started
     torch.manual_seed(config.evaluate.seed)
-    metrics, _ = test_metrics(model.eval(), images_to_tensor(arrays["test_images"]), cell.likelihood, cell.gaussian_std, 1000)
+    metrics, _ = reconstruction_metrics(model.eval(), images_to_tensor(arrays["test_images"]), 1000)
     return {"seconds": seconds, "test_elbo": metrics["elbo"]}
 
 
@@ -295,6 +302,7 @@ def run_bench(config: StudyConfig, cells: list[str], images: int, reference_cell
         results["architectures"].append(
             {
                 "cell": name,
+                "family": cell.family,
                 "arch": cell.arch,
                 "batch_size": cell.batch_size,
                 "gflop_per_image": flops_per_image / 1e9,

@@ -13,9 +13,9 @@ from torch import nn
 
 from pipeline.config import StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
+from pipeline.engine import resolve_device, set_threads, train_epoch
+from pipeline.evaluation.sample_quality import embed, real_data_floor
 from pipeline.outputs import CLASSIFIER_DIR, PREPARED_FILE, read_json, staged_dir, write_json
-from pipeline.sample_quality import embed, real_data_floor
-from pipeline.train import resolve_device, set_threads
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
@@ -60,16 +60,13 @@ def train_classifier(config: StudyConfig) -> dict:
     shuffle = torch.Generator().manual_seed(settings.seed)
     steps = settings.epochs * -(-len(images) // settings.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=steps)
+
+    def loss_terms(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": F.cross_entropy(classifier(images[batch]), labels[batch], reduction="none")}
+
     for epoch in range(1, settings.epochs + 1):
         classifier.train()
-        order = torch.randperm(len(images), generator=shuffle).to(device)
-        for start in range(0, len(images), settings.batch_size):
-            batch = order[start : start + settings.batch_size]
-            loss = F.cross_entropy(classifier(images[batch]), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+        train_epoch(loss_terms, optimizer, len(images), settings.batch_size, shuffle, device, after_step=schedule.step)
         val_accuracy = accuracy(
             classifier, images_to_tensor(arrays["val_images"], device), torch.from_numpy(arrays["val_labels"]).to(device)
         )

@@ -54,7 +54,7 @@ def cmd_figures(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from pipeline.search_space import load_space
+    from pipeline.tuning.search_space import load_space
     from pipeline.tune import tune
 
     space = load_space(args.space)
@@ -65,7 +65,7 @@ def cmd_enable_tune(args) -> None:
     """Add a search space to params.yaml's `tune:` block (keeping its comments), so DVC has a tune@NAME stage."""
     from ruamel.yaml import YAML
 
-    from pipeline.search_space import load_space
+    from pipeline.tuning.search_space import load_space
 
     space = load_space(args.space)
     if space.name != args.space.stem:
@@ -95,15 +95,18 @@ def cmd_check(args) -> None:
     config = load_study(args.params)
     print(f"{args.params}: study {config.study!r}, {len(config.cells)} cells")
     for cell in config.cells.values():
-        print(f"  {cell.name}: {cell.arch} latent_dim={cell.latent_dim} beta={cell.beta:g} seed={cell.seed} epochs={cell.epochs}")
+        setting = f" {cell.settings.label()}" if cell.settings.label() else ""
+        print(f"  {cell.name}: {cell.family} {cell.arch} latent_dim={cell.latent_dim}{setting} seed={cell.seed} epochs={cell.epochs}")
 
 
 def cmd_table(args) -> None:
     from pipeline.classifier import load_floor
-    from pipeline.results import cell_table, markdown_sample_table, markdown_table
+    from pipeline.reporting.results import cell_table, markdown_family_table, markdown_sample_table, markdown_table
 
     cells = cell_table(load_study(args.params))
     print(markdown_table(cells))
+    print()
+    print(markdown_family_table(cells))
     print()
     print(markdown_sample_table(cells, load_floor()))
 

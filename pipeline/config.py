@@ -14,6 +14,7 @@ import yaml
 PARAMS_FILE = Path("params.yaml")
 DATA_ROOT_ENV = "VAEBENCH_DATA_ROOT"
 ARCHS = ("linear", "conv")
+DEFAULT_FAMILY = "vae"
 LIKELIHOODS = ("bernoulli", "gaussian")
 DEVICES = ("auto", "cpu", "cuda")
 MNIST_TRAIN_IMAGES = 60_000
@@ -37,12 +38,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class CellConfig:
-    """One point of the grid: everything needed to train and evaluate one model."""
+    """One point of the grid: everything needed to train and evaluate one model. `settings` is the
+    family's own settings dataclass (for example beta for `vae`, see pipeline/models/)."""
 
     name: str
+    family: str
     arch: str
     latent_dim: int
-    beta: float
     seed: int
     epochs: int
     batch_size: int
@@ -52,6 +54,7 @@ class CellConfig:
     hidden: tuple[int, ...]
     channels: tuple[int, ...]
     device: str
+    settings: object
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,10 @@ class EvaluateConfig:
     batch_size: int
     seed: int
     n_images: int
+    knn_k: int  # neighbours of the k-NN classifier on the codes
+    noise_std: float  # robustness: Gaussian noise added to the test images
+    mask_prob: float  # robustness: share of test pixels set to 0
+    contraction_images: int  # test images the mean Jacobian norm is computed on
 
 
 @dataclass(frozen=True)
@@ -113,11 +120,25 @@ class StudyConfig:
         return self.cells[name]
 
 
-# Keys a cell may set; the ones in CELL_DEFAULT_KEYS fall back to the `train:` block.
-CELL_OWN_KEYS = ("arch", "latent_dim", "beta", "seed")
+# Keys a cell may set; the ones in CELL_DEFAULT_KEYS fall back to the `train:` block. A cell may also set
+# its family's own settings (family_setting_keys).
+CELL_OWN_KEYS = ("family", "arch", "latent_dim", "seed")
 CELL_DEFAULT_KEYS = tuple(
-    f.name for f in dataclasses.fields(CellConfig) if f.name not in CELL_OWN_KEYS + ("name",)
+    f.name for f in dataclasses.fields(CellConfig) if f.name not in CELL_OWN_KEYS + ("name", "settings")
 )
+
+
+def families() -> dict:
+    """The registry of model families (imported here, not at the top, so that reading params needs no torch
+    until a cell is parsed)."""
+    from pipeline.models import FAMILIES
+
+    return FAMILIES
+
+
+def family_setting_keys() -> dict[str, tuple[str, ...]]:
+    """Each family's own setting names."""
+    return {name: tuple(f.name for f in dataclasses.fields(cls.Settings)) for name, cls in families().items()}
 
 
 def load_study(path: Path | str = PARAMS_FILE) -> StudyConfig:
@@ -163,14 +184,14 @@ def parse_study(raw: dict, source: str = "params") -> StudyConfig:
 def _parse_data(raw: dict) -> DataConfig:
     where = "data"
     _only_keys(raw, [f.name for f in dataclasses.fields(DataConfig)], where)
-    root = os.environ.get(DATA_ROOT_ENV) or _string(_required(raw, "root", where), f"{where}.root")
+    root = os.environ.get(DATA_ROOT_ENV) or string(_required(raw, "root", where), f"{where}.root")
     data = DataConfig(
         root=root,
-        download=_boolean(raw.get("download", True), f"{where}.download"),
-        train_size=_integer(_required(raw, "train_size", where), f"{where}.train_size", low=1),
-        val_size=_integer(_required(raw, "val_size", where), f"{where}.val_size", low=1),
-        test_size=_integer(_required(raw, "test_size", where), f"{where}.test_size", low=1),
-        split_seed=_integer(raw.get("split_seed", 0), f"{where}.split_seed", low=0),
+        download=boolean(raw.get("download", True), f"{where}.download"),
+        train_size=integer(_required(raw, "train_size", where), f"{where}.train_size", low=1),
+        val_size=integer(_required(raw, "val_size", where), f"{where}.val_size", low=1),
+        test_size=integer(_required(raw, "test_size", where), f"{where}.test_size", low=1),
+        split_seed=integer(raw.get("split_seed", 0), f"{where}.split_seed", low=0),
     )
     if data.train_size + data.val_size > MNIST_TRAIN_IMAGES:
         raise ConfigError(
@@ -185,9 +206,18 @@ def _parse_data(raw: dict) -> DataConfig:
 def parse_cell(name: str, spec: object, defaults: dict) -> CellConfig:
     where = f"cells.{name}"
     if not isinstance(spec, dict):
-        raise ConfigError(f"{where} must be a mapping like {{arch: linear, latent_dim: 2, beta: 1.0, seed: 0}}")
-    _only_keys(spec, CELL_OWN_KEYS + CELL_DEFAULT_KEYS, where)
-    merged = {**defaults, **spec}
+        raise ConfigError(f"{where} must be a mapping like {{family: vae, arch: linear, latent_dim: 2, beta: 1.0, seed: 0}}")
+    family = choice(spec.get("family", DEFAULT_FAMILY), f"{where}.family", tuple(families()))
+    setting_keys = family_setting_keys()
+    for key in spec:
+        owners = [other for other, keys in setting_keys.items() if key in keys]
+        if owners and family not in owners:
+            raise ConfigError(
+                f"{where}.{key} is a setting of family {' and '.join(owners)}, not of {family}; "
+                f"remove it or set family: {owners[0]}"
+            )
+    _only_keys(spec, CELL_OWN_KEYS + CELL_DEFAULT_KEYS + setting_keys[family], where)
+    merged = {**defaults, **spec, "family": family}
     for key in CELL_OWN_KEYS + CELL_DEFAULT_KEYS:
         if key not in merged:
             raise ConfigError(f"{where}.{key} is missing; set it in the cell or in the train block")
@@ -195,47 +225,74 @@ def parse_cell(name: str, spec: object, defaults: dict) -> CellConfig:
     def field(key: str) -> str:
         return f"{where}.{key}"
 
+    arch = choice(merged["arch"], field("arch"), ARCHS)
+    channels = int_list(merged["channels"], field("channels"))
+    if arch == "conv" and len(channels) > _max_conv_depth():
+        raise ConfigError(
+            f"{field('channels')} = {list(channels)}: {len(channels)} strided convolutions shrink a 28x28 image "
+            f"to nothing; use at most {_max_conv_depth()} entries"
+        )
     return CellConfig(
         name=name,
-        arch=_choice(merged["arch"], field("arch"), ARCHS),
-        latent_dim=_integer(merged["latent_dim"], field("latent_dim"), low=1),
-        beta=_number(merged["beta"], field("beta"), low=0.0),
-        seed=_integer(merged["seed"], field("seed"), low=0),
-        epochs=_integer(merged["epochs"], field("epochs"), low=1),
-        batch_size=_integer(merged["batch_size"], field("batch_size"), low=1),
-        lr=_number(merged["lr"], field("lr"), low=0.0, low_inclusive=False),
-        likelihood=_choice(merged["likelihood"], field("likelihood"), LIKELIHOODS),
-        gaussian_std=_number(merged["gaussian_std"], field("gaussian_std"), low=0.0, low_inclusive=False),
-        hidden=_int_list(merged["hidden"], field("hidden")),
-        channels=_int_list(merged["channels"], field("channels")),
-        device=_choice(merged["device"], field("device"), DEVICES),
+        family=family,
+        arch=arch,
+        latent_dim=integer(merged["latent_dim"], field("latent_dim"), low=1),
+        seed=integer(merged["seed"], field("seed"), low=0),
+        epochs=integer(merged["epochs"], field("epochs"), low=1),
+        batch_size=integer(merged["batch_size"], field("batch_size"), low=1),
+        lr=number(merged["lr"], field("lr"), low=0.0, low_inclusive=False),
+        likelihood=choice(merged["likelihood"], field("likelihood"), LIKELIHOODS),
+        gaussian_std=number(merged["gaussian_std"], field("gaussian_std"), low=0.0, low_inclusive=False),
+        hidden=int_list(merged["hidden"], field("hidden")),
+        channels=channels,
+        device=choice(merged["device"], field("device"), DEVICES),
+        settings=families()[family].parse_settings({k: v for k, v in spec.items() if k in setting_keys[family]}, where),
     )
+
+
+def _max_conv_depth() -> int:
+    """The most strided convolutions a 28x28 image survives (28, 14, 7, 3, 1: four)."""
+    from pipeline.models.networks import conv_sides
+
+    sides = conv_sides((1,) * 8)
+    return max(i for i, side in enumerate(sides) if side >= 1)
 
 
 def _parse_evaluate(raw: dict) -> EvaluateConfig:
     _only_keys(raw, [f.name for f in dataclasses.fields(EvaluateConfig)], "evaluate")
     return EvaluateConfig(
-        batch_size=_integer(_required(raw, "batch_size", "evaluate"), "evaluate.batch_size", low=1),
-        seed=_integer(raw.get("seed", 0), "evaluate.seed", low=0),
-        n_images=_integer(raw.get("n_images", 64), "evaluate.n_images", low=1),
+        batch_size=integer(_required(raw, "batch_size", "evaluate"), "evaluate.batch_size", low=1),
+        seed=integer(raw.get("seed", 0), "evaluate.seed", low=0),
+        n_images=integer(raw.get("n_images", 64), "evaluate.n_images", low=1),
+        knn_k=integer(raw.get("knn_k", 5), "evaluate.knn_k", low=1),
+        noise_std=number(raw.get("noise_std", 0.5), "evaluate.noise_std", low=0.0),
+        mask_prob=_probability(raw.get("mask_prob", 0.25), "evaluate.mask_prob"),
+        contraction_images=integer(raw.get("contraction_images", 1000), "evaluate.contraction_images", low=1),
     )
+
+
+def _probability(value: object, what: str) -> float:
+    value = number(value, what, low=0.0)
+    if value >= 1.0:
+        raise ConfigError(f"{what} must be in [0, 1), got {value:g}")
+    return value
 
 
 def _parse_tune(raw: object, source: str) -> dict[str, str]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: tune must be a mapping of name: search-space file, or {{}}")
-    return {check_name(name, f"{source}: tune name"): _string(path, f"tune.{name}") for name, path in raw.items()}
+    return {check_name(name, f"{source}: tune name"): string(path, f"tune.{name}") for name, path in raw.items()}
 
 
 def _parse_classifier(raw: dict) -> ClassifierConfig:
     where = "classifier"
     _only_keys(raw, [f.name for f in dataclasses.fields(ClassifierConfig)], where)
     return ClassifierConfig(
-        epochs=_integer(_required(raw, "epochs", where), f"{where}.epochs", low=1),
-        batch_size=_integer(_required(raw, "batch_size", where), f"{where}.batch_size", low=1),
-        lr=_number(_required(raw, "lr", where), f"{where}.lr", low=0.0, low_inclusive=False),
-        seed=_integer(raw.get("seed", 0), f"{where}.seed", low=0),
-        device=_choice(raw.get("device", "auto"), f"{where}.device", DEVICES),
+        epochs=integer(_required(raw, "epochs", where), f"{where}.epochs", low=1),
+        batch_size=integer(_required(raw, "batch_size", where), f"{where}.batch_size", low=1),
+        lr=number(_required(raw, "lr", where), f"{where}.lr", low=0.0, low_inclusive=False),
+        seed=integer(raw.get("seed", 0), f"{where}.seed", low=0),
+        device=choice(raw.get("device", "auto"), f"{where}.device", DEVICES),
     )
 
 
@@ -244,7 +301,7 @@ def _parse_sample_quality(raw: dict) -> SampleQualityConfig:
     _only_keys(raw, [f.name for f in dataclasses.fields(SampleQualityConfig)], where)
 
     def count(key: str, low: int) -> int:
-        return _integer(_required(raw, key, where), f"{where}.{key}", low=low)
+        return integer(_required(raw, key, where), f"{where}.{key}", low=low)
 
     return SampleQualityConfig(
         n_samples=count("n_samples", 10),
@@ -253,8 +310,8 @@ def _parse_sample_quality(raw: dict) -> SampleQualityConfig:
         pr_k=count("pr_k", 1),
         iw_samples=count("iw_samples", 1),
         iw_images=count("iw_images", 1),
-        binarize=_boolean(raw.get("binarize", False), f"{where}.binarize"),
-        seed=_integer(raw.get("seed", 0), f"{where}.seed", low=0),
+        binarize=boolean(raw.get("binarize", False), f"{where}.binarize"),
+        seed=integer(raw.get("seed", 0), f"{where}.seed", low=0),
     )
 
 
@@ -270,17 +327,17 @@ def _parse_report(raw: dict) -> ReportConfig:
         ):
             raise ConfigError(f"{where}.interpolation_pairs[{i}] must be two digit labels 0-9, got {pair!r}")
     return ReportConfig(
-        seed=_integer(raw.get("seed", 0), f"{where}.seed", low=0),
-        digits=_integer(_required(raw, "digits", where), f"{where}.digits", low=1),
-        samples=_integer(_required(raw, "samples", where), f"{where}.samples", low=1),
+        seed=integer(raw.get("seed", 0), f"{where}.seed", low=0),
+        digits=integer(_required(raw, "digits", where), f"{where}.digits", low=1),
+        samples=integer(_required(raw, "samples", where), f"{where}.samples", low=1),
         interpolation_pairs=tuple(tuple(pair) for pair in pairs),
-        interpolation_steps=_integer(_required(raw, "interpolation_steps", where), f"{where}.interpolation_steps", low=2),
-        latent_map_extent=_number(
+        interpolation_steps=integer(_required(raw, "interpolation_steps", where), f"{where}.interpolation_steps", low=2),
+        latent_map_extent=number(
             _required(raw, "latent_map_extent", where), f"{where}.latent_map_extent", low=0.0, low_inclusive=False
         ),
-        latent_map_size=_integer(_required(raw, "latent_map_size", where), f"{where}.latent_map_size", low=2),
-        scatter_points=_integer(_required(raw, "scatter_points", where), f"{where}.scatter_points", low=10),
-        dpi=_integer(raw.get("dpi", 300), f"{where}.dpi", low=50),
+        latent_map_size=integer(_required(raw, "latent_map_size", where), f"{where}.latent_map_size", low=2),
+        scatter_points=integer(_required(raw, "scatter_points", where), f"{where}.scatter_points", low=10),
+        dpi=integer(raw.get("dpi", 300), f"{where}.dpi", low=50),
     )
 
 
@@ -309,25 +366,25 @@ def check_name(value: object, what: str) -> str:
     return value
 
 
-def _string(value: object, what: str) -> str:
+def string(value: object, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{what} must be a non-empty string, got {value!r}")
     return value
 
 
-def _boolean(value: object, what: str) -> bool:
+def boolean(value: object, what: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{what} must be true or false, got {value!r}")
     return value
 
 
-def _choice(value: object, what: str, choices: tuple[str, ...]) -> str:
+def choice(value: object, what: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{what} is {value!r}; choose one of {', '.join(choices)}")
     return value
 
 
-def _integer(value: object, what: str, low: int) -> int:
+def integer(value: object, what: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{what} must be an integer >= {low}, got {value!r}")
     if value < low:
@@ -335,7 +392,7 @@ def _integer(value: object, what: str, low: int) -> int:
     return value
 
 
-def _number(value: object, what: str, low: float, low_inclusive: bool = True) -> float:
+def number(value: object, what: str, low: float, low_inclusive: bool = True) -> float:
     if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
         try:
             value = float(value)
@@ -349,14 +406,16 @@ def _number(value: object, what: str, low: float, low_inclusive: bool = True) ->
     return float(value)
 
 
-def _int_list(value: object, what: str) -> tuple[int, ...]:
+def int_list(value: object, what: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{what} must be a non-empty list of integers, got {value!r}")
-    return tuple(_integer(item, f"{what}[{i}]", low=1) for i, item in enumerate(value))
+    return tuple(integer(item, f"{what}[{i}]", low=1) for i, item in enumerate(value))
 
 
 def cell_as_dict(cell: CellConfig) -> dict:
-    values = dataclasses.asdict(cell)
+    """The cell as one flat mapping, its family settings beside the common keys (parse_cell reads it back)."""
+    values = {f.name: getattr(cell, f.name) for f in dataclasses.fields(cell) if f.name != "settings"}
     values["hidden"] = list(cell.hidden)
     values["channels"] = list(cell.channels)
-    return values
+    settings = {key: value for key, value in dataclasses.asdict(cell.settings).items() if value is not None}
+    return values | settings

@@ -1,4 +1,11 @@
-"""Stage `evaluate`: test-set reconstruction, KL, ELBO, per-dimension KL and active units of one cell."""
+"""Stage `evaluate`: one cell's test metrics, whatever its family.
+
+For every family: reconstruction in nats/image (under the cell's likelihood and under Bernoulli) and as
+mean squared error, reconstruction error under the denoising autoencoder's two corruptions, the mean
+Jacobian norm of the encoder (contraction), a linear probe and k-NN accuracy on the codes, and the
+sample-quality scores. Where the family has them (pipeline/models/contract.py capabilities): KL, ELBO,
+active units, KL per dimension and the importance-weighted likelihood bound.
+"""
 
 from __future__ import annotations
 
@@ -8,55 +15,102 @@ import torch
 from torchvision.utils import save_image
 
 from pipeline import tracking
-from pipeline.config import StudyConfig
-from pipeline.data import images_to_tensor, load_prepared
-from pipeline.losses import kl_per_dim, reconstruction_nats
-from pipeline.metrics import active_units
-from pipeline.models import reparameterize
-from pipeline.outputs import PREPARED_FILE, evaluate_dir, read_json, staged_dir, train_dir, write_json
 from pipeline.classifier import load_classifier, load_test_features
-from pipeline.sample_quality import model_scores
-from pipeline.train import RUN_FILE, load_trained, resolve_device, set_threads
+from pipeline.config import EvaluateConfig, StudyConfig
+from pipeline.data import images_to_tensor, load_prepared
+from pipeline.engine import encode_all, resolve_device, set_threads
+from pipeline.evaluation.codes import knn_accuracy, linear_probe_accuracy
+from pipeline.evaluation.metrics import active_units
+from pipeline.evaluation.sample_quality import model_scores
+from pipeline.models import Autoencoder
+from pipeline.models.dae import gaussian_noise, mask_pixels
+from pipeline.models.jacobian import frobenius_sq_exact
+from pipeline.models.losses import kl_per_dim, reconstruction_nats, squared_error
+from pipeline.outputs import PREPARED_FILE, evaluate_dir, read_json, staged_dir, train_dir, write_json
+from pipeline.train import RUN_FILE, load_trained
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 
 
 @torch.no_grad()
-def test_metrics(
-    model, images: torch.Tensor, likelihood: str, gaussian_std: float, batch_size: int
-) -> tuple[dict, list[float]]:
-    """Nats per image over the test set, one z sample per image, plus KL per dimension and active units."""
-    recon_sum = torch.zeros((), device=images.device)
-    kl_dims_sum = torch.zeros(model.latent_dim, device=images.device)
-    posterior_means = []
+def reconstruction_metrics(model: Autoencoder, images: torch.Tensor, batch_size: int) -> tuple[dict, list[float] | None]:
+    """Means per test image from one forward pass each (one z sample for a VAE): reconstruction under the
+    cell's likelihood, under Bernoulli and as MSE; with a posterior, also KL, ELBO, active units and KL
+    per dimension (returned second, else None)."""
+    device = images.device
+    recon_sum, bernoulli_sum, squared_sum = (torch.zeros((), device=device) for _ in range(3))
+    kl_dims_sum = torch.zeros(model.latent_dim, device=device)
+    codes = []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
-        mu, logvar = model.encode(x)
-        logits = model.decode(reparameterize(mu, logvar))
-        recon_sum += reconstruction_nats(logits, x, likelihood, gaussian_std).sum()
-        kl_dims_sum += kl_per_dim(mu, logvar).sum(0)
-        posterior_means.append(mu)
-    kl_dims = (kl_dims_sum / len(images)).tolist()
-    recon, kl = recon_sum.item() / len(images), sum(kl_dims)
-    return {
-        "recon": recon,
-        "kl": kl,
-        "elbo": recon + kl,
-        "active_units": active_units(torch.cat(posterior_means)),
-    }, kl_dims
+        out = model(x)
+        recon_sum += model.reconstruction(out.logits, x).sum()
+        bernoulli_sum += reconstruction_nats(out.logits, x, "bernoulli").sum()
+        squared_sum += squared_error(out.logits, x).sum()
+        if model.capabilities.posterior:
+            kl_dims_sum += kl_per_dim(out.code, out.logvar).sum(0)
+        codes.append(out.code)
+    count = len(images)
+    metrics = {
+        "recon": recon_sum.item() / count,
+        "recon_bernoulli": bernoulli_sum.item() / count,
+        "recon_mse": squared_sum.item() / count,
+    }
+    if not model.capabilities.posterior:
+        return metrics, None
+    kl_dims = (kl_dims_sum / count).tolist()
+    kl = sum(kl_dims)
+    metrics |= {"kl": kl, "elbo": metrics["recon"] + kl, "active_units": active_units(torch.cat(codes))}
+    return metrics, kl_dims
 
 
 @torch.no_grad()
-def save_figures(model, images: torch.Tensor, n_images: int, seed: int, folder) -> None:
-    """reconstructions.png: originals (top rows) above mean reconstructions; samples.png: decoded z ~ N(0, I)."""
+def robustness_metrics(model: Autoencoder, images: torch.Tensor, settings: EvaluateConfig) -> dict:
+    """MSE between the clean test images and the reconstructions of corrupted copies: Gaussian noise of
+    std `noise_std` and masking of a `mask_prob` share of pixels (the denoising autoencoder's corruptions)."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    corrupted = {
+        "noisy_recon_mse": gaussian_noise(images, settings.noise_std, generator),
+        "masked_recon_mse": mask_pixels(images, settings.mask_prob, generator),
+    }
+    torch.manual_seed(settings.seed)
+    return {
+        name: torch.cat(
+            [squared_error(model(x).logits, clean) for x, clean in zip(inputs.split(settings.batch_size), images.split(settings.batch_size))]
+        ).mean().item()
+        for name, inputs in corrupted.items()
+    }
+
+
+def mean_contraction(model: Autoencoder, images: torch.Tensor, batch_size: int = 250) -> float:
+    """Mean ||dh/dx||_F of the encoder's code over the images, exact (one backward pass per code dimension)."""
+    with torch.no_grad():  # no graph of the gradients themselves
+        norms = [frobenius_sq_exact(model.encode, batch).sqrt() for batch in images.split(batch_size)]
+    return torch.cat(norms).mean().item()
+
+
+def code_metrics(model: Autoencoder, arrays: dict, train_images: torch.Tensor, test_images: torch.Tensor, k: int) -> dict:
+    """Linear-probe and k-NN test accuracy on the codes (posterior means for a VAE) of the training images."""
+    train_codes = encode_all(model, train_images).cpu().numpy()
+    test_codes = encode_all(model, test_images).cpu().numpy()
+    labels = arrays["train_labels"], arrays["test_labels"]
+    return {
+        "probe_accuracy": linear_probe_accuracy(train_codes, labels[0], test_codes, labels[1]),
+        "knn_accuracy": knn_accuracy(train_codes, labels[0], test_codes, labels[1], k),
+    }
+
+
+@torch.no_grad()
+def save_figures(model: Autoencoder, images: torch.Tensor, n_images: int, seed: int, folder) -> None:
+    """reconstructions.png: originals (top rows) above reconstructions from the code; samples.png: decoded
+    samples (z ~ N(0, I), or the ex-post Gaussian of a family without a prior)."""
     originals = images[:n_images]
-    mu, _ = model.encode(originals)
-    reconstructions = torch.sigmoid(model.decode(mu))
+    reconstructions = torch.sigmoid(model.decode(model.encode(originals)))
     columns = min(n_images, 16)
     save_image(torch.cat([originals, reconstructions]), folder / "reconstructions.png", nrow=columns, pad_value=1.0)
-    z = torch.randn(n_images, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(images.device)
-    save_image(torch.sigmoid(model.decode(z)), folder / "samples.png", nrow=columns, pad_value=1.0)
+    noise = torch.randn(n_images, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(images.device)
+    save_image(torch.sigmoid(model.decode(model.latent_from_noise(noise))), folder / "samples.png", nrow=columns, pad_value=1.0)
 
 
 def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
@@ -65,19 +119,22 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
     device = resolve_device(cell.device)
     set_threads()
     model = load_trained(config.study, cell, device)
-    test_images = images_to_tensor(load_prepared(PREPARED_FILE)["test_images"], device)
+    arrays = load_prepared(PREPARED_FILE)
+    test_images = images_to_tensor(arrays["test_images"], device)
     torch.manual_seed(settings.seed)
-    metrics, kl_dims = test_metrics(model, test_images, cell.likelihood, cell.gaussian_std, settings.batch_size)
+    metrics, kl_dims = reconstruction_metrics(model, test_images, settings.batch_size)
     scores, class_shares = model_scores(
-        model, load_classifier(device), load_test_features(device), test_images, cell.likelihood, cell.gaussian_std,
-        config.sample_quality,
+        model, load_classifier(device), load_test_features(device), test_images, config.sample_quality
     )
     metrics |= scores
+    metrics |= robustness_metrics(model, test_images, settings)
+    metrics["contraction"] = mean_contraction(model, test_images[: settings.contraction_images])
+    metrics |= code_metrics(model, arrays, images_to_tensor(arrays["train_images"], device), test_images, settings.knn_k)
     run_id = read_json(train_dir(config.study, cell.name) / RUN_FILE)["run_id"]
     with tracking.cell_run(config, cell, stage=f"evaluate@{cell.name}", run_id=run_id):
         with staged_dir(evaluate_dir(config.study, cell.name)) as out:
             write_json(out / METRICS_FILE, metrics)
-            write_json(out / "kl_per_dim.json", kl_dims)
+            write_json(out / "kl_per_dim.json", kl_dims)  # null for a family without a posterior
             write_json(out / "class_shares.json", class_shares)
             images_dir = out / "images"
             images_dir.mkdir()
@@ -85,9 +142,9 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
         tracking.log_test_metrics(metrics)
         tracking.log_test_metrics({f"sample_class_share_{d}": share for d, share in enumerate(class_shares["samples"])})
         tracking.log_artifacts(evaluate_dir(config.study, cell.name) / "images", artifact_path="images")
+    bound = f", elbo {metrics['elbo']:.2f} nats/image" if "elbo" in metrics else ""
     log.info(
-        "%s test: elbo %.2f = recon %.2f + kl %.2f nats/image, %d/%d active units",
-        cell.name, metrics["elbo"], metrics["recon"], metrics["kl"], metrics["active_units"], cell.latent_dim,
+        "%s test: recon %.2f nats/image (MSE %.4f)%s, probe accuracy %.3f, sample FID %.1f",
+        cell.name, metrics["recon"], metrics["recon_mse"], bound, metrics["probe_accuracy"], metrics["fid_mnist_cnn"],
     )
     return metrics
-

@@ -12,18 +12,27 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import figures, tracking
+from pipeline import tracking
+from pipeline.classifier import load_floor
 from pipeline.config import StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
-from pipeline.findings import study_findings
+from pipeline.models.dae import gaussian_noise, mask_pixels
 from pipeline.outputs import PREPARED_FILE, evaluate_dir, read_json, staged_dir, train_dir
-from pipeline.classifier import load_floor
-from pipeline.results import cell_table, markdown_sample_table, markdown_seed_table, markdown_table, seed_table
+from pipeline.reporting import figures
+from pipeline.reporting.findings import study_findings
+from pipeline.reporting.results import (
+    cell_table,
+    markdown_family_table,
+    markdown_sample_table,
+    markdown_seed_table,
+    markdown_table,
+    seed_table,
+)
 from pipeline.train import RUN_FILE, load_trained
 
 log = logging.getLogger(__name__)
 REPORTS = Path("reports")
-HEATMAP_METRICS = {
+HEATMAP_METRICS = {  # VAE cells only: these run over latent_dim x β
     "elbo": "ELBO (nats/image)",
     "recon": "reconstruction (nats/image)",
     "kl": "KL (nats/image)",
@@ -32,15 +41,16 @@ HEATMAP_METRICS = {
     "iw_nll": "IW NLL (nats/image)",
 }
 CAPTIONS = {
-    "loss_curves": "Training (top) and validation (bottom) loss, reconstruction + β·KL in nats per image, per epoch; one panel per architecture, colour = latent_dim, line style = β.",
-    "reconstructions": "The same test digits (top row) reconstructed by every model from its posterior mean.",
-    "samples": "Decoder means for random z ~ N(0, I) with a fixed seed; models of equal latent_dim decode the same z.",
-    "interpolation": "Decoded points on the straight line between the posterior means of two fixed test digits.",
-    "latent_map": "Models with latent_dim = 2: the decoder's mean image on a regular grid over the latent plane.",
-    "latent_scatter": "Posterior means of test images coloured by digit label (2-D models directly, larger ones by their first two principal components).",
-    "rate_distortion": "Rate (test KL) against distortion (test reconstruction) for every group of cells, β annotated.",
-    "metric_heatmaps": "Each test metric over latent_dim × β, one column per architecture; blank where the grid has no cell.",
-    "kl_per_dim": "Test KL per latent dimension, sorted; the dotted line is 0.01 nats.",
+    "loss_curves": "Training (top) and validation (bottom) objective in nats per image (reconstruction + β·KL for a VAE, plus λ·‖J‖² for a CAE; a DAE's is on corrupted inputs), per epoch; one panel per family and architecture, colour = latent_dim, line style = the family's setting.",
+    "reconstructions": "The same test digits (top row) reconstructed by every model from its code (the posterior mean for a VAE).",
+    "denoising": "The same test digits with Gaussian noise and with masked pixels (the denoising autoencoder's corruptions, at the evaluate block's levels), and every model's reconstruction of the corrupted digits.",
+    "samples": "Decoder means for random z ~ N(0, I) with a fixed seed; models of equal latent_dim decode the same noise. Families without a prior (marked ex-post) map that noise through a Gaussian fitted to their training codes.",
+    "interpolation": "Decoded points on the straight line between the codes (posterior means) of two fixed test digits.",
+    "latent_map": "Models with latent_dim = 2: the decoder's mean image on a regular grid over the latent plane (for a family without a prior, the grid is in units of its ex-post Gaussian).",
+    "latent_scatter": "Codes (posterior means) of test images coloured by digit label (2-D models directly, larger ones by their first two principal components).",
+    "rate_distortion": "VAE cells: rate (test KL) against distortion (test reconstruction) for every group of cells, β annotated.",
+    "metric_heatmaps": "VAE cells: each test metric over latent_dim × β, one column per architecture; blank where the grid has no cell.",
+    "kl_per_dim": "VAE cells: test KL per latent dimension, sorted; the dotted line is 0.01 nats.",
 }
 
 
@@ -50,7 +60,19 @@ SAMPLE_QUALITY_TEXT = (
     "FID and KID: lower is better; IS-style score: higher is better (10 at most); precision and recall "
     "(k = {pr_k} nearest neighbours): higher is better; class entropy: log 10 = 2.303 nats when every digit is "
     "generated equally often. IW NLL: the importance-weighted bound on -log p(x) with K = {iw_samples} on the "
-    "first {iw_images} test images (binarized: {binarize}). The first row scores real training digits: the floor."
+    "first {iw_images} test images (binarized: {binarize}), for families with a likelihood bound. The first row "
+    "scores real training digits: the floor. Families without a prior (ae, dae, cae) are sampled from a Gaussian "
+    "fitted to the codes of their training images (ex-post density estimation), marked in the table."
+)
+
+FAMILY_TEXT = (
+    "Every cell in the same units, whatever it was trained with: test reconstruction in Bernoulli nats per image "
+    "and as mean squared error per pixel (from the same forward pass, one z sample for a VAE); the MSE against "
+    "the clean digits of reconstructions of test digits with Gaussian noise of σ = {noise_std:g} and with a "
+    "share p = {mask_prob:g} of pixels masked; the mean Frobenius norm of the encoder's Jacobian ‖∂h/∂x‖_F over "
+    "the first {contraction_images} test images (the code h is the posterior mean for a VAE; lower is more "
+    "contractive); test accuracy of a linear probe (logistic regression on standardised codes) and of a "
+    "{knn_k}-nearest-neighbour vote, both fitted on the codes of the training images; sample FID as below."
 )
 
 
@@ -81,8 +103,15 @@ def model_figures(config: StudyConfig, models: dict, test: TestSet, folder: Path
     settings = config.report
     scatter = slice(0, settings.scatter_points)
     kl_dims = {name: read_json(evaluate_dir(config.study, name) / "kl_per_dim.json") for name in models}
+    digits = test.digits(settings.digits)
+    generator = torch.Generator().manual_seed(settings.seed)
+    corrupted = {
+        f"noise σ={config.evaluate.noise_std:g}": gaussian_noise(digits, config.evaluate.noise_std, generator),
+        f"mask p={config.evaluate.mask_prob:g}": mask_pixels(digits, config.evaluate.mask_prob, generator),
+    }
     return [
-        *figures.reconstructions(models, test.digits(settings.digits), folder, settings.dpi),
+        *figures.reconstructions(models, digits, folder, settings.dpi),
+        *figures.denoising(models, digits, corrupted, folder, settings.dpi),
         *figures.samples(models, settings.samples, settings.seed, folder, settings.dpi),
         *figures.interpolations(
             models, test.pairs(settings.interpolation_pairs), settings.interpolation_steps, folder, settings.dpi
@@ -99,8 +128,8 @@ def history_table(config: StudyConfig, cells: pd.DataFrame) -> pd.DataFrame:
         for epoch in read_json(train_dir(config.study, cell.cell) / "history.json"):
             for split, prefix in (("training", "train"), ("validation", "val")):
                 rows.append(
-                    {"arch": cell.arch, "latent_dim": cell.latent_dim, "beta": cell.beta, "cell": cell.cell,
-                     "epoch": epoch["epoch"], "split": split, "loss": epoch[f"{prefix}_loss"]}
+                    {"model": f"{cell.family} · {cell.arch}", "latent_dim": cell.latent_dim, "setting": cell.variant or "–",
+                     "cell": cell.cell, "epoch": epoch["epoch"], "split": split, "loss": epoch[f"{prefix}_loss"]}
                 )
     return pd.DataFrame(rows)
 
@@ -112,12 +141,17 @@ def load_models(config: StudyConfig, names) -> dict:
 def design_text(config: StudyConfig, cells: pd.DataFrame) -> str:
     values = lambda key: ", ".join(str(v) for v in sorted(cells[key].unique()))  # noqa: E731
     epochs = sorted({cell.epochs for cell in config.cells.values()})
+    betas = sorted(cells["beta"].dropna().unique())
+    settings = sorted({v for v in cells.loc[cells["family"] != "vae", "variant"] if v})
     return (
-        f"{len(cells)} cells: arch {{{values('arch')}}}, latent_dim {{{values('latent_dim')}}}, "
-        f"β {{{', '.join(f'{b:g}' for b in sorted(cells['beta'].unique()))}}}, seeds {{{values('seed')}}}; "
+        f"{len(cells)} cells: family {{{values('family')}}}, arch {{{values('arch')}}}, latent_dim {{{values('latent_dim')}}}, "
+        f"VAE β {{{', '.join(f'{b:g}' for b in betas) or '–'}}}"
+        + (f", other family settings {{{', '.join(settings)}}}" if settings else "")
+        + f", seeds {{{values('seed')}}}; "
         f"{'/'.join(map(str, epochs))} epochs on {config.data.train_size:,} training images "
         f"({config.data.val_size:,} for validation), evaluated on {config.data.test_size:,} test images. "
-        "All numbers are nats per image; ELBO means reconstruction + KL (the negative evidence lower bound, lower is better)."
+        "Reconstruction, KL and ELBO are nats per image; ELBO means reconstruction + KL (the negative evidence lower "
+        "bound, lower is better), reported only for families that have it."
     )
 
 
@@ -129,6 +163,11 @@ def report_blocks(config: StudyConfig, cells: pd.DataFrame, groups: pd.DataFrame
     blocks += [("h2", "Results"), ("table", markdown_table(cells))]
     if (groups["seeds"] > 1).any():
         blocks += [("p", "Aggregated over seeds (mean ± standard deviation):"), ("table", markdown_seed_table(groups))]
+    blocks += [
+        ("h3", "Every family in the same units"),
+        ("p", FAMILY_TEXT.format(**vars(config.evaluate))),
+        ("table", markdown_family_table(cells)),
+    ]
     blocks += [
         ("h3", "Sample quality"),
         ("p", SAMPLE_QUALITY_TEXT.format(**vars(config.sample_quality))),
@@ -204,6 +243,7 @@ def build_report(config: StudyConfig) -> Path:
     if evaluated.empty:
         raise RuntimeError(f"no cell of study {config.study!r} is evaluated yet; run dvc repro first")
     groups = seed_table(cells)
+    vae_groups = groups[groups["family"] == "vae"]
     test = TestSet()
     final = REPORTS / config.study
     # Study figures show one model per group (its first seed) so that rows stay readable.
@@ -213,8 +253,8 @@ def build_report(config: StudyConfig) -> Path:
         written = [
             *figures.loss_curves(history_table(config, cells), folder, config.report.dpi),
             *model_figures(config, load_models(config, shown), test, folder),
-            *figures.rate_distortion(groups, folder, config.report.dpi),
-            *figures.metric_heatmaps(groups, HEATMAP_METRICS, folder, config.report.dpi),
+            *(figures.rate_distortion(vae_groups, folder, config.report.dpi) if not vae_groups.empty else []),
+            *(figures.metric_heatmaps(vae_groups, HEATMAP_METRICS, folder, config.report.dpi) if not vae_groups.empty else []),
         ]
         names = [name for name in CAPTIONS if any(p.stem == name for p in written)]
         cells.to_csv(folder / "results.csv", index=False)

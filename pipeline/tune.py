@@ -9,7 +9,6 @@ trials that completed or were pruned; a trial that raises is marked FAIL and rep
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 import threading
@@ -22,13 +21,11 @@ import torch
 import yaml
 from filelock import FileLock
 
-from pipeline import tracking
+from pipeline import engine, tracking
 from pipeline.config import PARAMS_FILE, StudyConfig, cell_as_dict, load_study
 from pipeline.data import images_to_tensor, load_prepared
-from pipeline.models import build_model
 from pipeline.outputs import PREPARED_FILE, staged_dir, write_json
-from pipeline.search_space import TuneSpace, load_space, make_pruner, make_sampler, with_values
-from pipeline.train import TrainingDiverged, evaluate_split, resolve_device, train_epoch
+from pipeline.tuning.search_space import TuneSpace, check_space_fits, load_space, make_pruner, make_sampler, with_values
 
 log = logging.getLogger(__name__)
 STORAGE_ENV = "VAEBENCH_OPTUNA_STORAGE"
@@ -91,22 +88,13 @@ def trial_cell(config: StudyConfig, space: TuneSpace, trial: optuna.Trial):
 def run_trial(config: StudyConfig, space: TuneSpace, trial: optuna.Trial, data: dict, parent_id: str):
     """Train one sampled cell, reporting the validation objective after every epoch for pruning."""
     cell = trial_cell(config, space, trial)
-    device = data["train"].device
-    torch.manual_seed(cell.seed)
-    model = build_model(cell).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cell.lr)
-    shuffle = torch.Generator().manual_seed(cell.seed)
+    training = engine.start_training(cell, data["train"].device)
     with tracking.trial_run(config, study_name(space), trial.number, parent_id) as run:
         tracking.log_trial_params(trial.params, cell_as_dict(cell))
         epoch = 0
         try:
-            for epoch in range(1, cell.epochs + 1):
-                train_metrics = train_epoch(model, optimizer, data["train"], cell, shuffle, lambda n: None)
-                val = evaluate_split(model, data["val"], cell)
-                row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_metrics.items()},
-                       **{f"val_{k}": v for k, v in val.items()}}
-                if not all(math.isfinite(v) for v in row.values()):
-                    raise TrainingDiverged(f"trial {trial.number}: loss became NaN or infinite at epoch {epoch}")
+            for row in engine.epochs(training, data["train"], data["val"]):
+                epoch = row["epoch"]
                 tracking.log_epoch(row)
                 if len(space.metrics) == 1:
                     trial.report(row[space.metrics[0]], epoch)
@@ -123,7 +111,8 @@ def run_trial(config: StudyConfig, space: TuneSpace, trial: optuna.Trial, data: 
         tracking.log_objective(dict(zip(space.metrics, values)))
         checkpoint = WORK_DIR / study_name(space) / f"trial-{trial.number}.pt"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"cell": cell_as_dict(cell), "state_dict": model.state_dict(), "run_id": run.info.run_id}, checkpoint)
+        engine.finish_training(training, data["train"])
+        torch.save({"cell": cell_as_dict(cell), "state_dict": training.model.state_dict(), "run_id": run.info.run_id}, checkpoint)
     return values if len(values) > 1 else values[0]
 
 
@@ -142,7 +131,7 @@ def worker(params_file: str, space_file: str, url: str, parent_id: str, index: i
         optuna.storages.fail_stale_trials(study)
     failed = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
     tracking.fail_orphaned_trial_runs(config, study_name(space), failed)
-    device = resolve_device(config.cell(space.base_cell).device)
+    device = engine.resolve_device(config.cell(space.base_cell).device)
     arrays = load_prepared(PREPARED_FILE)
     data = {"train": images_to_tensor(arrays["train_images"], device), "val": images_to_tensor(arrays["val_images"], device)}
     lock = FileLock(str(WORK_DIR / f"{study_name(space)}.lock"))
@@ -180,7 +169,7 @@ def tune(config: StudyConfig, space: TuneSpace, space_file: str, params_file: st
     workers = workers or space.workers
     url = storage_url(storage)
     WORK_DIR.mkdir(parents=True, exist_ok=True)
-    config.cell(space.base_cell)  # fails now, not in a worker, when the base cell is unknown
+    check_space_fits(space, config.cell(space.base_cell))  # fails now, not in a worker, when they do not fit
     optuna.create_study(study_name=study_name(space), storage=open_storage(url), directions=list(space.directions),
                         load_if_exists=True)
     parent_id = tracking.tune_parent_run(config, study_name(space), space.source)
@@ -203,7 +192,7 @@ def tune(config: StudyConfig, space: TuneSpace, space_file: str, params_file: st
 
 
 def export_results(config: StudyConfig, space: TuneSpace, study: optuna.Study, parent_id: str) -> dict:
-    from pipeline.tune_report import best_trials, plot_study
+    from pipeline.tuning.plots import best_trials, plot_study
 
     states = [trial.state.name for trial in study.trials]
     best = best_trials(study)

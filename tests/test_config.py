@@ -19,6 +19,13 @@ def with_cell(**changes) -> dict:
     return raw
 
 
+def as_family(family: str, **settings) -> dict:
+    """The tiny study with its first cell made a cell of another family."""
+    raw = tiny_raw()
+    raw["cells"]["linear-z2-b1-s0"] = {"family": family, "arch": "linear", "latent_dim": 2, "seed": 0, **settings}
+    return raw
+
+
 @pytest.mark.parametrize(
     "raw, message",
     [
@@ -31,6 +38,18 @@ def with_cell(**changes) -> dict:
         (with_cell(device="tpu"), "cells.linear-z2-b1-s0.device is 'tpu'"),
         (with_cell(width=3), "cells.linear-z2-b1-s0: unknown key 'width'"),
         ({**tiny_raw(), "cells": {}}, "cells is empty"),
+        (with_cell(family="gan"), "cells.linear-z2-b1-s0.family is 'gan'; choose one of vae, ae, dae, cae"),
+        (with_cell(noise_std=0.3), "cells.linear-z2-b1-s0.noise_std is a setting of family dae, not of vae; "
+                                   "remove it or set family: dae"),
+        (as_family("ae", beta=1.0), "cells.linear-z2-b1-s0.beta is a setting of family vae, not of ae"),
+        (as_family("dae", noise_std=-0.1), "cells.linear-z2-b1-s0.noise_std must be >= 0, got -0.1"),
+        (as_family("dae", noise="mask", mask_prob=1.0), "cells.linear-z2-b1-s0.mask_prob must be in [0, 1), got 1"),
+        (as_family("dae", noise="mask", mask_prob=-0.2), "cells.linear-z2-b1-s0.mask_prob must be >= 0, got -0.2"),
+        (as_family("dae", noise="mask", noise_std=0.5), "cells.linear-z2-b1-s0.noise_std does not apply to noise: mask"),
+        (as_family("dae", noise="salt"), "cells.linear-z2-b1-s0.noise is 'salt'; choose one of gaussian, mask"),
+        (as_family("cae", contraction_weight=-1), "cells.linear-z2-b1-s0.contraction_weight must be >= 0, got -1"),
+        (with_cell(arch="conv", channels=[4, 8, 16, 32, 64]), "cells.linear-z2-b1-s0.channels = [4, 8, 16, 32, 64]: 5 strided "
+                                                               "convolutions shrink a 28x28 image to nothing; use at most 4 entries"),
         ({**tiny_raw(), "cells": {"a.b": {"arch": "linear"}}}, "cell name 'a.b' must use only"),
     ],
 )
@@ -38,6 +57,18 @@ def test_bad_values_are_named_with_the_fix(raw, message):
     with pytest.raises(ConfigError) as error:
         parse_study(raw)
     assert message in str(error.value)
+
+
+def test_family_settings_default_and_round_trip():
+    from pipeline.config import cell_as_dict, parse_cell
+
+    config = parse_study(as_family("dae", noise="mask"))
+    cell = config.cell("linear-z2-b1-s0")
+    assert (cell.family, cell.settings.noise, cell.settings.mask_prob, cell.settings.noise_std) == ("dae", "mask", 0.25, None)
+    assert config.cell("conv-z2-b1-s0").settings.beta == 1.0
+    for cell in config.cells.values():
+        flat = cell_as_dict(cell)
+        assert parse_cell(flat.pop("name"), flat, {}) == cell
 
 
 def test_exponent_without_a_dot_is_a_number():
@@ -85,6 +116,8 @@ def run_cli(*args, cwd):
         ({"latent_dim": 0}, "latent_dim must be >= 1"),
         ({"beta": -1}, "beta must be >= 0"),
         ({"seed": "zero"}, "seed must be an integer"),
+        ({"family": "cae", "beta": 1.0}, "beta is a setting of family vae, not of cae"),
+        ({"contraction_weight": 0.5}, "contraction_weight is a setting of family cae, not of vae"),
     ],
 )
 def test_cli_rejects_bad_input_with_one_line_before_training(tmp_path, change, message):
@@ -106,3 +139,14 @@ def test_cli_rejects_an_unreadable_params_file_and_an_unknown_cell(tmp_path):
     result = run_cli("--params", str(params), "train", "conv-z99-b1-s0", cwd=tmp_path)
     assert result.returncode == 2
     assert "unknown cell 'conv-z99-b1-s0'" in result.stderr and "linear-z2-b1-s0" in result.stderr
+
+
+def test_check_names_the_cell_whose_conv_channels_are_too_deep(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(with_cell(arch="conv", channels=[8, 8, 8, 8, 8])))
+    result = run_cli("--params", str(params), "check", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (
+        "vaebench: error: cells.linear-z2-b1-s0.channels = [8, 8, 8, 8, 8]: 5 strided convolutions shrink a "
+        "28x28 image to nothing; use at most 4 entries"
+    )

@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from pipeline.findings import QUESTIONS, significance, study_findings, trend
-from pipeline.results import group_name, seed_table
+from pipeline.reporting.findings import QUESTIONS, significance, study_findings, trend
+from pipeline.reporting.results import group_name, seed_table
 
 
 def cells_frame(rows):
@@ -10,6 +10,8 @@ def cells_frame(rows):
     frame["elbo"] = frame["recon"] + frame["kl"]
     frame["active_units"] = frame["latent_dim"]
     frame["group"] = frame["cell"].map(group_name)
+    frame["family"] = "vae"
+    frame["variant"] = frame["beta"].map(lambda beta: f"β={beta:g}")
     frame["status"] = "ok"
     return frame
 
@@ -107,3 +109,51 @@ def test_sample_fid_findings_follow_the_scores():
     assert any("and in 1 of 2 when read as a higher FID" in s for s in answer)
     without = findings(LAB_GRID)[QUESTIONS["latent_dim"]]
     assert without[-1].startswith("Sample quality is not scored")
+
+
+FAMILY_COLUMNS = ["cell", "family", "variant", "seed", "recon_bernoulli", "recon_mse", "probe_accuracy", "knn_accuracy",
+                  "noisy_recon_mse", "masked_recon_mse", "fid_mnist_cnn"]
+FAMILIES = [  # one seed each, linear, latent_dim 10
+    ("linear-z10-b1-s0", "vae", "β=1", 0, 92.8, 0.030, 0.90, 0.95, 0.040, 0.050, 270.0),
+    ("ae-linear-z10-s0", "ae", "", 0, 70.1, 0.010, 0.85, 0.96, 0.060, 0.045, 300.0),
+    ("dae-linear-z10-s0", "dae", "σ=0.5", 0, 75.0, 0.012, 0.88, 0.96, 0.020, 0.040, 310.0),
+    ("cae-linear-z10-s0", "cae", "λ=0.1", 0, 72.0, 0.011, 0.91, 0.97, 0.050, 0.030, 290.0),
+    ("linear-z10-b4-s0", "vae", "β=4", 0, 113.5, 0.050, 0.95, 0.90, 0.010, 0.010, 200.0),  # not the plain VAE
+]
+
+
+def family_findings(rows, seeds=(0,)):
+    frame = pd.DataFrame([(f"{row[0][:-3]}-s{seed}", *row[1:3], seed, *row[4:]) for row in rows for seed in seeds],
+                         columns=FAMILY_COLUMNS)
+    frame["arch"], frame["latent_dim"], frame["status"] = "linear", 10, "ok"
+    frame["recon_bernoulli"] += 0.1 * frame["seed"]  # seeds differ a little, as real ones do
+    frame["beta"] = [4.0 if v == "β=4" else 1.0 if v == "β=1" else float("nan") for v in frame["variant"]]
+    frame["recon"], frame["kl"], frame["elbo"], frame["active_units"] = frame["recon_bernoulli"], 1.0, 1.0, 10
+    frame["group"] = frame["cell"].map(group_name)
+    return study_findings(frame, seed_table(frame))
+
+
+def test_family_questions_are_answered_from_the_numbers_of_the_controlled_cells():
+    found = family_findings(FAMILIES)
+    recon = found[QUESTIONS["family_recon"]]
+    assert recon[0] == "ae is best in 1 of 1 setting(s) compared (test reconstruction in Bernoulli nats/image (lower is better))."
+    assert recon[1].startswith("linear, latent_dim 10: test reconstruction in Bernoulli nats/image (lower is better), "
+                               "best first: ae 70.10, cae (λ=0.1) 72.00, dae (σ=0.5) 75.00, vae (β=1) 92.80; ae leads cae (λ=0.1) by 1.90")
+    assert "(one seed per cell: a ranking of single runs, not tested for significance)" in recon[1]
+    assert found[QUESTIONS["family_codes"]][0].startswith("cae (λ=0.1) is best in 1 of 1")
+    assert found[QUESTIONS["family_robustness"]][0].startswith("dae (σ=0.5) is best in 1 of 1")
+    samples = found[QUESTIONS["family_samples"]]
+    assert samples[0].startswith("vae (β=1) is best in 1 of 1") and "ex-post density estimation" in samples[0]
+    assert all("β=4" not in sentence for answer in found.values() for sentence in answer if "best first" in sentence)
+    # Another table gives another answer.
+    changed = [row if row[1] != "ae" else (*row[:4], 95.0, *row[5:]) for row in FAMILIES]
+    assert family_findings(changed)[QUESTIONS["family_recon"]][0].startswith("cae (λ=0.1) is best")
+
+
+def test_family_ranking_with_three_seeds_comes_with_a_t_test():
+    recon = family_findings(FAMILIES, seeds=(0, 1, 2))[QUESTIONS["family_recon"]]
+    assert "Welch's t-test over 3 and 3 seeds" in recon[1]
+
+
+def test_a_vae_only_study_asks_no_family_question():
+    assert QUESTIONS["family_recon"] not in findings(LAB_GRID)

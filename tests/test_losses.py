@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from pipeline.losses import kl_divergence, kl_per_dim, objective, reconstruction_nats
+from pipeline.models.losses import kl_divergence, kl_per_dim, objective, reconstruction_nats
 
 
 def test_kl_closed_form_matches_monte_carlo():

@@ -1,6 +1,6 @@
 import torch
 
-from pipeline.metrics import active_units
+from pipeline.evaluation.metrics import active_units
 
 
 def test_active_units_counts_dimensions_whose_means_vary_across_images():

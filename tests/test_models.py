@@ -1,30 +1,127 @@
+"""The model contract, for every family on both networks."""
+
 import dataclasses
 
 import pytest
 import torch
 
-from pipeline.config import load_study
-from pipeline.losses import kl_divergence, reconstruction_nats
-from pipeline.models import build_model, conv_vae, linear_vae, reparameterize
+from pipeline.config import load_study, parse_cell
+from pipeline.models import FAMILIES, build_model
+from pipeline.models.contract import ModelOutput
+from pipeline.models.dae import gaussian_noise, mask_pixels
+from pipeline.models.vae import reparameterize
 
 from conftest import REPO
 
+SETTINGS = {"vae": {"beta": 1.0}, "ae": {}, "dae": {"noise": "gaussian", "noise_std": 0.5}, "cae": {"contraction_weight": 0.1}}
 
-@pytest.mark.parametrize("latent_dim", [1, 2, 10, 20])
-@pytest.mark.parametrize("build", [lambda d: linear_vae(d, (64,)), lambda d: conv_vae(d, (8, 16))])
-def test_shapes(build, latent_dim):
-    model = build(latent_dim)
+
+def small_cell(family: str, arch: str, latent_dim: int = 3, **changes):
+    spec = {"family": family, "arch": arch, "latent_dim": latent_dim, "seed": 0, "epochs": 1, "batch_size": 8,
+            "lr": 1e-3, "likelihood": "bernoulli", "gaussian_std": 0.1, "hidden": [32], "channels": [4, 8],
+            "device": "cpu", **SETTINGS[family], **changes}
+    return parse_cell(f"{family}-{arch}", spec, {})
+
+
+@pytest.mark.parametrize("arch", ["linear", "conv"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_contract_shapes_finite_loss_and_gradients_reach_every_parameter(family, arch):
+    torch.manual_seed(0)
+    model = build_model(small_cell(family, arch))
+    assert model.family == family
     x = torch.rand(5, 1, 28, 28)
-    mu, logvar = model.encode(x)
-    assert mu.shape == logvar.shape == (5, latent_dim)
-    assert model.decode(mu).shape == (5, 1, 28, 28)
-    logits, mu, logvar = model(x)
-    assert logits.shape == (5, 1, 28, 28)
+    out = model(x)
+    assert isinstance(out, ModelOutput)
+    assert out.logits.shape == (5, 1, 28, 28)
+    assert out.code.shape == out.z.shape == (5, 3)
+    assert model.encode(x).shape == (5, 3)
+    assert (out.logvar is not None) == model.capabilities.posterior
+    terms = model.loss_terms(x)
+    assert all(term.shape == (5,) and torch.isfinite(term).all() for term in terms.values())
+    terms["loss"].mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-@pytest.mark.parametrize("channels", [(4,), (4, 8), (4, 8, 16)])
+@pytest.mark.parametrize("family", ["ae", "dae", "cae"])
+def test_deterministic_families_have_the_code_as_latent_and_no_posterior(family):
+    model = build_model(small_cell(family, "linear"))
+    x = torch.rand(4, 1, 28, 28)
+    out = model(x)
+    assert torch.equal(out.code, out.z) and torch.equal(out.code, model.encode(x))
+    assert not model.capabilities.prior and not model.capabilities.likelihood_bound
+
+
+def test_vae_loss_terms_are_recon_plus_beta_kl_and_report_the_elbo():
+    model = build_model(small_cell("vae", "linear", beta=4.0))
+    torch.manual_seed(1)
+    terms = model.loss_terms(torch.rand(6, 1, 28, 28))
+    assert torch.allclose(terms["loss"], terms["recon"] + 4.0 * terms["kl"])
+    assert model.epoch_metrics({"recon": 90.0, "kl": 10.0, "loss": 130.0})["elbo"] == 100.0
+
+
+def test_cae_loss_adds_the_weighted_squared_jacobian_norm():
+    model = build_model(small_cell("cae", "linear", contraction_weight=0.5))
+    terms = model.loss_terms(torch.rand(4, 1, 28, 28))
+    assert torch.allclose(terms["loss"], terms["recon"] + 0.5 * terms["contraction"])
+    assert (terms["contraction"] > 0).all()
+
+
+def test_dae_reconstructs_the_clean_image_from_a_corrupted_one():
+    model = build_model(small_cell("dae", "linear", noise_std=0.0))
+    clean = build_model(small_cell("ae", "linear"))
+    clean.load_state_dict(model.state_dict())
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.allclose(model.loss_terms(x)["loss"], clean.loss_terms(x)["loss"])  # no noise: the plain AE
+    noisy = build_model(small_cell("dae", "linear", noise_std=1.0))
+    noisy.load_state_dict(model.state_dict())
+    assert not torch.allclose(noisy.loss_terms(x)["loss"], clean.loss_terms(x)["loss"])
+
+
+def test_gaussian_corruption_has_the_set_mean_and_variance():
+    x = torch.full((200, 1, 28, 28), 0.3)
+    noisy = gaussian_noise(x, 0.5, torch.Generator().manual_seed(0))
+    noise = noisy - x
+    assert noise.mean().item() == pytest.approx(0.0, abs=0.005)
+    assert noise.var().item() == pytest.approx(0.25, rel=0.01)
+
+
+def test_masking_drops_the_set_share_of_pixels_and_keeps_the_rest():
+    x = torch.rand(200, 1, 28, 28) + 0.1  # no pixel is 0 before masking
+    masked = mask_pixels(x, 0.3, torch.Generator().manual_seed(0))
+    dropped = masked == 0
+    assert dropped.float().mean().item() == pytest.approx(0.3, abs=0.005)
+    assert torch.equal(masked[~dropped], x[~dropped])
+    assert torch.equal(mask_pixels(x, 0.0), x)
+
+
+def test_ex_post_gaussian_reproduces_the_codes_mean_and_covariance():
+    model = build_model(small_cell("ae", "linear", latent_dim=2))
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randn(50_000, 2, generator=generator) @ torch.tensor([[2.0, 0.0], [1.0, 0.5]]) + torch.tensor([3.0, -1.0])
+    model.fit_code_distribution(codes)
+    drawn = model.latent_from_noise(torch.randn(50_000, 2, generator=generator))
+    assert torch.allclose(drawn.mean(0), codes.mean(0), atol=0.05)
+    assert torch.allclose(torch.cov(drawn.T), torch.cov(codes.T), rtol=0.03, atol=0.03)
+    vae = build_model(small_cell("vae", "linear"))
+    noise = torch.randn(3, 3)
+    assert torch.equal(vae.latent_from_noise(noise), noise)  # a VAE samples its prior
+
+
+@pytest.mark.parametrize("channels", [(4,), (4, 8), (4, 8, 16), (4, 8, 16, 32)])
 def test_conv_depths_decode_to_28x28(channels):
-    assert conv_vae(3, channels).decode(torch.zeros(2, 3)).shape == (2, 1, 28, 28)
+    model = build_model(small_cell("ae", "conv", channels=list(channels)))
+    assert model.decode(torch.zeros(2, 3)).shape == (2, 1, 28, 28)
+
+
+def test_the_same_seed_gives_every_family_the_same_decoder_start():
+    """The networks are built encoder first, so a family's decoder starts like the VAE's (the encoder's
+    output layer is the only difference)."""
+    decoders = {}
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        decoders[family] = build_model(small_cell(family, "conv", latent_dim=3)).decoder.state_dict()
+    shapes = {family: [tuple(t.shape) for t in state.values()] for family, state in decoders.items()}
+    assert len({tuple(s) for s in shapes.values()}) == 1
 
 
 def test_reparameterization_passes_gradients_to_mu_and_logvar():
@@ -44,17 +141,9 @@ def test_reparameterized_samples_have_the_posterior_moments():
     assert z.std().item() == pytest.approx(0.5, abs=0.01)
 
 
-def test_loss_gradients_reach_every_parameter():
-    for model in (linear_vae(2, (32,)), conv_vae(2, (4, 8))):
-        x = torch.rand(4, 1, 28, 28)
-        logits, mu, logvar = model(x)
-        (reconstruction_nats(logits, x, "bernoulli") + kl_divergence(mu, logvar)).mean().backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-
-
 def test_default_study_has_the_classic_mlp_reference_cell():
     cell = load_study(REPO / "params.yaml").cell("linear-z20-b1-s0")
-    assert (cell.arch, cell.latent_dim, cell.hidden, cell.beta) == ("linear", 20, (400,), 1.0)
+    assert (cell.family, cell.arch, cell.latent_dim, cell.hidden, cell.settings.beta) == ("vae", "linear", 20, (400,), 1.0)
     assert (cell.lr, cell.batch_size, cell.epochs, cell.likelihood) == (1e-3, 128, 10, "bernoulli")
     model = build_model(cell)
     # 784-400-(20+20) encoder and 20-400-784 decoder, as in the reference script's fc1, fc21, fc22, fc3, fc4.
@@ -64,7 +153,10 @@ def test_default_study_has_the_classic_mlp_reference_cell():
     assert len(relus) == 2
 
 
-def test_build_model_follows_the_cell():
-    cell = load_study(REPO / "params.yaml").cell("conv-z2-b1-s0")
-    assert build_model(cell).latent_dim == 2
-    assert build_model(dataclasses.replace(cell, arch="linear", latent_dim=3)).latent_dim == 3
+def test_default_study_compares_each_family_on_the_network_of_the_lab_cell():
+    config = load_study(REPO / "params.yaml")
+    reference = config.cell("linear-z10-b1-s0")
+    others = [cell for cell in config.cells.values() if cell.family != "vae"]
+    assert sorted(cell.family for cell in others) == ["ae", "cae", "dae"]
+    for cell in others:
+        assert dataclasses.replace(cell, name=reference.name, family="vae", settings=reference.settings) == reference

@@ -13,8 +13,14 @@ from mlflow import MlflowClient
 from conftest import REPO, SHARED_DATA, TINY_STUDY
 
 COPIED = ["pipeline", "studies", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
-CELLS = ["linear-z2-b1-s0", "conv-z2-b1-s0"]
-SAMPLE_SCORES = ["fid_mnist_cnn", "kid_mnist_cnn_mean", "is_mnist_cnn", "precision_mnist_cnn", "recall_mnist_cnn", "iw_nll"]
+VAE_CELLS = ["linear-z2-b1-s0", "conv-z2-b1-s0"]
+CELLS = [*VAE_CELLS, "ae-linear-z2-s0", "dae-linear-z2-s0", "cae-conv-z2-s0"]
+SAMPLE_SCORES = ["fid_mnist_cnn", "kid_mnist_cnn_mean", "is_mnist_cnn", "precision_mnist_cnn", "recall_mnist_cnn"]
+EVERY_FAMILY = ["recon", "recon_bernoulli", "recon_mse", "noisy_recon_mse", "masked_recon_mse", "contraction",
+                "probe_accuracy", "knn_accuracy", *SAMPLE_SCORES]
+BOUND_ONLY = ["kl", "elbo", "active_units", "iw_nll"]
+# The VAE cells' test metrics computed by the code before the model-families refactor (see the file's _source).
+BEFORE_REFACTOR = json.loads((Path(__file__).parent / "reference" / "tiny_vae_metrics_before_families.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +70,18 @@ def test_repro_writes_every_stage_output(repo, reproduced):
         history = json.loads((repo / f"results/tiny/train/{cell}/history.json").read_text())
         assert [row["epoch"] for row in history] == [1]
         metrics = json.loads((repo / f"results/tiny/evaluate/{cell}/metrics.json").read_text())
+        assert set(EVERY_FAMILY) <= set(metrics)
+        assert 0 <= metrics["probe_accuracy"] <= 1 and 0 <= metrics["knn_accuracy"] <= 1
+        assert metrics["contraction"] > 0 and metrics["recon_mse"] > 0
+        kl_dims = json.loads((repo / f"results/tiny/evaluate/{cell}/kl_per_dim.json").read_text())
+        if cell not in VAE_CELLS:
+            assert not set(BOUND_ONLY) & set(metrics) and kl_dims is None
+            continue
+        assert metrics["recon_bernoulli"] == metrics["recon"]  # the VAE cells are Bernoulli
         assert metrics["elbo"] == pytest.approx(metrics["recon"] + metrics["kl"])
-        assert set(SAMPLE_SCORES) <= set(metrics)
         assert metrics["iw_nll"] <= metrics["elbo"] + 1.0  # the IW bound is tighter up to Monte-Carlo noise
         assert 0 <= metrics["active_units"] <= 2
-        assert len(json.loads((repo / f"results/tiny/evaluate/{cell}/kl_per_dim.json").read_text())) == 2
+        assert len(kl_dims) == 2
         for image in ("reconstructions.png", "samples.png"):
             assert (repo / f"results/tiny/evaluate/{cell}/images/{image}").stat().st_size > 0
     report = (repo / "reports/tiny/report.md").read_text()
@@ -76,12 +89,20 @@ def test_repro_writes_every_stage_output(repo, reproduced):
     assert (repo / "reports/tiny/report.html").stat().st_size > 0
 
 
+def test_vae_cells_give_the_test_metrics_of_the_code_before_the_refactor(repo, reproduced):
+    for cell in VAE_CELLS:
+        metrics = json.loads((repo / f"results/tiny/evaluate/{cell}/metrics.json").read_text())
+        before = BEFORE_REFACTOR[cell]
+        assert {"elbo", "iw_nll", "fid_mnist_cnn"} <= set(before)
+        assert {key: metrics[key] for key in before} == pytest.approx(before, rel=1e-4, abs=1e-6), cell
+
+
 def test_dvc_is_up_to_date_and_lists_every_cell_metric(repo, reproduced):
     assert "up to date" in run(repo, "dvc", "status")
     shown = json.loads(run(repo, "dvc", "metrics", "show", "--json"))
     files = next(iter(shown.values()))["data"]
     for cell in CELLS:
-        assert set(SAMPLE_SCORES) <= set(files[f"results/tiny/evaluate/{cell}/metrics.json"]["data"])
+        assert set(EVERY_FAMILY) <= set(files[f"results/tiny/evaluate/{cell}/metrics.json"]["data"])
     assert "test_accuracy" in files["results/classifier/metrics.json"]["data"]
 
 
@@ -96,8 +117,11 @@ def test_mlflow_has_one_parent_and_a_child_per_cell(repo, reproduced):
         assert child.info.status == "FINISHED"
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.data.tags["vaebench.dvc_stage"] in {f"train@{child.info.run_name}", f"evaluate@{child.info.run_name}"}
-        assert {"test_elbo", "test_recon", "test_kl", "test_active_units"} <= set(child.data.metrics)
-        assert {f"test_{score}" for score in SAMPLE_SCORES} <= set(child.data.metrics)
+        assert {f"test_{metric}" for metric in EVERY_FAMILY} <= set(child.data.metrics)
+        has_bound = child.info.run_name in VAE_CELLS
+        assert ({f"test_{metric}" for metric in BOUND_ONLY} <= set(child.data.metrics)) == has_bound
+        expected_family = "vae" if has_bound else child.info.run_name.split("-")[0]
+        assert child.data.params["cell.family"] == expected_family
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [1]
         assert [a.path for a in client.list_artifacts(child.info.run_id, "images")] == [
             "images/reconstructions.png",

@@ -13,7 +13,12 @@ from pipeline.report import CAPTIONS, REPORTS, build_report, cell_figures
 from pipeline.train import RUN_FILE, train_cell
 
 STUDY_FIGURES = set(CAPTIONS)
-CELL_FIGURES = {"reconstructions", "samples", "interpolation", "latent_map", "latent_scatter", "kl_per_dim"}
+CELL_FIGURES = {"reconstructions", "denoising", "samples", "interpolation", "latent_map", "latent_scatter"}
+
+
+def cell_figure_names(config, name):
+    """Every model figure; KL per dimension only for a family with a posterior."""
+    return CELL_FIGURES | ({"kl_per_dim"} if config.cell(name).family == "vae" else set())
 
 
 @pytest.fixture
@@ -50,7 +55,23 @@ def test_report_has_every_figure_table_and_finding(evaluated):
     assert page.count("data:image/png;base64,") == len(STUDY_FIGURES)
     assert "src=\"http" not in page and "<link" not in page and "<script" not in page
     for name in evaluated.cells:
-        assert {p.stem for p in (folder / "cells" / name).glob("*.png")} == CELL_FIGURES
+        assert {p.stem for p in (folder / "cells" / name).glob("*.png")} == cell_figure_names(evaluated, name)
+
+
+def test_report_compares_the_families_and_shows_missing_metrics_as_dashes(evaluated):
+    report = (build_report(evaluated) / "report.md").read_text()
+    for question in ("Which model family reconstructs best?", "Which family gives the best codes for a linear probe?",
+                     "Which family is most robust to noise?", "Which family generates best?"):
+        assert f"### {question}" in report
+    assert "one seed per cell" in report
+    assert "### Every family in the same units" in report
+    # The plain AE has no KL, ELBO, active units or likelihood bound: dashes, never 0.
+    assert "| ae-linear-z2-s0 | ae | linear | 2 | – | 0 | " in report
+    ae_row = next(line for line in report.splitlines() if line.startswith("| ae-linear-z2-s0 | ae | linear"))
+    assert ae_row.endswith("| – | – | – |")
+    assert "| ae-linear-z2-s0 (ex-post Gaussian) |" in report
+    sample_row = next(line for line in report.splitlines() if line.startswith("| ae-linear-z2-s0 (ex-post Gaussian) |"))
+    assert sample_row.endswith("| – |")
 
 
 def test_report_figures_reach_mlflow(evaluated):
@@ -72,7 +93,9 @@ def test_partial_grid_lists_the_missing_cell(evaluated):
 
 def test_figures_on_demand_for_one_cell(evaluated, workdir):
     folder = cell_figures(evaluated, "linear-z2-b1-s0", workdir / "one")
-    assert {p.stem for p in folder.glob("*.png")} == CELL_FIGURES
+    assert {p.stem for p in folder.glob("*.png")} == cell_figure_names(evaluated, "linear-z2-b1-s0")
     for path in folder.glob("*.png"):
         assert_valid_picture(path)
+    folder = cell_figures(evaluated, "dae-linear-z2-s0", workdir / "dae")
+    assert {p.stem for p in folder.glob("*.png")} == CELL_FIGURES
     assert not (REPORTS / evaluated.study).exists()

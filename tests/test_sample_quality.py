@@ -5,10 +5,11 @@ import pytest
 import torch
 from scipy import linalg
 
-from pipeline.metrics import class_distribution, frechet_distance, inception_score, kernel_distance, precision_recall
-from pipeline.models import linear_vae
-from pipeline.sample_quality import importance_weighted_nll
-from pipeline.losses import kl_divergence, reconstruction_nats
+from pipeline.evaluation.metrics import class_distribution, frechet_distance, inception_score, kernel_distance, precision_recall
+from pipeline.config import parse_cell
+from pipeline.models import build_model
+from pipeline.evaluation.sample_quality import importance_weighted_nll
+from pipeline.models.losses import kl_divergence, reconstruction_nats
 
 
 def closed_form_frechet(m1, s1, m2, s2):
@@ -76,10 +77,13 @@ def test_inception_score_and_class_distribution_limits():
 
 def test_importance_weighted_bound_is_at_least_the_elbo_and_tightens_with_k():
     torch.manual_seed(0)
-    model = linear_vae(4, (32,))
+    cell = parse_cell("vae", {"family": "vae", "arch": "linear", "latent_dim": 4, "seed": 0, "epochs": 1, "batch_size": 8,
+                              "lr": 1e-3, "likelihood": "bernoulli", "gaussian_std": 0.1, "hidden": [32],
+                              "channels": [4], "device": "cpu"}, {})
+    model = build_model(cell)
     x = torch.rand(200, 1, 28, 28)
     with torch.no_grad():
-        mu, logvar = model.encode(x)
+        mu, logvar = model.posterior(x)
         elbo_nll = []
         for _ in range(50):  # the ELBO's expectation over z
             logits = model.decode(mu + torch.exp(0.5 * logvar) * torch.randn_like(mu))

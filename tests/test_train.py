@@ -6,7 +6,8 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.outputs import read_json, resume_file, train_dir
-from pipeline.train import MODEL_FILE, RUN_FILE, TrainingDiverged, load_trained, train_cell
+from pipeline.engine import TrainingDiverged
+from pipeline.train import MODEL_FILE, RUN_FILE, load_trained, train_cell
 
 CELL = "linear-z2-b1-s0"
 
@@ -95,3 +96,21 @@ def test_diverging_loss_stops_the_cell_naming_cell_and_epoch(prepared):
         [mlflow.get_experiment_by_name("vaebench-tiny").experiment_id], filter_string=f"run_name = '{CELL}'"
     )
     assert [run.info.status for run in runs] == ["FAILED"]
+
+
+def test_a_family_without_a_prior_stores_its_ex_post_gaussian(prepared):
+    history = train_cell(prepared, "ae-linear-z2-s0")
+    assert set(history[0]) == {"epoch", "train_recon", "train_loss", "val_recon", "val_loss"}
+    model = load_trained(prepared.study, prepared.cell("ae-linear-z2-s0"), torch.device("cpu"))
+    assert model.code_mean.abs().sum() > 0
+    assert not torch.equal(model.code_scale_tril, torch.eye(2))
+
+
+def test_a_checkpoint_that_is_not_one_is_ignored_without_running_its_code(prepared):
+    path = resume_file(prepared.study, CELL)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"cell": "not this cell", "payload": [1, 2, 3]}, path)
+    assert [row["epoch"] for row in train_cell(prepared, CELL)] == [1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x80\x04not a pickle")
+    assert [row["epoch"] for row in train_cell(prepared, CELL)] == [1]

@@ -7,7 +7,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError
-from pipeline.search_space import load_space, parse_space
+from pipeline.tuning.search_space import check_space_fits, load_space, parse_space
 from pipeline.tune import open_storage, storage_url, study_name, tune
 
 from conftest import REPO
@@ -48,6 +48,25 @@ def trials(space):
 def test_bad_search_spaces_fail_with_one_clear_message(changes, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_space(space_raw(**changes))
+
+
+def test_family_settings_are_tunable_on_a_cell_of_that_family_only(tiny_study):
+    dae_space = parse_space(space_raw(base_cell="dae-linear-z2-s0", objective="val_loss",
+                                      space={"mask_prob": {"type": "float", "low": 0.1, "high": 0.5}}))
+    check_space_fits(dae_space, tiny_study.cell("dae-linear-z2-s0"))
+    with pytest.raises(ConfigError, match="mask_prob is not a setting of family vae"):
+        check_space_fits(dae_space, tiny_study.cell("linear-z2-b1-s0"))
+    with pytest.raises(ConfigError, match="objective val_elbo needs a KL term, which family ae"):
+        check_space_fits(parse_space(space_raw(base_cell="ae-linear-z2-s0")), tiny_study.cell("ae-linear-z2-s0"))
+
+
+def test_a_family_setting_is_searched_and_lands_in_the_best_cell(prepared, workdir):
+    path = write_space(workdir, n_trials=2, base_cell="cae-conv-z2-s0", objective="val_loss", pruner={"name": "none"},
+                       space={"contraction_weight": {"type": "float", "low": 0.01, "high": 1.0, "log": True}})
+    summary = tune(prepared, load_space(path), str(path), str(REPO / "studies" / "tiny.yaml"))
+    best_cell = yaml.safe_load((workdir / "reports" / "tune" / "tiny" / "best_study.yaml").read_text())["cells"]["tiny-best"]
+    assert best_cell["family"] == "cae"
+    assert best_cell["contraction_weight"] == summary["best"][0]["params"]["contraction_weight"]
 
 
 def test_cli_rejects_a_bad_space_before_any_trial(tmp_path):

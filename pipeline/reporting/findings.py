@@ -1,8 +1,9 @@
 """The study's questions answered in sentences generated from the measured table, never written by hand.
 
-Each function takes the per-cell table and the table aggregated over seeds (see pipeline/results.py) and
+Each function takes the per-cell table and the table aggregated over seeds (see reporting/results.py) and
 returns sentences. A question the grid cannot answer says so. With 3 or more seeds on both sides, a
-difference comes with Welch's t-test across seeds.
+difference comes with Welch's t-test across seeds. The lab's three questions are about the VAE and read
+the VAE cells only; the family questions compare families at the same arch and latent_dim.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ QUESTIONS = {
     "arch": "Does the convolutional VAE beat the linear one on test ELBO?",
     "latent_dim": "How does latent_dim change reconstructions and samples?",
     "beta": "How does β trade reconstruction against KL?",
+    "family_recon": "Which model family reconstructs best?",
+    "family_codes": "Which family gives the best codes for a linear probe?",
+    "family_robustness": "Which family is most robust to noise?",
+    "family_samples": "Which family generates best?",
 }
 
 
@@ -161,9 +166,88 @@ def beta_tradeoff(cells: pd.DataFrame, groups: pd.DataFrame) -> list[str]:
     return sentences
 
 
-def study_findings(cells: pd.DataFrame, groups: pd.DataFrame) -> dict[str, list[str]]:
+def family_label(row) -> str:
+    return f"{row['family']} ({row['variant']})" if row["variant"] else row["family"]
+
+
+def family_settings(groups: pd.DataFrame):
+    """(arch, latent_dim, groups) where two or more families were trained; of the VAE only β = 1, the plain
+    VAE (other βs answer the β question)."""
+    comparable = groups[(groups["family"] != "vae") | (groups["beta"] == 1.0)]
+    for (arch, latent_dim), same in comparable.groupby(["arch", "latent_dim"]):
+        if same["family"].nunique() >= 2:
+            yield arch, latent_dim, same
+
+
+def seed_caveat(cells: pd.DataFrame, ordered: pd.DataFrame, metric: str) -> str:
+    """Welch's test between the best two with 3 or more seeds each; otherwise say what the ranking rests on."""
+    seeds = int(ordered["seeds"].min())
+    if seeds >= MIN_SEEDS_FOR_TEST:
+        return significance(*(seed_values(cells, group, metric) for group in ordered["group"].iloc[:2]))
+    if seeds == 1:
+        return " (one seed per cell: a ranking of single runs, not tested for significance)"
+    return f" (only {seeds} seeds per cell: too few for a t-test)"
+
+
+def family_ranking(cells: pd.DataFrame, groups: pd.DataFrame, metric: str, lower_is_better: bool, label: str,
+                   digits: int, note: str = "") -> list[str]:
+    sentences, wins, settings = [], {}, 0
+    for arch, latent_dim, same in family_settings(groups):
+        ordered = same.dropna(subset=[f"{metric}_mean"]).sort_values(f"{metric}_mean", ascending=lower_is_better)
+        if len(ordered) < 2:
+            continue
+        settings += 1
+        best, runner_up = ordered.iloc[0], ordered.iloc[1]
+        wins[family_label(best)] = wins.get(family_label(best), 0) + 1
+        ranking = ", ".join(f"{family_label(row)} {row[f'{metric}_mean']:.{digits}f}" for _, row in ordered.iterrows())
+        margin = abs(best[f"{metric}_mean"] - runner_up[f"{metric}_mean"])
+        sentences.append(
+            f"{arch}, latent_dim {latent_dim}: {label}, best first: {ranking}; {family_label(best)} leads "
+            f"{family_label(runner_up)} by {margin:.{digits}f}" + seed_caveat(cells, ordered, metric) + "."
+        )
+    if settings == 0:
+        return ["Not answered: no arch and latent_dim were trained with two or more families."]
+    leader = max(wins, key=wins.get)
+    summary = f"{leader} is best in {wins[leader]} of {settings} setting(s) compared ({label})." + note
+    return [summary, *sentences]
+
+
+def both(first: list[str], second: list[str]) -> list[str]:
+    """The answers on a question's two metrics, or the one 'not answered' line."""
+    return first if first[0].startswith("Not answered") else first + second
+
+
+def family_findings(cells: pd.DataFrame, groups: pd.DataFrame) -> dict[str, list[str]]:
     return {
-        QUESTIONS["arch"]: conv_vs_linear(cells, groups),
-        QUESTIONS["latent_dim"]: latent_dim_effect(cells, groups),
-        QUESTIONS["beta"]: beta_tradeoff(cells, groups),
+        QUESTIONS["family_recon"]: both(
+            family_ranking(cells, groups, "recon_bernoulli", True, "test reconstruction in Bernoulli nats/image (lower is better)", 2),
+            family_ranking(cells, groups, "recon_mse", True, "test reconstruction MSE per pixel (lower is better)", 4),
+        ),
+        QUESTIONS["family_codes"]: both(
+            family_ranking(cells, groups, "probe_accuracy", False, "linear-probe test accuracy on the codes (higher is better)", 4),
+            family_ranking(cells, groups, "knn_accuracy", False, "k-NN test accuracy on the codes (higher is better)", 4),
+        ),
+        QUESTIONS["family_robustness"]: both(
+            family_ranking(cells, groups, "noisy_recon_mse", True,
+                           "MSE of reconstructions of noisy test digits against the clean ones (lower is better)", 4),
+            family_ranking(cells, groups, "masked_recon_mse", True,
+                           "MSE of reconstructions of masked test digits against the clean ones (lower is better)", 4),
+        ),
+        QUESTIONS["family_samples"]: family_ranking(
+            cells, groups, "fid_mnist_cnn", True, "sample FID in MNIST-CNN features (lower is better)", 1,
+            note=" Families without a prior (ae, dae, cae) are sampled from a Gaussian fitted to their training "
+            "codes (ex-post density estimation), the VAE from its prior N(0, I).",
+        ),
     }
+
+
+def study_findings(cells: pd.DataFrame, groups: pd.DataFrame) -> dict[str, list[str]]:
+    vae_cells, vae_groups = cells[cells["family"] == "vae"], groups[groups["family"] == "vae"]
+    findings = {
+        QUESTIONS["arch"]: conv_vs_linear(vae_cells, vae_groups),
+        QUESTIONS["latent_dim"]: latent_dim_effect(vae_cells, vae_groups),
+        QUESTIONS["beta"]: beta_tradeoff(vae_cells, vae_groups),
+    }
+    if groups["family"].nunique() > 1:
+        findings |= family_findings(cells, groups)
+    return findings

@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.models import VAE  # noqa: E402
+from pipeline.models import Autoencoder  # noqa: E402
 
 PALETTE = "colorblind"
 sns.set_theme(style="whitegrid", palette=PALETTE, context="paper")
@@ -56,11 +56,24 @@ def image_rows(rows: list[tuple[str, torch.Tensor]], title: str) -> plt.Figure:
 
 
 @torch.no_grad()
-def reconstructions(models: dict[str, VAE], digits: torch.Tensor, folder: Path, dpi: int) -> list[Path]:
-    """The same test digits for every model: originals on top, each model's reconstruction E[x|z=mu] below."""
+def reconstructions(models: dict[str, Autoencoder], digits: torch.Tensor, folder: Path, dpi: int) -> list[Path]:
+    """The same test digits for every model: originals on top, each model's reconstruction from its code below."""
     rows = [("original", digits)]
-    rows += [(name, torch.sigmoid(model.decode(model.encode(digits)[0]))) for name, model in models.items()]
-    return save(image_rows(rows, "Test digits (top) and their reconstructions from the posterior mean"), folder, "reconstructions", dpi)
+    rows += [(name, torch.sigmoid(model.decode(model.encode(digits)))) for name, model in models.items()]
+    return save(image_rows(rows, "Test digits (top) and their reconstructions from the code (posterior mean for a VAE)"),
+                folder, "reconstructions", dpi)
+
+
+@torch.no_grad()
+def denoising(models: dict[str, Autoencoder], digits: torch.Tensor, corrupted: dict[str, torch.Tensor], folder: Path,
+              dpi: int) -> list[Path]:
+    """Corrupted test digits (each corruption in turn) and every model's reconstruction of them."""
+    rows = [("clean", digits)]
+    for corruption, inputs in corrupted.items():
+        rows.append((corruption, inputs.clamp(0, 1)))
+        rows += [(f"{name} ← {corruption}", torch.sigmoid(model.decode(model.encode(inputs)))) for name, model in models.items()]
+    title = "Corrupted test digits and every model's reconstruction of them (the clean digits on top)"
+    return save(image_rows(rows, title), folder, "denoising", dpi)
 
 
 def prior_samples(latent_dims: set[int], count: int, seed: int) -> dict[int, torch.Tensor]:
@@ -69,29 +82,36 @@ def prior_samples(latent_dims: set[int], count: int, seed: int) -> dict[int, tor
 
 
 @torch.no_grad()
-def samples(models: dict[str, VAE], count: int, seed: int, folder: Path, dpi: int) -> list[Path]:
-    z = prior_samples({m.latent_dim for m in models.values()}, count, seed)
-    rows = [(name, torch.sigmoid(model.decode(z[model.latent_dim]))) for name, model in models.items()]
-    return save(image_rows(rows, "Samples: decoder means for z ~ N(0, I) (same z for equal latent_dim)"), folder, "samples", dpi)
+def samples(models: dict[str, Autoencoder], count: int, seed: int, folder: Path, dpi: int) -> list[Path]:
+    noise = prior_samples({m.latent_dim for m in models.values()}, count, seed)
+    rows = [
+        (name if model.capabilities.prior else f"{name} (ex-post)",
+         torch.sigmoid(model.decode(model.latent_from_noise(noise[model.latent_dim]))))
+        for name, model in models.items()
+    ]
+    title = "Samples: decoder means for z ~ N(0, I), or the same noise through the ex-post Gaussian of the codes"
+    return save(image_rows(rows, title), folder, "samples", dpi)
 
 
 @torch.no_grad()
 def interpolations(
-    models: dict[str, VAE], pairs: list[tuple[int, torch.Tensor, int, torch.Tensor]], steps: int, folder: Path, dpi: int
+    models: dict[str, Autoencoder], pairs: list[tuple[int, torch.Tensor, int, torch.Tensor]], steps: int, folder: Path, dpi: int
 ) -> list[Path]:
-    """Decoded points on the straight line between the posterior means of two test digits."""
+    """Decoded points on the straight line between the codes (posterior means) of two test digits."""
     weights = torch.linspace(0, 1, steps).unsqueeze(1)
     rows = []
     for name, model in models.items():
         for label_a, image_a, label_b, image_b in pairs:
-            mu_a, mu_b = model.encode(image_a[None])[0], model.encode(image_b[None])[0]
+            mu_a, mu_b = model.encode(image_a[None]), model.encode(image_b[None])
             rows.append((f"{name} {label_a}→{label_b}", torch.sigmoid(model.decode((1 - weights) * mu_a + weights * mu_b))))
-    return save(image_rows(rows, "Latent interpolation between the posterior means of two test digits"), folder, "interpolation", dpi)
+    return save(image_rows(rows, "Latent interpolation between the codes (posterior means) of two test digits"),
+                folder, "interpolation", dpi)
 
 
 @torch.no_grad()
-def latent_maps(models: dict[str, VAE], extent: float, size: int, folder: Path, dpi: int) -> list[Path]:
-    """For 2-D latent spaces: the decoder's mean image at every point of a regular size x size grid."""
+def latent_maps(models: dict[str, Autoencoder], extent: float, size: int, folder: Path, dpi: int) -> list[Path]:
+    """For 2-D latent spaces: the decoder's mean image at every point of a regular size x size grid, in prior
+    units (z itself for a VAE; for a family without a prior, mapped through its ex-post Gaussian)."""
     two_d = {name: model for name, model in models.items() if model.latent_dim == 2}
     if not two_d:
         return []
@@ -100,10 +120,10 @@ def latent_maps(models: dict[str, VAE], extent: float, size: int, folder: Path, 
     z = torch.stack(torch.meshgrid(axis.flip(0), axis, indexing="ij"), dim=-1).reshape(-1, 2)[:, [1, 0]]
     fig, axes = plt.subplots(1, len(two_d), figsize=(4.2 * len(two_d), 4.4), squeeze=False)
     for ax, (name, model) in zip(axes[0], two_d.items()):
-        images = torch.sigmoid(model.decode(z)).reshape(size, size, 28, 28)
+        images = torch.sigmoid(model.decode(model.latent_from_noise(z))).reshape(size, size, 28, 28)
         mosaic = images.permute(0, 2, 1, 3).reshape(size * 28, size * 28).numpy()
         ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1, extent=(-extent, extent, -extent, extent))
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name if model.capabilities.prior else f"{name} (ex-post Gaussian units)", fontsize=9)
         ax.set_xlabel("$z_1$")
         ax.set_ylabel("$z_2$")
         ax.grid(False)
@@ -122,13 +142,13 @@ def project_2d(points: torch.Tensor) -> tuple[torch.Tensor, str, str]:
 
 
 @torch.no_grad()
-def latent_scatter(models: dict[str, VAE], images: torch.Tensor, labels: np.ndarray, folder: Path, dpi: int) -> list[Path]:
+def latent_scatter(models: dict[str, Autoencoder], images: torch.Tensor, labels: np.ndarray, folder: Path, dpi: int) -> list[Path]:
     columns = min(4, len(models))
     rows = -(-len(models) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.4 * rows), squeeze=False)
     colours = sns.color_palette(PALETTE, 10)
     for ax, (name, model) in zip(axes.flat, models.items()):
-        points, xlabel, ylabel = project_2d(model.encode(images)[0])
+        points, xlabel, ylabel = project_2d(model.encode(images))
         for digit in range(10):
             chosen = points[torch.from_numpy(labels == digit)]
             ax.scatter(chosen[:, 0], chosen[:, 1], s=3, color=colours[digit], label=str(digit), alpha=0.7, linewidths=0)
@@ -139,19 +159,20 @@ def latent_scatter(models: dict[str, VAE], images: torch.Tensor, labels: np.ndar
         ax.set_visible(False)
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, title="digit", loc="center right", markerscale=4, fontsize=8)
-    fig.suptitle("Test-set posterior means, coloured by digit", fontsize=10)
+    fig.suptitle("Test-set codes (posterior means for a VAE), coloured by digit", fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.93, 1))
     return save(fig, folder, "latent_scatter", dpi)
 
 
 def loss_curves(history: pd.DataFrame, folder: Path, dpi: int) -> list[Path]:
-    """history: one row per cell, epoch and split ('train' or 'validation'), with the objective in `loss`."""
+    """history: one row per cell, epoch and split ('train' or 'validation'), with the objective in `loss`;
+    one column per model (family and arch), line style = the family's setting (β for a VAE)."""
     grid = sns.relplot(
-        data=history, x="epoch", y="loss", row="split", col="arch", hue="latent_dim", style="beta",
+        data=history, x="epoch", y="loss", row="split", col="model", hue="latent_dim", style="setting",
         kind="line", palette=PALETTE, height=2.8, aspect=1.3, facet_kws={"sharey": False}, markers=True,
         estimator="mean", errorbar=("sd", 1),
     )
-    grid.set_axis_labels("epoch", "loss: recon + β·KL (nats/image)")
+    grid.set_axis_labels("epoch", "training objective (nats/image)")
     grid.set_titles("{row_name} · {col_name}")
     grid.figure.suptitle("Training and validation loss per epoch (mean ± sd over seeds)", y=1.02, fontsize=10)
     return save(grid.figure, folder, "loss_curves", dpi, vector=True)
@@ -187,6 +208,9 @@ def metric_heatmaps(groups: pd.DataFrame, metrics: dict[str, str], folder: Path,
 
 def kl_per_dimension(kl_dims: dict[str, list[float]], folder: Path, dpi: int) -> list[Path]:
     """Each model's test KL per latent dimension, largest first: where the information goes."""
+    kl_dims = {name: values for name, values in kl_dims.items() if values is not None}
+    if not kl_dims:
+        return []
     columns = min(4, len(kl_dims))
     rows = -(-len(kl_dims) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.6 * rows), squeeze=False)

@@ -12,18 +12,34 @@ from pathlib import Path
 import optuna
 import yaml
 
-from pipeline.config import CELL_DEFAULT_KEYS, CELL_OWN_KEYS, ConfigError, cell_as_dict, check_name, parse_cell
+from pipeline.config import (
+    CELL_DEFAULT_KEYS,
+    CELL_OWN_KEYS,
+    CellConfig,
+    ConfigError,
+    cell_as_dict,
+    check_name,
+    family_setting_keys,
+    parse_cell,
+)
 
 OBJECTIVES = {  # name -> (validation metrics, directions)
     "val_elbo": (("val_elbo",), ("minimize",)),
     "val_recon": (("val_recon",), ("minimize",)),
+    "val_loss": (("val_loss",), ("minimize",)),  # the family's own training objective
     "rate_distortion": (("val_recon", "val_kl"), ("minimize", "minimize")),
 }
+NEEDS_POSTERIOR = ("val_elbo", "rate_distortion")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 TYPES = ("int", "float", "categorical")
-# `hidden: 600` means one hidden layer of 600; `channels: 32` means (32, 64).
-TUNABLE = tuple(k for k in CELL_OWN_KEYS + CELL_DEFAULT_KEYS if k != "device")
+# `hidden: 600` means one hidden layer of 600; `channels: 32` means (32, 64). A family's own settings are
+# tunable on a base cell of that family; the family itself is the base cell's.
+COMMON_TUNABLE = tuple(k for k in CELL_OWN_KEYS + CELL_DEFAULT_KEYS if k not in ("device", "family"))
+
+
+def tunable() -> tuple[str, ...]:
+    return COMMON_TUNABLE + tuple(dict.fromkeys(k for keys in family_setting_keys().values() for k in keys))
 
 
 @dataclass(frozen=True)
@@ -129,8 +145,8 @@ def parse_space(raw: dict, where: str = "search space") -> TuneSpace:
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"{where}: space must be a non-empty mapping of parameter: {{type, low, high, ...}}")
     for key in [*fixed, *space]:
-        if key not in TUNABLE:
-            raise ConfigError(f"{where}: unknown parameter {key!r}; tunable parameters are {', '.join(TUNABLE)}")
+        if key not in tunable():
+            raise ConfigError(f"{where}: unknown parameter {key!r}; tunable parameters are {', '.join(tunable())}")
     return TuneSpace(
         name=name,
         n_trials=n_trials,
@@ -183,6 +199,26 @@ def make_pruner(space: TuneSpace) -> optuna.pruners.BasePruner:
     if space.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(**space.pruner_options)
     return optuna.pruners.NopPruner()
+
+
+def check_space_fits(space: TuneSpace, base: CellConfig) -> None:
+    """Before any trial: the searched and fixed keys belong to the base cell's family, and the objective
+    is one that family reports."""
+    from pipeline.models import FAMILIES
+
+    allowed = COMMON_TUNABLE + family_setting_keys()[base.family]
+    for key in [*space.fixed, *(param.name for param in space.params)]:
+        if key not in allowed:
+            raise ConfigError(
+                f"search space {space.name}: {key} is not a setting of family {base.family} (base cell "
+                f"{base.name}); tunable here: {', '.join(allowed)}"
+            )
+    if space.objective in NEEDS_POSTERIOR and not FAMILIES[base.family].capabilities.posterior:
+        raise ConfigError(
+            f"search space {space.name}: objective {space.objective} needs a KL term, which family {base.family} "
+            f"(base cell {base.name}) has not; use val_recon or val_loss"
+        )
+    with_values(base, space.cell_values({}))
 
 
 def with_values(cell, values: dict):

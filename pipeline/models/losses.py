@@ -1,7 +1,7 @@
-"""The VAE's loss terms, per image and in nats. Pure functions of tensors.
+"""Loss terms of the families, per image. Pure functions of tensors.
 
 Following the study's convention, `elbo` is the negative evidence lower bound, reconstruction + KL
-(lower is better), and the training objective is reconstruction + beta * KL.
+(lower is better), and the VAE's training objective is reconstruction + beta * KL.
 """
 
 from __future__ import annotations
@@ -41,3 +41,8 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def objective(recon: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
     """The beta-VAE training loss per image: reconstruction + beta * KL (beta = 1 gives the negative ELBO)."""
     return recon + beta * kl
+
+
+def squared_error(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the pixels of each image between the decoder's mean sigmoid(logits) and x."""
+    return (torch.sigmoid(logits.flatten(1)) - x.flatten(1)).pow(2).mean(1)

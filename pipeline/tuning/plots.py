@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
-from pipeline.search_space import TuneSpace  # noqa: E402
+from pipeline.tuning.search_space import TuneSpace  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import SampleQualityConfig
-from pipeline.losses import reconstruction_nats
-from pipeline.metrics import class_distribution, frechet_distance, inception_score, kernel_distance, precision_recall
-from pipeline.models import VAE
+from pipeline.models.losses import reconstruction_nats
+from pipeline.evaluation.metrics import class_distribution, frechet_distance, inception_score, kernel_distance, precision_recall
+from pipeline.models import Autoencoder
 
 SUFFIX = "mnist_cnn"
 
@@ -53,34 +53,34 @@ def set_scores(classifier, real_features: torch.Tensor, images: torch.Tensor, se
 
 
 @torch.no_grad()
-def model_scores(model: VAE, classifier, real_features: torch.Tensor, test_images: torch.Tensor, likelihood: str,
-                 gaussian_std: float, settings: SampleQualityConfig) -> tuple[dict, dict]:
-    """Scores of N prior samples and of the reconstructions of N test images, plus the IW likelihood."""
+def model_scores(model: Autoencoder, classifier, real_features: torch.Tensor, test_images: torch.Tensor,
+                 settings: SampleQualityConfig) -> tuple[dict, dict]:
+    """Scores of N samples and of the reconstructions of N test images, plus the IW likelihood where the
+    family has a likelihood bound. Samples decode z ~ N(0, I), or for a family without a prior the same
+    noise mapped through the Gaussian fitted to its training codes (ex-post density estimation)."""
     generator = torch.Generator().manual_seed(settings.seed)
-    z = torch.randn(settings.n_samples, model.latent_dim, generator=generator).to(test_images.device)
-    samples = torch.cat([torch.sigmoid(model.decode(chunk)) for chunk in z.split(1000)])
+    noise = torch.randn(settings.n_samples, model.latent_dim, generator=generator).to(test_images.device)
+    samples = torch.cat([torch.sigmoid(model.decode(model.latent_from_noise(chunk))) for chunk in noise.split(1000)])
     sample_scores, sample_shares = set_scores(classifier, real_features, samples, settings)
     originals = test_images[: settings.n_samples]
     reconstructions = torch.cat(
-        [torch.sigmoid(model.decode(model.encode(chunk)[0])) for chunk in originals.split(1000)]
+        [torch.sigmoid(model.decode(model.encode(chunk))) for chunk in originals.split(1000)]
     )
     recon_scores, _ = set_scores(classifier, real_features, reconstructions, settings)
+    scores = {**sample_scores, **{f"{key}_recon": value for key, value in recon_scores.items()}}
+    if not model.capabilities.likelihood_bound:
+        return scores, {"samples": sample_shares}
 
     subset = test_images[: settings.iw_images]
     if settings.binarize:
         subset = torch.bernoulli(subset, generator=torch.Generator(subset.device).manual_seed(settings.seed))
     torch.manual_seed(settings.seed)
-    nll = importance_weighted_nll(model, subset, settings.iw_samples, likelihood, gaussian_std)
-    scores = {
-        **sample_scores,
-        **{f"{key}_recon": value for key, value in recon_scores.items()},
-        "iw_nll": nll.mean().item(),
-    }
-    return scores, {"samples": sample_shares}
+    nll = importance_weighted_nll(model, subset, settings.iw_samples, model.likelihood, model.gaussian_std)
+    return {**scores, "iw_nll": nll.mean().item()}, {"samples": sample_shares}
 
 
 @torch.no_grad()
-def importance_weighted_nll(model: VAE, x: torch.Tensor, k: int, likelihood: str, gaussian_std: float = 0.1,
+def importance_weighted_nll(model: Autoencoder, x: torch.Tensor, k: int, likelihood: str, gaussian_std: float = 0.1,
                             decodes_per_chunk: int = 20_000) -> torch.Tensor:
     """-log p(x) estimated with K importance samples from q(z|x) (Burda et al., 2016), nats per image.
 
@@ -89,7 +89,7 @@ def importance_weighted_nll(model: VAE, x: torch.Tensor, k: int, likelihood: str
     results = []
     images_per_chunk = max(1, decodes_per_chunk // k)
     for batch in x.split(images_per_chunk):
-        mu, logvar = model.encode(batch)
+        mu, logvar = model.posterior(batch)
         std = torch.exp(0.5 * logvar)
         z = mu + std * torch.randn(k, *mu.shape, device=mu.device)  # (K, B, D)
         logits = model.decode(z.flatten(0, 1)).view(k, len(batch), *batch.shape[1:])

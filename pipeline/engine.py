@@ -1,0 +1,206 @@
+"""The training engine: the one loop that every model is trained with (the train and tune stages, the
+benchmarks and the MNIST classifier), the per-epoch metrics, the NaN check and the resume state.
+
+The images live on the training device as one tensor; an epoch is a random permutation of indices,
+and the loss sums stay on the device until the epoch ends (one host synchronisation per epoch).
+A family differs only in `loss_terms` (pipeline/models/contract.py); the loop reads `loss` to minimise
+and reports the mean of every term.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.config import CellConfig, cell_as_dict
+from pipeline.models import Autoencoder, build_model
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device is 'cuda' but no CUDA device is available; set device: auto or cpu")
+    return torch.device(requested)
+
+
+def set_threads() -> None:
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+
+def train_epoch(
+    loss_terms: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    size: int,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """One pass over `size` examples in a random order. `loss_terms(indices)` gives per-example terms;
+    the mean of `loss` is minimised. Returns the mean of every term over the epoch."""
+    order = torch.randperm(size, generator=generator).to(device)
+    sums = None
+    for start in range(0, size, batch_size):
+        batch = order[start : start + batch_size]
+        terms = loss_terms(batch)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].mean().backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        batch_sums = torch.stack([term.sum() for term in terms.values()]).detach()
+        sums = batch_sums if sums is None else sums + batch_sums
+        if progress is not None:
+            progress(len(batch))
+    return dict(zip(terms, (sums / size).tolist()))
+
+
+def model_epoch(model: Autoencoder, optimizer, images: torch.Tensor, batch_size: int, generator: torch.Generator,
+                progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One training epoch of a model of any family over the images."""
+    model.train()
+    means = train_epoch(lambda batch: model.loss_terms(images[batch]), optimizer, len(images), batch_size, generator,
+                        images.device, progress)
+    return model.epoch_metrics(means)
+
+
+@torch.no_grad()
+def evaluate_split(model: Autoencoder, images: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
+    """The mean of every loss term over a whole split (one z sample or corruption per image)."""
+    model.eval()
+    sums = None
+    for start in range(0, len(images), batch_size):
+        terms = model.loss_terms(images[start : start + batch_size])
+        batch_sums = torch.stack([term.sum() for term in terms.values()])
+        sums = batch_sums if sums is None else sums + batch_sums
+    return model.epoch_metrics(dict(zip(terms, (sums / len(images)).tolist())))
+
+
+@torch.no_grad()
+def encode_all(model: Autoencoder, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The codes (posterior means for a VAE) of all images."""
+    model.eval()
+    return torch.cat([model.encode(batch) for batch in images.split(batch_size)])
+
+
+@dataclass
+class Training:
+    """Everything a training run carries from epoch to epoch, and what a resume checkpoint restores."""
+
+    cell: CellConfig
+    model: Autoencoder
+    optimizer: torch.optim.Optimizer
+    shuffle: torch.Generator
+    history: list[dict] = field(default_factory=list)
+
+
+def start_training(cell: CellConfig, device: torch.device) -> Training:
+    torch.manual_seed(cell.seed)
+    model = build_model(cell).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cell.lr)
+    return Training(cell, model, optimizer, torch.Generator().manual_seed(cell.seed))
+
+
+def progress_reporter(cell: CellConfig, epoch: int, total: int):
+    """A tqdm bar per epoch on a terminal; elsewhere nothing per batch (a log line per epoch is written)."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=f"{cell.name} epoch {epoch}/{cell.epochs}", unit="img", leave=False)
+    return bar.update, bar.close
+
+
+def epochs(training: Training, train_images: torch.Tensor, val_images: torch.Tensor) -> Iterator[dict]:
+    """Train the remaining epochs, yielding each epoch's row of train_* and val_* metrics after it is
+    appended to the history. Stops with TrainingDiverged when a metric is NaN or infinite."""
+    cell = training.cell
+    for epoch in range(len(training.history) + 1, cell.epochs + 1):
+        advance, close = progress_reporter(cell, epoch, len(train_images))
+        train_metrics = model_epoch(training.model, training.optimizer, train_images, cell.batch_size, training.shuffle, advance)
+        close()
+        val_metrics = evaluate_split(training.model, val_images)
+        if not all(math.isfinite(v) for v in (*train_metrics.values(), *val_metrics.values())):
+            raise TrainingDiverged(
+                f"cell {cell.name}: the loss became NaN or infinite at epoch {epoch} "
+                f"(train loss {train_metrics['loss']}); lower lr (now {cell.lr:g}) or check the data"
+            )
+        row = {"epoch": epoch, **_prefixed("train", train_metrics), **_prefixed("val", val_metrics)}
+        training.history.append(row)
+        yield row
+
+
+def finish_training(training: Training, train_images: torch.Tensor) -> None:
+    """A family without a prior gets its ex-post Gaussian fitted to the codes of the training images."""
+    if not training.model.capabilities.prior:
+        training.model.fit_code_distribution(encode_all(training.model, train_images))
+
+
+def save_checkpoint(path: Path, training: Training, run_id: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "cell": cell_as_dict(training.cell),
+        "model": training.model.state_dict(),
+        "optimizer": training.optimizer.state_dict(),
+        "shuffle": training.shuffle.get_state(),
+        "rng": _rng_state(),
+        "history": training.history,
+        "run_id": run_id,
+    }
+    scratch = path.with_name(path.name + ".partial")
+    torch.save(state, scratch)
+    os.replace(scratch, path)
+
+
+def restore_checkpoint(path: Path, training: Training) -> str | None:
+    """Continue from the last epoch checkpoint of this exact cell configuration; returns its MLflow run id,
+    or None (and changes nothing) when there is no usable checkpoint."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a checkpoint cut short by a kill, or not a checkpoint at all: start over rather than fail
+        log.warning("ignoring unreadable resume checkpoint %s", path)
+        return None
+    if not isinstance(state, dict) or state.get("cell") != cell_as_dict(training.cell):
+        log.info("the cell's parameters changed since %s was written; starting fresh", path)
+        return None
+    training.model.load_state_dict(state["model"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.shuffle.set_state(state["shuffle"])
+    _restore_rng_state(state["rng"])
+    training.history = state["history"]
+    log.info("%s: resuming after epoch %d from %s", training.cell.name, len(training.history), path)
+    return state["run_id"]
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _prefixed(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}_{key}": value for key, value in metrics.items()}

@@ -1,0 +1,23 @@
+"""The model families behind one contract (contract.py) and the two networks they share (networks.py).
+
+A new family is one module with an `Autoencoder` subclass and one entry in FAMILIES.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.models.ae import AE
+from pipeline.models.cae import CAE
+from pipeline.models.contract import Autoencoder
+from pipeline.models.dae import DAE
+from pipeline.models.vae import VAE
+
+if TYPE_CHECKING:
+    from pipeline.config import CellConfig
+
+FAMILIES: dict[str, type[Autoencoder]] = {"vae": VAE, "ae": AE, "dae": DAE, "cae": CAE}
+
+
+def build_model(cell: CellConfig) -> Autoencoder:
+    return FAMILIES[cell.family](cell)

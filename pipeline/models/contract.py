@@ -1,0 +1,112 @@
+"""The contract every model family follows, so that training, evaluation, figures and the report ask a
+model what it has instead of assuming a VAE.
+
+A family is a subclass of `Autoencoder` with:
+- `family`: its name in params.yaml; `Settings`: a frozen dataclass of its own settings with defaults,
+  read by `parse_settings` (only these keys may appear on a cell of that family);
+- `capabilities`: what evaluation may compute for it (KL, ELBO, the likelihood bound, prior samples);
+- `encode(x)`: the deterministic code h (the posterior mean for a VAE); `forward(x)`: a `ModelOutput`;
+- `loss_terms(x)`: per-image loss terms in a dict; the engine minimises the mean of `loss` and
+  reports the mean of every term each epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from pipeline.models.losses import reconstruction_nats
+from pipeline.models.networks import IMAGE_SIZE, build_networks
+
+if TYPE_CHECKING:
+    from pipeline.config import CellConfig
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    posterior: bool  # a Gaussian q(z|x): KL, active units and KL per dimension
+    prior: bool  # samples from N(0, I); without one, from a Gaussian fitted to the training codes (ex-post)
+    likelihood_bound: bool  # the ELBO and the importance-weighted bound on log p(x)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # decoder logits, (N, 1, 28, 28)
+    code: torch.Tensor  # (N, latent_dim): the posterior mean for a VAE, the deterministic code otherwise
+    z: torch.Tensor  # the latent the decoder read: a posterior sample for a VAE, the code otherwise
+    logvar: torch.Tensor | None = None  # log sigma^2 of q(z|x), families with a posterior only
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """A family without settings of its own."""
+
+    def label(self) -> str:
+        return ""
+
+
+class Autoencoder(nn.Module):
+    family: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    Settings: ClassVar[type] = NoSettings
+    codes_per_latent: ClassVar[int] = 1  # encoder outputs per latent dimension (2 for mean and log-variance)
+
+    def __init__(self, cell: CellConfig):
+        super().__init__()
+        self.encoder, self.decoder = build_networks(
+            cell.arch, self.codes_per_latent * cell.latent_dim, cell.latent_dim, cell.hidden, cell.channels
+        )
+        self.arch, self.hidden = cell.arch, cell.hidden
+        self.latent_dim = cell.latent_dim
+        self.likelihood, self.gaussian_std = cell.likelihood, cell.gaussian_std
+        self.settings = cell.settings
+        if not self.capabilities.prior:
+            # The ex-post Gaussian over the training codes, fitted once training ends (fit_code_distribution).
+            self.register_buffer("code_mean", torch.zeros(cell.latent_dim))
+            self.register_buffer("code_scale_tril", torch.eye(cell.latent_dim))
+
+    @staticmethod
+    def parse_settings(raw: dict, where: str):
+        return NoSettings()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        code = self.encode(x)
+        return ModelOutput(logits=self.decode(code), code=code, z=code)
+
+    def reconstruction(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-log p(x|z) per image under the cell's likelihood (Gaussian = squared error up to scale and constant)."""
+        return reconstruction_nats(logits, x, self.likelihood, self.gaussian_std)
+
+    def loss_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        recon = self.reconstruction(self(x).logits, x)
+        return {"recon": recon, "loss": recon}
+
+    def epoch_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        """Per-epoch metrics from the mean of each loss term (a family may add derived ones)."""
+        return means
+
+    def latent_from_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """Latents for standard-normal noise: the prior itself, or else the Gaussian fitted to the training
+        codes (ex-post density estimation), so that every family can generate from the same noise."""
+        if self.capabilities.prior:
+            return noise
+        return self.code_mean + noise @ self.code_scale_tril.T
+
+    @torch.no_grad()
+    def fit_code_distribution(self, codes: torch.Tensor) -> None:
+        """Fit the ex-post Gaussian N(mean, cov) to the codes of the training images."""
+        codes = codes.double()
+        centred = codes - codes.mean(0)
+        covariance = centred.T @ centred / max(1, len(codes) - 1)
+        jitter = 1e-6 * covariance.diagonal().mean().clamp_min(1e-12) * torch.eye(self.latent_dim, dtype=codes.dtype, device=codes.device)
+        self.code_mean.copy_(codes.mean(0))
+        self.code_scale_tril.copy_(torch.linalg.cholesky(covariance + jitter))

@@ -1,0 +1,168 @@
+"""A study's results read back from disk into pandas: one row per cell, and one per group of seeds.
+
+A metric a family does not have (KL, ELBO, active units and the IW bound without a posterior) is NaN
+here and "–" in every table, never 0.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+from pipeline.config import StudyConfig
+from pipeline.models import FAMILIES
+from pipeline.outputs import evaluate_dir, read_json, train_dir
+
+METRICS = ("recon", "kl", "elbo", "active_units")
+FAMILY_METRICS = ("recon_bernoulli", "recon_mse", "noisy_recon_mse", "masked_recon_mse", "contraction",
+                  "probe_accuracy", "knn_accuracy")
+SAMPLE_METRICS = ("fid_mnist_cnn", "kid_mnist_cnn_mean", "is_mnist_cnn", "precision_mnist_cnn", "recall_mnist_cnn",
+                  "class_entropy_mnist_cnn", "fid_mnist_cnn_recon", "iw_nll")
+ALL_METRICS = METRICS + FAMILY_METRICS + SAMPLE_METRICS
+GROUP_KEYS = ["group", "family", "arch", "latent_dim", "beta", "variant"]
+SEED_SUFFIX = re.compile(r"-s\d+$")
+MISSING = "–"
+
+
+def group_name(cell_name: str) -> str:
+    """The cell's name without its seed: the cells of one group differ only in their seed."""
+    return SEED_SUFFIX.sub("", cell_name)
+
+
+def cell_table(config: StudyConfig) -> pd.DataFrame:
+    """One row per cell with its test metrics; `status` is 'ok', or says what is missing. `beta` is the
+    VAE's β (NaN for other families); `variant` labels the family's own settings."""
+    rows = []
+    for cell in config.cells.values():
+        row = {
+            "cell": cell.name,
+            "group": group_name(cell.name),
+            "family": cell.family,
+            "arch": cell.arch,
+            "latent_dim": cell.latent_dim,
+            "beta": getattr(cell.settings, "beta", float("nan")),
+            "variant": cell.settings.label(),
+            "seed": cell.seed,
+            "prior": FAMILIES[cell.family].capabilities.prior,
+        }
+        metrics_file = evaluate_dir(config.study, cell.name) / "metrics.json"
+        if metrics_file.is_file():
+            measured = read_json(metrics_file)
+            row |= {key: measured.get(key, float("nan")) for key in ALL_METRICS} | {"status": "ok"}
+        elif (train_dir(config.study, cell.name) / "model.pt").is_file():
+            row["status"] = "trained, not evaluated"
+        else:
+            row["status"] = "not trained (missing or failed)"
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    for key in ALL_METRICS:
+        if key not in frame:
+            frame[key] = float("nan")
+    return frame
+
+
+def seed_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over the seeds of each group of evaluated cells."""
+    done = cells[cells["status"] == "ok"]
+    grouped = done.groupby(GROUP_KEYS, sort=False, dropna=False)
+    table = grouped[[key for key in ALL_METRICS if key in done]].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table["seeds"] = grouped.size()
+    return table.reset_index()
+
+
+def number(value, digits: int = 2) -> str:
+    return MISSING if pd.isna(value) else f"{value:.{digits}f}"
+
+
+def markdown_table(cells: pd.DataFrame) -> str:
+    """The per-cell table in Markdown; a cell that is not evaluated says why."""
+    lines = [
+        "| cell | family | arch | latent_dim | setting | seed | test recon | test KL | test ELBO | active units |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in cells.itertuples():
+        head = f"| {row.cell} | {row.family} | {row.arch} | {row.latent_dim} | {row.variant or MISSING} | {row.seed} |"
+        if row.status == "ok":
+            units = MISSING if pd.isna(row.active_units) else f"{int(row.active_units)}/{row.latent_dim}"
+            lines.append(f"{head} {number(row.recon)} | {number(row.kl)} | {number(row.elbo)} | {units} |")
+        else:
+            lines.append(f"{head} {row.status} | | | |")
+    return "\n".join(lines)
+
+
+def markdown_seed_table(groups: pd.DataFrame) -> str:
+    """The table aggregated over seeds, mean ± std (std shown only where a group has 2 or more seeds)."""
+
+    def cell(row, metric: str) -> str:
+        mean, std = getattr(row, f"{metric}_mean"), getattr(row, f"{metric}_std")
+        if pd.isna(mean):
+            return MISSING
+        return f"{mean:.2f} ± {std:.2f}" if row.seeds > 1 else f"{mean:.2f}"
+
+    lines = [
+        "| group | family | arch | latent_dim | setting | seeds | test recon | test KL | test ELBO | active units |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in groups.itertuples():
+        lines.append(
+            f"| {row.group} | {row.family} | {row.arch} | {row.latent_dim} | {row.variant or MISSING} | {row.seeds} | "
+            + " | ".join(cell(row, metric) for metric in METRICS)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+FAMILY_COLUMNS = {  # metric: (header, decimals)
+    "recon_bernoulli": ("recon (Bernoulli nats)", 2),
+    "recon_mse": ("recon MSE", 4),
+    "noisy_recon_mse": ("MSE, noisy input", 4),
+    "masked_recon_mse": ("MSE, masked input", 4),
+    "contraction": ("mean ‖∂h/∂x‖_F", 3),
+    "probe_accuracy": ("linear probe acc.", 4),
+    "knn_accuracy": ("k-NN acc.", 4),
+    "fid_mnist_cnn": ("sample FID", 1),
+}
+
+
+def markdown_family_table(cells: pd.DataFrame) -> str:
+    """Every evaluated cell in the units every family has: reconstruction, robustness, contraction, codes, samples."""
+    lines = [
+        "| cell | family | " + " | ".join(header for header, _ in FAMILY_COLUMNS.values()) + " | samples from |",
+        "|---|---|" + "---|" * (len(FAMILY_COLUMNS) + 1),
+    ]
+    for row in cells[cells["status"] == "ok"].itertuples():
+        values = [number(getattr(row, key), digits) for key, (_, digits) in FAMILY_COLUMNS.items()]
+        source = "prior N(0, I)" if row.prior else "ex-post Gaussian"
+        lines.append(f"| {row.cell} | {row.family} | " + " | ".join(values) + f" | {source} |")
+    return "\n".join(lines)
+
+
+SAMPLE_COLUMNS = {
+    "fid_mnist_cnn": "FID samples",
+    "kid_mnist_cnn_mean": "KID samples",
+    "is_mnist_cnn": "IS-style samples",
+    "precision_mnist_cnn": "precision",
+    "recall_mnist_cnn": "recall",
+    "class_entropy_mnist_cnn": "class entropy (nats)",
+    "fid_mnist_cnn_recon": "FID reconstructions",
+    "iw_nll": "IW NLL (nats/image)",
+}
+
+
+def markdown_sample_table(cells: pd.DataFrame, floor: dict | None) -> str:
+    """Sample-quality scores (MNIST-CNN feature space) per evaluated cell, with the real-data floor first.
+    Cells of a family without a prior are marked: their samples come from the ex-post Gaussian."""
+    lines = [
+        "| cell | " + " | ".join(SAMPLE_COLUMNS.values()) + " |",
+        "|---|" + "---|" * len(SAMPLE_COLUMNS),
+    ]
+    if floor is not None:
+        values = [f"{floor[key]:.3f}" if key in floor else MISSING for key in SAMPLE_COLUMNS]
+        lines.append("| real training digits (floor) | " + " | ".join(values) + " |")
+    for row in cells[cells["status"] == "ok"].itertuples():
+        values = [number(getattr(row, key), 3) for key in SAMPLE_COLUMNS]
+        label = row.cell if row.prior else f"{row.cell} (ex-post Gaussian)"
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The tune stage's search spaces (as data) and its Optuna plots."""
