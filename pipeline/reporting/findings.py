@@ -208,7 +208,8 @@ def family_ranking(cells: pd.DataFrame, groups: pd.DataFrame, metric: str, lower
     if settings == 0:
         return ["Not answered: no arch and latent_dim were trained with two or more families."]
     leader = max(wins, key=wins.get)
-    summary = f"{leader} is best in {wins[leader]} of {settings} setting(s) compared ({label})." + note
+    compared = "setting" if settings == 1 else "settings"
+    summary = f"{label[0].upper()}{label[1:]}: {leader} is best in {wins[leader]} of {settings} {compared} compared." + note
     return [summary, *sentences]
 
 
