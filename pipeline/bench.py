@@ -270,18 +270,51 @@ def _run(queue, function, args):
 
 
 def in_fresh_process(function, *args) -> tuple[float, float]:
-    """(result, peak resident memory in MiB) of function(*args) run in a new process."""
+    """(result, peak resident memory in MiB) of function(*args) run in a new process. A process that dies
+    (its traceback is printed above) raises here instead of leaving the parent waiting."""
+    from queue import Empty
+
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_run, args=(queue, function, args))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=1)
+            break
+        except Empty:
+            if not process.is_alive() and queue.empty():
+                raise RuntimeError(
+                    f"the benchmark process for {function.__name__} exited with code {process.exitcode} "
+                    "without a result; its error is printed above"
+                ) from None
     process.join()
     return result
 
 
+def check_bench_cells(config: StudyConfig, cells: list[str], reference_cell: str | None) -> None:
+    """Before any measurement: every cell can be measured every way, and the full-training comparison,
+    which compares test ELBOs, has a cell with one."""
+    from pipeline.config import ConfigError
+    from pipeline.models import FAMILIES
+
+    for name in cells:
+        cell = config.cell(name)
+        if build_model(cell).loss_differentiates_input:
+            raise ConfigError(
+                f"cell {name}: its {cell.family} penalty differentiates through the input images, which the stacked "
+                "(vmap) and FLOP-count measurements cannot trace; benchmark a vae, ae, dae or one-hidden-layer linear cae cell"
+            )
+    if reference_cell and not FAMILIES[config.cell(reference_cell).family].capabilities.likelihood_bound:
+        raise ConfigError(
+            f"--reference-cell {reference_cell}: the full-training comparison reads the test ELBO, which family "
+            f"{config.cell(reference_cell).family} has not; choose a vae cell or pass --no-full"
+        )
+
+
 def run_bench(config: StudyConfig, cells: list[str], images: int, reference_cell: str | None, copies: int = 4,
               study: bool = False) -> dict:
+    check_bench_cells(config, cells, reference_cell)
     set_threads()
     results = {
         "machine": {

@@ -1,7 +1,10 @@
 import dataclasses
 import json
+import math
 
-from pipeline.bench import run_bench, table, training_step_flops, write_results
+import pytest
+
+from pipeline.bench import in_fresh_process, run_bench, table, training_step_flops, write_results
 
 
 def test_flop_count_of_the_mlp_matches_the_layer_sizes(tiny_study):
@@ -24,3 +27,19 @@ def test_bench_writes_every_measurement(prepared, workdir):
     path = write_results(results)
     assert json.loads(path.read_text()) == json.loads(json.dumps(results))
     assert "linear-z2-b1-s0" in table(results)
+
+
+def test_cells_the_bench_cannot_measure_are_refused_before_any_measurement(tiny_study):
+    from pipeline.bench import check_bench_cells
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cell cae-conv-z2-s0: its cae penalty differentiates through the input"):
+        check_bench_cells(tiny_study, ["linear-z2-b1-s0", "cae-conv-z2-s0"], None)
+    with pytest.raises(ConfigError, match="--reference-cell ae-linear-z2-s0: the full-training comparison reads the test ELBO"):
+        check_bench_cells(tiny_study, ["ae-linear-z2-s0"], "ae-linear-z2-s0")
+    check_bench_cells(tiny_study, ["ae-linear-z2-s0", "dae-linear-z2-s0"], "linear-z2-b1-s0")
+
+
+def test_a_measurement_process_that_dies_raises_instead_of_hanging():
+    with pytest.raises(RuntimeError, match="the benchmark process for sqrt exited with code 1 without a result"):
+        in_fresh_process(math.sqrt, -1.0)

@@ -60,6 +60,16 @@ def test_family_settings_are_tunable_on_a_cell_of_that_family_only(tiny_study):
         check_space_fits(parse_space(space_raw(base_cell="ae-linear-z2-s0")), tiny_study.cell("ae-linear-z2-s0"))
 
 
+def test_a_dae_switching_its_noise_kind_keeps_only_the_level_that_kind_reads(tiny_study):
+    from pipeline.tuning.search_space import with_values
+
+    masked = tiny_study.cell("dae-linear-z2-s0")  # noise: mask, mask_prob: 0.25
+    gaussian = with_values(masked, {"noise": "gaussian"})
+    assert (gaussian.settings.noise, gaussian.settings.noise_std, gaussian.settings.mask_prob) == ("gaussian", 0.5, None)
+    assert with_values(gaussian, {"noise": "mask", "mask_prob": 0.4}).settings.mask_prob == 0.4
+    assert with_values(masked, {"lr": 0.01}).settings == masked.settings
+
+
 def test_a_family_setting_is_searched_and_lands_in_the_best_cell(prepared, workdir):
     path = write_space(workdir, n_trials=2, base_cell="cae-conv-z2-s0", objective="val_loss", pruner={"name": "none"},
                        space={"contraction_weight": {"type": "float", "low": 0.01, "high": 1.0, "log": True}})

@@ -34,9 +34,13 @@ class CAE(AE):
         weight = raw.get("contraction_weight", CAESettings.contraction_weight)
         return CAESettings(contraction_weight=number(weight, f"{where}.contraction_weight", low=0.0))
 
+    @property
+    def loss_differentiates_input(self) -> bool:
+        return not (self.arch == "linear" and len(self.hidden) == 1)
+
     def contraction_sq(self, x: torch.Tensor) -> torch.Tensor:
         """||dh/dx||_F^2 per image, as the module docstring says."""
-        if self.arch == "linear" and len(self.hidden) == 1:
+        if not self.loss_differentiates_input:
             layers = self.encoder[1]
             return jacobian.frobenius_sq_relu_mlp(x.flatten(1), layers[0], layers[2])
         if self.arch == "linear":

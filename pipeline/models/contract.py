@@ -90,6 +90,12 @@ class Autoencoder(nn.Module):
         recon = self.reconstruction(self(x).logits, x)
         return {"recon": recon, "loss": recon}
 
+    @property
+    def loss_differentiates_input(self) -> bool:
+        """Whether the loss takes gradients with respect to the input images (torch.func transforms and the
+        FLOP counter cannot trace that)."""
+        return False
+
     def epoch_metrics(self, means: dict[str, float]) -> dict[str, float]:
         """Per-epoch metrics from the mean of each loss term (a family may add derived ones)."""
         return means

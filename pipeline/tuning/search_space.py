@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,9 @@ OBJECTIVES = {  # name -> (validation metrics, directions)
     "val_loss": (("val_loss",), ("minimize",)),  # the family's own training objective
     "rate_distortion": (("val_recon", "val_kl"), ("minimize", "minimize")),
 }
+log = logging.getLogger(__name__)
 NEEDS_POSTERIOR = ("val_elbo", "rate_distortion")
+REGULARISERS = ("noise_std", "mask_prob", "contraction_weight")  # settings whose strength the objective itself pays for
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 TYPES = ("int", "float", "categorical")
@@ -219,11 +222,22 @@ def check_space_fits(space: TuneSpace, base: CellConfig) -> None:
             f"(base cell {base.name}) has not; use val_recon or val_loss"
         )
     with_values(base, space.cell_values({}))
+    weakened = [p.name for p in space.params if p.name in REGULARISERS] if space.objective in ("val_loss", "val_recon") else []
+    if weakened:
+        log.warning(
+            "search space %s: %s is searched against %s, which is lowest with the least regularisation (the DAE "
+            "validates on corrupted inputs, the CAE's loss holds its penalty); read such trials with care",
+            space.name, ", ".join(weakened), space.objective,
+        )
 
 
 def with_values(cell, values: dict):
-    """The base cell with tuned values, validated like any cell of params.yaml."""
-    merged = {**cell_as_dict(cell), **values}
+    """The base cell with tuned values, validated like any cell of params.yaml. A DAE whose noise kind is
+    set keeps only the level that kind reads (its default unless set too)."""
+    base = cell_as_dict(cell)
+    if "noise" in values:
+        base = {key: value for key, value in base.items() if key not in ("noise_std", "mask_prob")}
+    merged = {**base, **values}
     name = merged.pop("name")
     return parse_cell(name, merged, {})
 
