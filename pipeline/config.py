@@ -266,15 +266,16 @@ def _parse_evaluate(raw: dict) -> EvaluateConfig:
         n_images=integer(raw.get("n_images", 64), "evaluate.n_images", low=1),
         knn_k=integer(raw.get("knn_k", 5), "evaluate.knn_k", low=1),
         noise_std=number(raw.get("noise_std", 0.5), "evaluate.noise_std", low=0.0),
-        mask_prob=_probability(raw.get("mask_prob", 0.25), "evaluate.mask_prob"),
+        mask_prob=probability(raw.get("mask_prob", 0.25), "evaluate.mask_prob"),
         contraction_images=integer(raw.get("contraction_images", 1000), "evaluate.contraction_images", low=1),
     )
 
 
-def _probability(value: object, what: str) -> float:
+def probability(value: object, what: str) -> float:
+    """A share of pixels to drop: in [0, 1), since 1 would erase every pixel."""
     value = number(value, what, low=0.0)
     if value >= 1.0:
-        raise ConfigError(f"{what} must be in [0, 1), got {value:g}")
+        raise ConfigError(f"{what} must be in [0, 1), got {value:g}; 1 would erase every pixel")
     return value
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import ConfigError, choice, number
+from pipeline.config import ConfigError, choice, number, probability
 from pipeline.models.ae import AE
 
 NOISES = ("gaussian", "mask")
@@ -49,10 +49,7 @@ class DAE(AE):
             raise ConfigError(f"{where}.{unused} does not apply to noise: {noise}; remove it or change noise")
         if noise == "gaussian":
             return DAESettings(noise, noise_std=number(raw.get("noise_std", 0.5), f"{where}.noise_std", low=0.0))
-        mask_prob = number(raw.get("mask_prob", 0.25), f"{where}.mask_prob", low=0.0)
-        if mask_prob >= 1.0:
-            raise ConfigError(f"{where}.mask_prob must be in [0, 1), got {mask_prob:g}; 1 would erase every pixel")
-        return DAESettings(noise, noise_std=None, mask_prob=mask_prob)
+        return DAESettings(noise, noise_std=None, mask_prob=probability(raw.get("mask_prob", 0.25), f"{where}.mask_prob"))
 
     def corrupt(self, x: torch.Tensor) -> torch.Tensor:
         if self.settings.noise == "gaussian":

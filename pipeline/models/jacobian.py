@@ -8,16 +8,17 @@ unbiased random-projection estimate (one backward pass, for encoders where exact
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 
-def frobenius_sq_exact(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """||J||_F^2 per image from the full Jacobian, row by row: sum over k of ||d h_k / dx||^2.
+def _squared_vjp_norms(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                       directions: Callable[[torch.Tensor], Iterable[torch.Tensor]]) -> torch.Tensor:
+    """Per image, the sum over code-space directions v of ||J^T v||^2, one backward pass per direction.
 
-    Images of a batch are independent, so the gradient of sum_n h_nk holds each image's row k.
+    Images of a batch are independent, so the gradient of sum_n (h_n . v_n) holds each image's J_n^T v_n.
     Differentiable (create_graph) when called with gradients enabled, so it can serve as a training loss.
     """
     create_graph = torch.is_grad_enabled()
@@ -25,24 +26,20 @@ def frobenius_sq_exact(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.
         x = x.detach().requires_grad_(True)
         h = encode(x)
         total = torch.zeros(len(x), device=x.device)
-        for k in range(h.shape[1]):
-            (row,) = torch.autograd.grad(h[:, k].sum(), x, create_graph=create_graph, retain_graph=True)
-            total = total + row.flatten(1).pow(2).sum(1)
+        for v in directions(h):
+            (product,) = torch.autograd.grad((h * v).sum(), x, create_graph=create_graph, retain_graph=True)
+            total = total + product.flatten(1).pow(2).sum(1)
     return total
+
+
+def frobenius_sq_exact(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """||J||_F^2 per image from the full Jacobian, row by row: sum over k of ||d h_k / dx||^2."""
+    return _squared_vjp_norms(encode, x, lambda h: torch.eye(h.shape[1], dtype=h.dtype, device=h.device).unbind(0))
 
 
 def frobenius_sq_projection(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, projections: int = 1) -> torch.Tensor:
     """Unbiased estimate of ||J||_F^2 per image: E ||J^T v||^2 = tr(J J^T) for v ~ N(0, I) in code space."""
-    create_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        h = encode(x)
-        total = torch.zeros(len(x), device=x.device)
-        for _ in range(projections):
-            v = torch.randn_like(h)
-            (product,) = torch.autograd.grad((h * v).sum(), x, create_graph=create_graph, retain_graph=True)
-            total = total + product.flatten(1).pow(2).sum(1)
-    return total / projections
+    return _squared_vjp_norms(encode, x, lambda h: (torch.randn_like(h) for _ in range(projections))) / projections
 
 
 def frobenius_sq_relu_mlp(x_flat: torch.Tensor, first: nn.Linear, second: nn.Linear) -> torch.Tensor:
