@@ -15,6 +15,7 @@ from pipeline.config import StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.engine import resolve_device, set_threads, train_epoch
 from pipeline.evaluation.sample_quality import embed, real_data_floor
+from pipeline.models.contract import descend
 from pipeline.outputs import CLASSIFIER_DIR, PREPARED_FILE, read_json, staged_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,15 @@ def train_classifier(config: StudyConfig) -> dict:
     steps = settings.epochs * -(-len(images) // settings.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=steps)
 
-    def loss_terms(batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"loss": F.cross_entropy(classifier(images[batch]), labels[batch], reduction="none")}
+    def step(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss = F.cross_entropy(classifier(images[batch]), labels[batch], reduction="none")
+        descend(optimizer, loss.mean())
+        schedule.step()
+        return {"loss": loss}
 
     for epoch in range(1, settings.epochs + 1):
         classifier.train()
-        train_epoch(loss_terms, optimizer, len(images), settings.batch_size, shuffle, device, after_step=schedule.step)
+        train_epoch(step, len(images), settings.batch_size, shuffle, device)
         val_accuracy = accuracy(
             classifier, images_to_tensor(arrays["val_images"], device), torch.from_numpy(arrays["val_labels"]).to(device)
         )

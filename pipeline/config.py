@@ -55,6 +55,7 @@ class CellConfig:
     channels: tuple[int, ...]
     device: str
     settings: object
+    init_from: str | None = None  # fine-tuned cells (the `finetuned:` block): the VAE cell they start from
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class ReportConfig:
     latent_map_size: int  # decoded images per side of the map
     scatter_points: int  # test images in the latent scatter
     dpi: int
+    collapse_share: float  # findings flag mode collapse where one digit takes more than this share of the samples
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class StudyConfig:
     sample_quality: SampleQualityConfig
     report: ReportConfig
     tune: dict[str, str]  # enabled tuning studies: name -> search-space file (DVC stages tune@name)
+    # `cells` holds the `cells:` block, then the `finetuned:` block (cells with init_from).
 
     def cell(self, name: str) -> CellConfig:
         if name not in self.cells:
@@ -124,7 +127,7 @@ class StudyConfig:
 # its family's own settings (family_setting_keys).
 CELL_OWN_KEYS = ("family", "arch", "latent_dim", "seed")
 CELL_DEFAULT_KEYS = tuple(
-    f.name for f in dataclasses.fields(CellConfig) if f.name not in CELL_OWN_KEYS + ("name", "settings")
+    f.name for f in dataclasses.fields(CellConfig) if f.name not in CELL_OWN_KEYS + ("name", "settings", "init_from")
 )
 
 
@@ -156,7 +159,9 @@ def load_study(path: Path | str = PARAMS_FILE) -> StudyConfig:
 
 
 def parse_study(raw: dict, source: str = "params") -> StudyConfig:
-    _only_keys(raw, ("study", "data", "train", "cells", "evaluate", "classifier", "sample_quality", "report", "tune"), source)
+    _only_keys(
+        raw, ("study", "data", "train", "cells", "finetuned", "evaluate", "classifier", "sample_quality", "report", "tune"), source
+    )
     study = check_name(_required(raw, "study", source), f"{source}: study")
     data = _parse_data(_section(raw, "data", source))
     train_defaults = _section(raw, "train", source)
@@ -168,6 +173,7 @@ def parse_study(raw: dict, source: str = "params") -> StudyConfig:
         name: parse_cell(check_name(name, f"{source}: cell name"), spec, train_defaults)
         for name, spec in cells_raw.items()
     }
+    cells |= _parse_finetuned(raw.get("finetuned") or {}, cells, train_defaults, source)
     evaluate = _parse_evaluate(_section(raw, "evaluate", source))
     return StudyConfig(
         study=study,
@@ -203,8 +209,13 @@ def _parse_data(raw: dict) -> DataConfig:
     return data
 
 
-def parse_cell(name: str, spec: object, defaults: dict) -> CellConfig:
-    where = f"cells.{name}"
+def parse_cell(name: str, spec: object, defaults: dict, where: str | None = None) -> CellConfig:
+    where = where or f"cells.{name}"
+    if isinstance(spec, dict) and "init_from" in spec:
+        raise ConfigError(
+            f"{where}.init_from: a fine-tuned cell goes under finetuned: (so that DVC re-runs it when its source "
+            "cell retrains); move the cell there"
+        )
     if not isinstance(spec, dict):
         raise ConfigError(f"{where} must be a mapping like {{family: vae, arch: linear, latent_dim: 2, beta: 1.0, seed: 0}}")
     family = choice(spec.get("family", DEFAULT_FAMILY), f"{where}.family", tuple(families()))
@@ -248,6 +259,45 @@ def parse_cell(name: str, spec: object, defaults: dict) -> CellConfig:
         device=choice(merged["device"], field("device"), DEVICES),
         settings=families()[family].parse_settings({k: v for k, v in spec.items() if k in setting_keys[family]}, where),
     )
+
+
+def _parse_finetuned(raw: object, cells: dict[str, CellConfig], defaults: dict, source: str) -> dict[str, CellConfig]:
+    """The `finetuned:` block: cells that start from a trained VAE cell of `cells:` (init_from). They sit in
+    their own block so that DVC's stage for them can depend on the source cell's model."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: finetuned must be a mapping of cell name: cell with init_from, or {{}}")
+    finetuned = {}
+    for name, spec in raw.items():
+        where = f"finetuned.{check_name(name, f'{source}: cell name')}"
+        if name in cells:
+            raise ConfigError(f"{where}: the name is already a cell under cells:; rename one of them")
+        if not isinstance(spec, dict) or "init_from" not in spec:
+            raise ConfigError(f"{where} must be a mapping with init_from: <a vae cell under cells:>")
+        source_name = spec["init_from"]
+        if source_name not in cells:
+            known = ", ".join(n for n, c in cells.items() if c.family == "vae") or "none"
+            raise ConfigError(f"{where}.init_from is {source_name!r}, not a cell under cells:; VAE cells: {known}")
+        origin = cells[source_name]
+        cell = parse_cell(name, {k: v for k, v in spec.items() if k != "init_from"}, defaults, where)
+        _check_init_from(cell, origin, where)
+        finetuned[name] = dataclasses.replace(cell, init_from=source_name)
+    return finetuned
+
+
+def _check_init_from(cell: CellConfig, origin: CellConfig, where: str) -> None:
+    """A fine-tuned cell starts from a VAE of the same networks."""
+    if not hasattr(families()[cell.family], "start_from"):
+        starters = ", ".join(name for name, cls in families().items() if hasattr(cls, "start_from"))
+        raise ConfigError(f"{where}: family {cell.family} cannot start from a VAE; use family {starters}")
+    if origin.family != "vae":
+        raise ConfigError(f"{where}.init_from: {origin.name} is a {origin.family} cell; name a vae cell")
+    network_keys = ("arch", "latent_dim", "hidden") if cell.arch == "linear" else ("arch", "latent_dim", "channels")
+    for key in network_keys:
+        if getattr(cell, key) != getattr(origin, key):
+            raise ConfigError(
+                f"{where}.{key} is {getattr(cell, key)!r} but its init_from cell {origin.name} has {getattr(origin, key)!r}; "
+                "the networks must match to copy the weights"
+            )
 
 
 def _max_conv_depth() -> int:
@@ -339,7 +389,16 @@ def _parse_report(raw: dict) -> ReportConfig:
         latent_map_size=integer(_required(raw, "latent_map_size", where), f"{where}.latent_map_size", low=2),
         scatter_points=integer(_required(raw, "scatter_points", where), f"{where}.scatter_points", low=10),
         dpi=integer(raw.get("dpi", 300), f"{where}.dpi", low=50),
+        collapse_share=_collapse_share(raw.get("collapse_share", 0.2), f"{where}.collapse_share"),
     )
+
+
+def _collapse_share(value: object, what: str) -> float:
+    """Above the uniform share 0.1 (or every cell is flagged) and below 1 (or none can be)."""
+    value = number(value, what, low=0.1, low_inclusive=False)
+    if value >= 1.0:
+        raise ConfigError(f"{what} must be below 1, got {value:g}; no digit can take more than all samples")
+    return value
 
 
 def _section(raw: dict, key: str, where: str) -> dict:
@@ -416,6 +475,8 @@ def int_list(value: object, what: str) -> tuple[int, ...]:
 def cell_as_dict(cell: CellConfig) -> dict:
     """The cell as one flat mapping, its family settings beside the common keys (parse_cell reads it back)."""
     values = {f.name: getattr(cell, f.name) for f in dataclasses.fields(cell) if f.name != "settings"}
+    if cell.init_from is None:
+        del values["init_from"]
     values["hidden"] = list(cell.hidden)
     values["channels"] = list(cell.channels)
     settings = {key: value for key, value in dataclasses.asdict(cell.settings).items() if value is not None}

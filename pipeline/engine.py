@@ -42,27 +42,20 @@ def set_threads() -> None:
 
 
 def train_epoch(
-    loss_terms: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
+    step: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     size: int,
     batch_size: int,
     generator: torch.Generator,
     device: torch.device,
     progress: Callable[[int], None] | None = None,
-    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over `size` examples in a random order. `loss_terms(indices)` gives per-example terms;
-    the mean of `loss` is minimised. Returns the mean of every term over the epoch."""
+    """One pass over `size` examples in a random order. `step(indices)` trains on one batch and returns
+    its per-example terms. Returns the mean of every term over the epoch."""
     order = torch.randperm(size, generator=generator).to(device)
     sums = None
     for start in range(0, size, batch_size):
         batch = order[start : start + batch_size]
-        terms = loss_terms(batch)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].mean().backward()
-        optimizer.step()
-        if after_step is not None:
-            after_step()
+        terms = step(batch)
         batch_sums = torch.stack([term.sum() for term in terms.values()]).detach()
         sums = batch_sums if sums is None else sums + batch_sums
         if progress is not None:
@@ -74,7 +67,7 @@ def model_epoch(model: Autoencoder, optimizer, images: torch.Tensor, batch_size:
                 progress: Callable[[int], None] | None = None) -> dict[str, float]:
     """One training epoch of a model of any family over the images."""
     model.train()
-    means = train_epoch(lambda batch: model.loss_terms(images[batch]), optimizer, len(images), batch_size, generator,
+    means = train_epoch(lambda batch: model.train_step(images[batch], optimizer), len(images), batch_size, generator,
                         images.device, progress)
     return model.epoch_metrics(means)
 
@@ -112,7 +105,7 @@ class Training:
 def start_training(cell: CellConfig, device: torch.device) -> Training:
     torch.manual_seed(cell.seed)
     model = build_model(cell).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cell.lr)
+    optimizer = model.make_optimizer(cell.lr)
     return Training(cell, model, optimizer, torch.Generator().manual_seed(cell.seed))
 
 
@@ -126,15 +119,19 @@ def progress_reporter(cell: CellConfig, epoch: int, total: int):
     return bar.update, bar.close
 
 
-def epochs(training: Training, train_images: torch.Tensor, val_images: torch.Tensor) -> Iterator[dict]:
-    """Train the remaining epochs, yielding each epoch's row of train_* and val_* metrics after it is
-    appended to the history. Stops with TrainingDiverged when a metric is NaN or infinite."""
+def epochs(training: Training, train_images: torch.Tensor, val_images: torch.Tensor,
+           probe: Callable[[Autoencoder], dict[str, float]] | None = None) -> Iterator[dict]:
+    """Train the remaining epochs, yielding each epoch's row of train_* and val_* metrics (val_* includes
+    what `probe(model)` measures) after it is appended to the history. Stops with TrainingDiverged when a
+    metric is NaN or infinite."""
     cell = training.cell
     for epoch in range(len(training.history) + 1, cell.epochs + 1):
         advance, close = progress_reporter(cell, epoch, len(train_images))
         train_metrics = model_epoch(training.model, training.optimizer, train_images, cell.batch_size, training.shuffle, advance)
         close()
         val_metrics = evaluate_split(training.model, val_images)
+        if probe is not None:
+            val_metrics |= probe(training.model)
         if not all(math.isfinite(v) for v in (*train_metrics.values(), *val_metrics.values())):
             raise TrainingDiverged(
                 f"cell {cell.name}: the loss became NaN or infinite at epoch {epoch} "

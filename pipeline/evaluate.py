@@ -1,10 +1,11 @@
 """Stage `evaluate`: one cell's test metrics, whatever its family.
 
-For every family: reconstruction in nats/image (under the cell's likelihood and under Bernoulli) and as
-mean squared error, reconstruction error under the denoising autoencoder's two corruptions, the mean
-Jacobian norm of the encoder (contraction), a linear probe and k-NN accuracy on the codes, and the
-sample-quality scores. Where the family has them (pipeline/models/contract.py capabilities): KL, ELBO,
-active units, KL per dimension and the importance-weighted likelihood bound.
+For every family: the sample-quality scores. For every family with an encoder (all but the GAN):
+reconstruction in nats/image (under the cell's likelihood and under Bernoulli) and as mean squared error,
+reconstruction error under the denoising autoencoder's two corruptions, the mean Jacobian norm of the
+encoder (contraction), a linear probe and k-NN accuracy on the codes. Where the family has them
+(pipeline/models/contract.py capabilities): KL, ELBO, active units, KL per dimension and the
+importance-weighted likelihood bound.
 """
 
 from __future__ import annotations
@@ -103,12 +104,13 @@ def code_metrics(model: Autoencoder, arrays: dict, train_images: torch.Tensor, t
 
 @torch.no_grad()
 def save_figures(model: Autoencoder, images: torch.Tensor, n_images: int, seed: int, folder) -> None:
-    """reconstructions.png: originals (top rows) above reconstructions from the code; samples.png: decoded
-    samples (z ~ N(0, I), or the ex-post Gaussian of a family without a prior)."""
-    originals = images[:n_images]
-    reconstructions = torch.sigmoid(model.decode(model.encode(originals)))
+    """reconstructions.png (families with an encoder): originals (top rows) above reconstructions from the
+    code; samples.png: decoded samples (z ~ N(0, I), or the ex-post Gaussian of a family without a prior)."""
     columns = min(n_images, 16)
-    save_image(torch.cat([originals, reconstructions]), folder / "reconstructions.png", nrow=columns, pad_value=1.0)
+    if model.capabilities.encoder:
+        originals = images[:n_images]
+        reconstructions = torch.sigmoid(model.decode(model.encode(originals)))
+        save_image(torch.cat([originals, reconstructions]), folder / "reconstructions.png", nrow=columns, pad_value=1.0)
     noise = torch.randn(n_images, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(images.device)
     save_image(torch.sigmoid(model.decode(model.latent_from_noise(noise))), folder / "samples.png", nrow=columns, pad_value=1.0)
 
@@ -122,14 +124,15 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
     arrays = load_prepared(PREPARED_FILE)
     test_images = images_to_tensor(arrays["test_images"], device)
     torch.manual_seed(settings.seed)
-    metrics, kl_dims = reconstruction_metrics(model, test_images, settings.batch_size)
+    metrics, kl_dims = reconstruction_metrics(model, test_images, settings.batch_size) if model.capabilities.encoder else ({}, None)
     scores, class_shares = model_scores(
         model, load_classifier(device), load_test_features(device), test_images, config.sample_quality
     )
     metrics |= scores
-    metrics |= robustness_metrics(model, test_images, settings)
-    metrics["contraction"] = mean_contraction(model, test_images[: settings.contraction_images])
-    metrics |= code_metrics(model, arrays, images_to_tensor(arrays["train_images"], device), test_images, settings.knn_k)
+    if model.capabilities.encoder:
+        metrics |= robustness_metrics(model, test_images, settings)
+        metrics["contraction"] = mean_contraction(model, test_images[: settings.contraction_images])
+        metrics |= code_metrics(model, arrays, images_to_tensor(arrays["train_images"], device), test_images, settings.knn_k)
     run_id = read_json(train_dir(config.study, cell.name) / RUN_FILE)["run_id"]
     with tracking.cell_run(config, cell, stage=f"evaluate@{cell.name}", run_id=run_id):
         with staged_dir(evaluate_dir(config.study, cell.name)) as out:
@@ -142,9 +145,8 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
         tracking.log_test_metrics(metrics)
         tracking.log_test_metrics({f"sample_class_share_{d}": share for d, share in enumerate(class_shares["samples"])})
         tracking.log_artifacts(evaluate_dir(config.study, cell.name) / "images", artifact_path="images")
-    bound = f", elbo {metrics['elbo']:.2f} nats/image" if "elbo" in metrics else ""
-    log.info(
-        "%s test: recon %.2f nats/image (MSE %.4f)%s, probe accuracy %.3f, sample FID %.1f",
-        cell.name, metrics["recon"], metrics["recon_mse"], bound, metrics["probe_accuracy"], metrics["fid_mnist_cnn"],
-    )
+    reconstruction = f"recon {metrics['recon']:.2f} nats/image (MSE {metrics['recon_mse']:.4f}), " if "recon" in metrics else ""
+    bound = f"elbo {metrics['elbo']:.2f} nats/image, " if "elbo" in metrics else ""
+    probe = f"probe accuracy {metrics['probe_accuracy']:.3f}, " if "probe_accuracy" in metrics else ""
+    log.info("%s test: %s%s%ssample FID %.1f", cell.name, reconstruction, bound, probe, metrics["fid_mnist_cnn"])
     return metrics

@@ -22,6 +22,7 @@ from pipeline.reporting import figures
 from pipeline.reporting.findings import study_findings
 from pipeline.reporting.results import (
     cell_table,
+    markdown_class_share_table,
     markdown_family_table,
     markdown_sample_table,
     markdown_seed_table,
@@ -51,6 +52,8 @@ CAPTIONS = {
     "rate_distortion": "VAE cells: rate (test KL) against distortion (test reconstruction) for every group of cells, β annotated.",
     "metric_heatmaps": "VAE cells: each test metric over latent_dim × β, one column per architecture; blank where the grid has no cell.",
     "kl_per_dim": "VAE cells: test KL per latent dimension, sorted; the dotted line is 0.01 nats.",
+    "adversarial_curves": "GAN and VAE-GAN cells, per epoch: the discriminator's and the generator's training losses, the discriminator's mean output on validation digits (D(real)) and on generated ones (D(fake)), and the FID of 2,000 samples from a fixed z against 2,000 validation digits (MNIST-CNN features).",
+    "finetuning": "Fine-tuned cells: the same z ~ N(0, I) decoded by the source VAE (top) and by the generator fine-tuned adversarially from it (bottom).",
 }
 
 
@@ -73,6 +76,13 @@ FAMILY_TEXT = (
     "the first {contraction_images} test images (the code h is the posterior mean for a VAE; lower is more "
     "contractive); test accuracy of a linear probe (logistic regression on standardised codes) and of a "
     "{knn_k}-nearest-neighbour vote, both fitted on the codes of the training images; sample FID as below."
+)
+
+
+CLASS_SHARE_TEXT = (
+    "The share of each model's {n_samples} samples that the MNIST classifier assigns to each digit (0.10 each "
+    "when every digit is generated equally often) and their class entropy; a share above {share:.0%} "
+    "(report.collapse_share) is flagged as mode collapse."
 )
 
 
@@ -104,27 +114,31 @@ def model_figures(config: StudyConfig, models: dict, test: TestSet, folder: Path
     scatter = slice(0, settings.scatter_points)
     kl_dims = {name: read_json(evaluate_dir(config.study, name) / "kl_per_dim.json") for name in models}
     digits = test.digits(settings.digits)
+    encoders = {name: model for name, model in models.items() if model.capabilities.encoder}
     generator = torch.Generator().manual_seed(settings.seed)
     corrupted = {
         f"noise σ={config.evaluate.noise_std:g}": gaussian_noise(digits, config.evaluate.noise_std, generator),
         f"mask p={config.evaluate.mask_prob:g}": mask_pixels(digits, config.evaluate.mask_prob, generator),
     }
-    return [
-        *figures.reconstructions(models, digits, folder, settings.dpi),
-        *figures.denoising(models, digits, corrupted, folder, settings.dpi),
-        *figures.samples(models, settings.samples, settings.seed, folder, settings.dpi),
+    with_encoder = [] if not encoders else [  # a GAN has no encoder: no reconstructions or codes
+        *figures.reconstructions(encoders, digits, folder, settings.dpi),
+        *figures.denoising(encoders, digits, corrupted, folder, settings.dpi),
         *figures.interpolations(
-            models, test.pairs(settings.interpolation_pairs), settings.interpolation_steps, folder, settings.dpi
+            encoders, test.pairs(settings.interpolation_pairs), settings.interpolation_steps, folder, settings.dpi
         ),
+        *figures.latent_scatter(encoders, test.images[scatter], test.labels[scatter], folder, settings.dpi),
+    ]
+    return [
+        *with_encoder,
+        *figures.samples(models, settings.samples, settings.seed, folder, settings.dpi),
         *figures.latent_maps(models, settings.latent_map_extent, settings.latent_map_size, folder, settings.dpi),
-        *figures.latent_scatter(models, test.images[scatter], test.labels[scatter], folder, settings.dpi),
         *figures.kl_per_dimension(kl_dims, folder, settings.dpi),
     ]
 
 
 def history_table(config: StudyConfig, cells: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for cell in cells[cells["status"] == "ok"].itertuples():
+    for cell in cells[(cells["status"] == "ok") & ~cells["adversarial"]].itertuples():
         for epoch in read_json(train_dir(config.study, cell.cell) / "history.json"):
             for split, prefix in (("training", "train"), ("validation", "val")):
                 rows.append(
@@ -155,11 +169,53 @@ def design_text(config: StudyConfig, cells: pd.DataFrame) -> str:
     )
 
 
-def report_blocks(config: StudyConfig, cells: pd.DataFrame, groups: pd.DataFrame, figure_names: list[str]) -> list:
+def parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def generator_text(config: StudyConfig, cells: pd.DataFrame, models: dict) -> list[str]:
+    """The lab's questions on the GAN cells (how the decoder serves as a generator, how the encoder and the
+    discriminator differ), in sentences built from the trained networks and the measured numbers."""
+    sentences = []
+    by_name = cells.set_index("cell")
+    for name, model in models.items():
+        if by_name.loc[name, "family"] != "gan":
+            continue
+        cell, history = config.cell(name), read_json(train_dir(config.study, name) / "history.json")
+        first, last = history[0], history[-1]
+        vae_encoder_outputs = 2 * cell.latent_dim
+        text = (
+            f"{name}: the generator is the {cell.arch} decoder network of a latent_dim {cell.latent_dim} VAE "
+            f"({parameters(model.decoder):,} parameters, z ~ N(0, I) in, 784 pixel logits out); the discriminator is the "
+            f"{cell.arch} encoder network with one output, a real/fake logit, instead of the VAE encoder's "
+            f"{vae_encoder_outputs} (mean and log-variance of q(z|x)): {parameters(model.discriminator):,} parameters. "
+            f"After {last['epoch']} epoch{'s' if last['epoch'] > 1 else ''} the discriminator's mean output was {last['val_d_real']:.2f} on validation "
+            f"digits and {last['val_d_fake']:.2f} on generated ones (0.5 on both: it cannot tell them apart); "
+            f"the FID probe went from {first['val_fid_probe']:.1f} "
+            f"after epoch 1 to {last['val_fid_probe']:.1f} (figure adversarial_curves)."
+        )
+        if cell.init_from:
+            source = by_name.loc[cell.init_from]
+            mine = by_name.loc[name]
+            text += (
+                f" It started from the decoder of {cell.init_from}, weight for weight"
+                + (" (and its discriminator from that VAE's encoder, but for the output layer)" if cell.settings.init_discriminator else "")
+                + f"; from the same z (figure finetuning), its samples moved from the VAE's FID "
+                f"{source.fid_mnist_cnn:.1f}, precision {source.precision_mnist_cnn:.3f}, recall {source.recall_mnist_cnn:.3f} "
+                f"to FID {mine.fid_mnist_cnn:.1f}, precision {mine.precision_mnist_cnn:.3f}, recall {mine.recall_mnist_cnn:.3f}."
+            )
+        sentences.append(text)
+    return sentences
+
+
+def report_blocks(config: StudyConfig, cells: pd.DataFrame, groups: pd.DataFrame, figure_names: list[str],
+                  generator_sentences: list[str]) -> list:
     blocks = [("h1", f"vaebench study report: {config.study}"), ("h2", "Design"), ("p", design_text(config, cells))]
     blocks.append(("h2", "Findings"))
-    for question, sentences in study_findings(cells, groups).items():
+    for question, sentences in study_findings(cells, groups, config.report.collapse_share).items():
         blocks += [("h3", question), ("ul", sentences)]
+    if generator_sentences:
+        blocks += [("h3", "The decoder as a generator, the encoder against the discriminator"), ("ul", generator_sentences)]
     blocks += [("h2", "Results"), ("table", markdown_table(cells))]
     if (groups["seeds"] > 1).any():
         blocks += [("p", "Aggregated over seeds (mean ± standard deviation):"), ("table", markdown_seed_table(groups))]
@@ -172,6 +228,9 @@ def report_blocks(config: StudyConfig, cells: pd.DataFrame, groups: pd.DataFrame
         ("h3", "Sample quality"),
         ("p", SAMPLE_QUALITY_TEXT.format(**vars(config.sample_quality))),
         ("table", markdown_sample_table(cells, load_floor())),
+        ("h3", "Digits in the samples"),
+        ("p", CLASS_SHARE_TEXT.format(n_samples=config.sample_quality.n_samples, share=config.report.collapse_share)),
+        ("table", markdown_class_share_table(cells, config.report.collapse_share)),
     ]
     missing = cells[cells["status"] != "ok"]
     if not missing.empty:
@@ -248,18 +307,26 @@ def build_report(config: StudyConfig) -> Path:
     final = REPORTS / config.study
     # Study figures show one model per group (its first seed) so that rows stay readable.
     shown = evaluated.drop_duplicates("group")["cell"].tolist()
+    models = load_models(config, shown)
+    tuned = [(config.cell(name).init_from, name) for name in evaluated["cell"] if config.cell(name).init_from]
+    sources = load_models(config, {source for source, _ in tuned})
+    tuned_models = load_models(config, [name for _, name in tuned])
+    adversarial = {name: read_json(train_dir(config.study, name) / "history.json") for name in evaluated.loc[evaluated["adversarial"], "cell"]}
     with staged_dir(final) as folder:
         log.info("report: drawing figures of %d models", len(shown))
         written = [
             *figures.loss_curves(history_table(config, cells), folder, config.report.dpi),
-            *model_figures(config, load_models(config, shown), test, folder),
+            *model_figures(config, models, test, folder),
+            *figures.adversarial_curves(adversarial, folder, config.report.dpi),
+            *figures.finetuning([(source, sources[source], name, tuned_models[name]) for source, name in tuned],
+                                config.report.samples, config.report.seed, folder, config.report.dpi),
             *(figures.rate_distortion(vae_groups, folder, config.report.dpi) if not vae_groups.empty else []),
             *(figures.metric_heatmaps(vae_groups, HEATMAP_METRICS, folder, config.report.dpi) if not vae_groups.empty else []),
         ]
         names = [name for name in CAPTIONS if any(p.stem == name for p in written)]
         cells.to_csv(folder / "results.csv", index=False)
         groups.to_csv(folder / "results_by_group.csv", index=False)
-        blocks = report_blocks(config, cells, groups, names)
+        blocks = report_blocks(config, cells, groups, names, generator_text(config, evaluated, models))
         (folder / "results.md").write_text(markdown_table(cells) + "\n")
         (folder / "report.md").write_text(to_markdown(blocks))
         (folder / "report.html").write_text(to_html(blocks, folder))

@@ -9,8 +9,10 @@ from collections.abc import Callable
 import torch
 
 from pipeline import engine, tracking
+from pipeline.classifier import load_classifier
 from pipeline.config import CellConfig, StudyConfig, cell_as_dict
 from pipeline.data import images_to_tensor, load_prepared
+from pipeline.evaluation.sample_quality import FIDProbe
 from pipeline.models import Autoencoder, build_model
 from pipeline.outputs import PREPARED_FILE, resume_file, staged_dir, train_dir, write_json
 
@@ -34,12 +36,17 @@ def train_cell(
     val_images = images_to_tensor(arrays["val_images"], device)
 
     training = engine.start_training(cell, device)
+    if cell.init_from:
+        training.model.start_from(load_trained(config.study, config.cell(cell.init_from), device))
+    probe = None
+    if training.model.capabilities.adversarial:
+        probe = FIDProbe(load_classifier(device), val_images, cell.latent_dim, seed=cell.seed)
     checkpoint = resume_file(config.study, cell.name)
     run_id = engine.restore_checkpoint(checkpoint, training)
     with tracking.cell_run(config, cell, stage=f"train@{cell.name}", run_id=run_id) as run:
         if not training.history:
             tracking.log_cell_params(config, cell)
-        for row in engine.epochs(training, train_images, val_images):
+        for row in engine.epochs(training, train_images, val_images, probe):
             tracking.log_epoch(row)
             validation = "  ".join(f"{key[4:]} {value:.2f}" for key, value in row.items() if key.startswith("val_"))
             log.info("%s epoch %d/%d  train loss %.2f  val %s", cell.name, row["epoch"], cell.epochs, row["train_loss"], validation)

@@ -62,12 +62,14 @@ def model_scores(model: Autoencoder, classifier, real_features: torch.Tensor, te
     noise = torch.randn(settings.n_samples, model.latent_dim, generator=generator).to(test_images.device)
     samples = torch.cat([torch.sigmoid(model.decode(model.latent_from_noise(chunk))) for chunk in noise.split(1000)])
     sample_scores, sample_shares = set_scores(classifier, real_features, samples, settings)
-    originals = test_images[: settings.n_samples]
-    reconstructions = torch.cat(
-        [torch.sigmoid(model.decode(model.encode(chunk))) for chunk in originals.split(1000)]
-    )
-    recon_scores, _ = set_scores(classifier, real_features, reconstructions, settings)
-    scores = {**sample_scores, **{f"{key}_recon": value for key, value in recon_scores.items()}}
+    scores = sample_scores
+    if model.capabilities.encoder:
+        originals = test_images[: settings.n_samples]
+        reconstructions = torch.cat(
+            [torch.sigmoid(model.decode(model.encode(chunk))) for chunk in originals.split(1000)]
+        )
+        recon_scores, _ = set_scores(classifier, real_features, reconstructions, settings)
+        scores = {**sample_scores, **{f"{key}_recon": value for key, value in recon_scores.items()}}
     if not model.capabilities.likelihood_bound:
         return scores, {"samples": sample_shares}
 
@@ -99,6 +101,22 @@ def importance_weighted_nll(model: Autoencoder, x: torch.Tensor, k: int, likelih
         log_w = log_px_z + log_pz - log_qz
         results.append(-(torch.logsumexp(log_w, dim=0) - math.log(k)))
     return torch.cat(results)
+
+
+class FIDProbe:
+    """A cheap per-epoch sample-quality probe for the adversarial families: FID, in the classifier's features,
+    of `n` samples decoded from the same fixed z every epoch against `n` validation images."""
+
+    def __init__(self, classifier, val_images: torch.Tensor, latent_dim: int, n: int = 2000, seed: int = 0):
+        self.classifier = classifier
+        self.real_features = embed(classifier, val_images[:n])[0].cpu()
+        self.noise = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed)).to(val_images.device)
+
+    @torch.no_grad()
+    def __call__(self, model: Autoencoder) -> dict[str, float]:
+        model.eval()
+        samples = torch.cat([torch.sigmoid(model.decode(model.latent_from_noise(z))) for z in self.noise.split(1000)])
+        return {"fid_probe": frechet_distance(self.real_features, embed(self.classifier, samples)[0].cpu())}
 
 
 def real_data_floor(classifier, train_images: torch.Tensor, real_features: torch.Tensor, settings: SampleQualityConfig) -> dict:

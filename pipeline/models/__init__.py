@@ -11,12 +11,14 @@ from pipeline.models.ae import AE
 from pipeline.models.cae import CAE
 from pipeline.models.contract import Autoencoder
 from pipeline.models.dae import DAE
+from pipeline.models.gan import GAN
 from pipeline.models.vae import VAE
+from pipeline.models.vaegan import VAEGAN
 
 if TYPE_CHECKING:
     from pipeline.config import CellConfig
 
-FAMILIES: dict[str, type[Autoencoder]] = {"vae": VAE, "ae": AE, "dae": DAE, "cae": CAE}
+FAMILIES: dict[str, type[Autoencoder]] = {"vae": VAE, "ae": AE, "dae": DAE, "cae": CAE, "gan": GAN, "vaegan": VAEGAN}
 
 
 def build_model(cell: CellConfig) -> Autoencoder:

@@ -6,8 +6,9 @@ A family is a subclass of `Autoencoder` with:
   read by `parse_settings` (only these keys may appear on a cell of that family);
 - `capabilities`: what evaluation may compute for it (KL, ELBO, the likelihood bound, prior samples);
 - `encode(x)`: the deterministic code h (the posterior mean for a VAE); `forward(x)`: a `ModelOutput`;
-- `loss_terms(x)`: per-image loss terms in a dict; the engine minimises the mean of `loss` and
-  reports the mean of every term each epoch.
+- `loss_terms(x)`: per-image loss terms in a dict; the engine reports the mean of every term each epoch,
+  and `train_step` (one gradient step on the mean of `loss`, unless a family overrides it, as the
+  adversarial families do with alternating steps) is what the engine calls for every batch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Capabilities:
     posterior: bool  # a Gaussian q(z|x): KL, active units and KL per dimension
     prior: bool  # samples from N(0, I); without one, from a Gaussian fitted to the training codes (ex-post)
     likelihood_bound: bool  # the ELBO and the importance-weighted bound on log p(x)
+    encoder: bool = True  # images to codes: reconstructions, codes, contraction, interpolation between digits
+    adversarial: bool = False  # trained against a discriminator: D/G curves and a per-epoch sample-quality probe
 
 
 @dataclass
@@ -38,6 +41,13 @@ class ModelOutput:
     code: torch.Tensor  # (N, latent_dim): the posterior mean for a VAE, the deterministic code otherwise
     z: torch.Tensor  # the latent the decoder read: a posterior sample for a VAE, the code otherwise
     logvar: torch.Tensor | None = None  # log sigma^2 of q(z|x), families with a posterior only
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One gradient step on `loss` (parameters without a gradient, such as a frozen player's, stay put)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 @dataclass(frozen=True)
@@ -52,12 +62,11 @@ class Autoencoder(nn.Module):
     family: ClassVar[str]
     capabilities: ClassVar[Capabilities]
     Settings: ClassVar[type] = NoSettings
-    codes_per_latent: ClassVar[int] = 1  # encoder outputs per latent dimension (2 for mean and log-variance)
 
     def __init__(self, cell: CellConfig):
         super().__init__()
         self.encoder, self.decoder = build_networks(
-            cell.arch, self.codes_per_latent * cell.latent_dim, cell.latent_dim, cell.hidden, cell.channels
+            cell.arch, self.encoder_outputs(cell.latent_dim), cell.latent_dim, cell.hidden, cell.channels
         )
         self.arch, self.hidden = cell.arch, cell.hidden
         self.latent_dim = cell.latent_dim
@@ -71,6 +80,20 @@ class Autoencoder(nn.Module):
     @staticmethod
     def parse_settings(raw: dict, where: str):
         return NoSettings()
+
+    @staticmethod
+    def encoder_outputs(latent_dim: int) -> int:
+        """Numbers the encoder network gives per image (2 x latent_dim for a mean and a log-variance)."""
+        return latent_dim
+
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=lr)
+
+    def train_step(self, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        """One training step on a batch; returns its per-image loss terms."""
+        terms = self.loss_terms(x)
+        descend(optimizer, terms["loss"].mean())
+        return terms
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)

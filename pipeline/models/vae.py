@@ -28,7 +28,10 @@ class VAE(Autoencoder):
     family = "vae"
     capabilities = Capabilities(posterior=True, prior=True, likelihood_bound=True)
     Settings = VAESettings
-    codes_per_latent = 2
+
+    @staticmethod
+    def encoder_outputs(latent_dim: int) -> int:
+        return 2 * latent_dim
 
     @staticmethod
     def parse_settings(raw: dict, where: str) -> VAESettings:

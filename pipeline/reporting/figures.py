@@ -167,6 +167,8 @@ def latent_scatter(models: dict[str, Autoencoder], images: torch.Tensor, labels:
 def loss_curves(history: pd.DataFrame, folder: Path, dpi: int) -> list[Path]:
     """history: one row per cell, epoch and split ('train' or 'validation'), with the objective in `loss`;
     one column per model (family and arch), line style = the family's setting (β for a VAE)."""
+    if history.empty:
+        return []
     grid = sns.relplot(
         data=history, x="epoch", y="loss", row="split", col="model", hue="latent_dim", style="setting",
         kind="line", palette=PALETTE, height=2.8, aspect=1.3, facet_kws={"sharey": False}, markers=True,
@@ -227,3 +229,46 @@ def kl_per_dimension(kl_dims: dict[str, list[float]], folder: Path, dpi: int) ->
     fig.suptitle("Test KL per latent dimension", fontsize=10)
     fig.tight_layout()
     return save(fig, folder, "kl_per_dim", dpi, vector=True)
+
+
+ADVERSARIAL_CURVES = {  # history key: panel title
+    "train_d_loss": "discriminator loss (train)",
+    "train_g_loss": "generator loss (train)",
+    "val_d_real": "mean D(real) (validation)",
+    "val_d_fake": "mean D(fake) (validation)",
+    "val_fid_probe": "FID probe, 2,000 samples (validation)",
+}
+
+
+def adversarial_curves(histories: dict[str, list[dict]], folder: Path, dpi: int) -> list[Path]:
+    """Per epoch, for every adversarial cell: both players' losses, D's mean outputs and the FID probe."""
+    rows = [
+        {"cell": cell, "epoch": row["epoch"], "panel": title, "value": row[key]}
+        for cell, history in histories.items() for row in history
+        for key, title in ADVERSARIAL_CURVES.items() if key in row
+    ]
+    if not rows:
+        return []
+    grid = sns.relplot(
+        data=pd.DataFrame(rows), x="epoch", y="value", col="panel", hue="cell", kind="line", marker="o",
+        col_wrap=3, height=2.6, aspect=1.3, facet_kws={"sharey": False}, palette=PALETTE,
+    )
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("epoch", "")
+    grid.figure.suptitle("Adversarial training per epoch", y=1.02, fontsize=10)
+    return save(grid.figure, folder, "adversarial_curves", dpi, vector=True)
+
+
+@torch.no_grad()
+def finetuning(pairs: list[tuple[str, Autoencoder, str, Autoencoder]], count: int, seed: int, folder: Path,
+               dpi: int) -> list[Path]:
+    """For each fine-tuned cell: its source VAE's samples and its own from the same z, one row above the other."""
+    if not pairs:
+        return []
+    noise = prior_samples({model.latent_dim for _, model, _, _ in pairs}, count, seed)
+    rows = []
+    for source_name, source, name, tuned in pairs:
+        z = noise[tuned.latent_dim]
+        rows += [(f"{source_name} (VAE)", torch.sigmoid(source.decode(z))), (f"{name} (fine-tuned)", torch.sigmoid(tuned.decode(z)))]
+    title = "The same z ~ N(0, I) through the VAE's decoder before (top) and after adversarial fine-tuning"
+    return save(image_rows(rows, title), folder, "finetuning", dpi)

@@ -21,7 +21,16 @@ QUESTIONS = {
     "family_codes": "Which family gives the best codes for a linear probe?",
     "family_robustness": "Which family is most robust to noise?",
     "family_samples": "Which family generates best?",
+    "adversarial": "Does adversarial training make samples more realistic (precision, FID), and at what cost in diversity (recall, class entropy)?",
+    "initialisation": "Does starting from the VAE's decoder help the GAN?",
+    "collapse": "Does any generator collapse onto a few digits?",
 }
+ADVERSARIAL_METRICS = (  # metric, label, digits, lower is better
+    ("precision_mnist_cnn", "precision", 3, False),
+    ("fid_mnist_cnn", "FID", 1, True),
+    ("recall_mnist_cnn", "recall", 3, False),
+    ("class_entropy_mnist_cnn", "class entropy", 3, False),
+)
 
 
 def seed_values(cells: pd.DataFrame, group: str, metric: str) -> list[float]:
@@ -242,7 +251,84 @@ def family_findings(cells: pd.DataFrame, groups: pd.DataFrame) -> dict[str, list
     }
 
 
-def study_findings(cells: pd.DataFrame, groups: pd.DataFrame) -> dict[str, list[str]]:
+def compare(before: pd.Series, after: pd.Series) -> tuple[str, dict[str, bool]]:
+    """'precision 0.612 → 0.705, FID ...' from one group to another, and which metrics improved."""
+    parts, improved = [], {}
+    for metric, label, digits, lower_is_better in ADVERSARIAL_METRICS:
+        a, b = before[f"{metric}_mean"], after[f"{metric}_mean"]
+        parts.append(f"{label} {a:.{digits}f} → {b:.{digits}f}")
+        improved[label] = b < a if lower_is_better else b > a
+    return ", ".join(parts), improved
+
+
+def tally(outcomes: list[dict[str, bool]], labels: tuple[str, ...]) -> str:
+    return ", ".join(f"{label} in {sum(o[label] for o in outcomes)} of {len(outcomes)}" for label in labels)
+
+
+def adversarial_effect(groups: pd.DataFrame) -> list[str]:
+    """Every adversarial group against the plain VAE (β = 1) of the same arch and latent_dim."""
+    sentences, outcomes = [], []
+    for (arch, latent_dim), same in groups.groupby(["arch", "latent_dim"]):
+        vae = same[(same["family"] == "vae") & (same["beta"] == 1.0)]
+        if vae.empty:
+            continue
+        for _, model in same[same["adversarial"]].iterrows():
+            text, improved = compare(vae.iloc[0], model)
+            outcomes.append(improved)
+            sentences.append(f"{arch}, latent_dim {latent_dim}: vae (β=1) → {family_label(model)}: {text}.")
+    if not outcomes:
+        return ["Not answered: no GAN or VAE-GAN was trained beside a VAE (β = 1) of the same arch and latent_dim."]
+    realism = tally(outcomes, ("precision", "FID"))
+    diversity = ", ".join(
+        f"{label} in {sum(not o[label] for o in outcomes)} of {len(outcomes)}" for label in ("recall", "class entropy")
+    )
+    summary = (
+        f"Against the VAE of the same networks, adversarial training improved {realism} models "
+        f"(higher precision, lower FID); it lowered {diversity}."
+    )
+    return [summary, *sentences]
+
+
+def initialisation_effect(groups: pd.DataFrame) -> list[str]:
+    """GANs fine-tuned from a VAE against GANs trained from scratch, at the same arch and latent_dim."""
+    sentences, outcomes = [], []
+    gans = groups[groups["family"] == "gan"]
+    for (arch, latent_dim), same in gans.groupby(["arch", "latent_dim"]):
+        scratch, tuned = same[same["init_from"].isna()], same[same["init_from"].notna()]
+        for _, base in scratch.iterrows():
+            for _, model in tuned.iterrows():
+                text, improved = compare(base, model)
+                outcomes.append(improved)
+                sentences.append(f"{arch}, latent_dim {latent_dim}: from scratch → {family_label(model)}: {text}.")
+    if not outcomes:
+        return [
+            "Not answered: no arch and latent_dim has both a GAN trained from scratch and one fine-tuned from a VAE "
+            "(studies/gan.yaml has both)."
+        ]
+    summary = f"Starting from the VAE's decoder improved {tally(outcomes, ('FID', 'precision', 'recall'))} comparisons."
+    return [summary, *sentences]
+
+
+def mode_collapse(cells: pd.DataFrame, collapse_share: float) -> list[str]:
+    """Cells whose samples are one digit more often than `collapse_share` (uniform would be 0.10)."""
+    done = cells[cells["status"] == "ok"]
+    shares = done[[f"share_{digit}" for digit in range(10)]].to_numpy()
+    top = shares.max(1)
+    flagged = [
+        f"{row.cell}: {share:.0%} of its samples are the digit {digit} (class entropy {row.class_entropy_mnist_cnn:.3f} nats)."
+        for row, share, digit in zip(done.itertuples(), top, shares.argmax(1))
+        if share > collapse_share
+    ]
+    if flagged:
+        return [f"Flagged where one digit takes more than {collapse_share:.0%} of the samples (uniform: 10%):", *flagged]
+    worst = int(top.argmax())
+    return [
+        f"No: in every cell each digit takes at most {collapse_share:.0%} of the samples (uniform: 10%); the largest "
+        f"share is {top[worst]:.0%}, digit {int(shares[worst].argmax())} in {done['cell'].iloc[worst]}."
+    ]
+
+
+def study_findings(cells: pd.DataFrame, groups: pd.DataFrame, collapse_share: float) -> dict[str, list[str]]:
     vae_cells, vae_groups = cells[cells["family"] == "vae"], groups[groups["family"] == "vae"]
     findings = {
         QUESTIONS["arch"]: conv_vs_linear(vae_cells, vae_groups),
@@ -251,4 +337,8 @@ def study_findings(cells: pd.DataFrame, groups: pd.DataFrame) -> dict[str, list[
     }
     if groups["family"].nunique() > 1:
         findings |= family_findings(cells, groups)
+    if groups["adversarial"].any():
+        findings[QUESTIONS["adversarial"]] = adversarial_effect(groups)
+        findings[QUESTIONS["initialisation"]] = initialisation_effect(groups)
+    findings[QUESTIONS["collapse"]] = mode_collapse(cells, collapse_share)
     return findings

@@ -20,7 +20,8 @@ FAMILY_METRICS = ("recon_bernoulli", "recon_mse", "noisy_recon_mse", "masked_rec
 SAMPLE_METRICS = ("fid_mnist_cnn", "kid_mnist_cnn_mean", "is_mnist_cnn", "precision_mnist_cnn", "recall_mnist_cnn",
                   "class_entropy_mnist_cnn", "fid_mnist_cnn_recon", "iw_nll")
 ALL_METRICS = METRICS + FAMILY_METRICS + SAMPLE_METRICS
-GROUP_KEYS = ["group", "family", "arch", "latent_dim", "beta", "variant"]
+SHARES = tuple(f"share_{digit}" for digit in range(10))  # share of the samples the classifier calls each digit
+GROUP_KEYS = ["group", "family", "arch", "latent_dim", "beta", "variant", "init_from", "adversarial"]
 SEED_SUFFIX = re.compile(r"-s\d+$")
 MISSING = "–"
 
@@ -42,14 +43,18 @@ def cell_table(config: StudyConfig) -> pd.DataFrame:
             "arch": cell.arch,
             "latent_dim": cell.latent_dim,
             "beta": getattr(cell.settings, "beta", float("nan")),
-            "variant": cell.settings.label(),
+            "variant": variant(cell),
             "seed": cell.seed,
             "prior": FAMILIES[cell.family].capabilities.prior,
+            "adversarial": FAMILIES[cell.family].capabilities.adversarial,
+            "init_from": cell.init_from,
         }
         metrics_file = evaluate_dir(config.study, cell.name) / "metrics.json"
         if metrics_file.is_file():
             measured = read_json(metrics_file)
             row |= {key: measured.get(key, float("nan")) for key in ALL_METRICS} | {"status": "ok"}
+            shares = read_json(evaluate_dir(config.study, cell.name) / "class_shares.json")["samples"]
+            row |= {f"share_{digit}": share for digit, share in enumerate(shares)}
         elif (train_dir(config.study, cell.name) / "model.pt").is_file():
             row["status"] = "trained, not evaluated"
         else:
@@ -62,11 +67,17 @@ def cell_table(config: StudyConfig) -> pd.DataFrame:
     return frame
 
 
+def variant(cell) -> str:
+    """The family's settings, and the cell a fine-tuned cell starts from."""
+    parts = [cell.settings.label(), f"from {cell.init_from}" if cell.init_from else ""]
+    return ", ".join(part for part in parts if part)
+
+
 def seed_table(cells: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over the seeds of each group of evaluated cells."""
     done = cells[cells["status"] == "ok"]
     grouped = done.groupby(GROUP_KEYS, sort=False, dropna=False)
-    table = grouped[[key for key in ALL_METRICS if key in done]].agg(["mean", "std"])
+    table = grouped[[key for key in ALL_METRICS + SHARES if key in done]].agg(["mean", "std"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
     table["seeds"] = grouped.size()
     return table.reset_index()
@@ -165,4 +176,22 @@ def markdown_sample_table(cells: pd.DataFrame, floor: dict | None) -> str:
         values = [number(getattr(row, key), 3) for key in SAMPLE_COLUMNS]
         label = row.cell if row.prior else f"{row.cell} (ex-post Gaussian)"
         lines.append(f"| {label} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def markdown_class_share_table(cells: pd.DataFrame, collapse_share: float) -> str:
+    """Per evaluated cell: the share of its samples the classifier assigns to each digit (uniform: 0.10),
+    the class entropy, and a flag where one digit takes more than `collapse_share`."""
+    lines = [
+        "| cell | " + " | ".join(str(digit) for digit in range(10)) + " | class entropy (nats) | one digit > "
+        f"{collapse_share:.0%} |",
+        "|---|" + "---|" * 12,
+    ]
+    for row in cells[cells["status"] == "ok"].itertuples():
+        shares = [getattr(row, key) for key in SHARES]
+        flag = f"yes: digit {shares.index(max(shares))}" if max(shares) > collapse_share else "no"
+        lines.append(
+            f"| {row.cell} | " + " | ".join(f"{share:.2f}" for share in shares)
+            + f" | {number(row.class_entropy_mnist_cnn, 3)} | {flag} |"
+        )
     return "\n".join(lines)

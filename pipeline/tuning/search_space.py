@@ -209,6 +209,11 @@ def check_space_fits(space: TuneSpace, base: CellConfig) -> None:
     is one that family reports."""
     from pipeline.models import FAMILIES
 
+    if FAMILIES[base.family].capabilities.adversarial:
+        raise ConfigError(
+            f"search space {space.name}: base cell {base.name} is a {base.family} cell, whose losses are a two-player "
+            "game rather than an objective to minimise; tune a vae, ae, dae or cae cell"
+        )
     allowed = COMMON_TUNABLE + family_setting_keys()[base.family]
     for key in [*space.fixed, *(param.name for param in space.params)]:
         if key not in allowed:
