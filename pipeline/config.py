@@ -290,7 +290,7 @@ def _check_init_from(cell: CellConfig, origin: CellConfig, where: str) -> None:
         starters = ", ".join(name for name, cls in families().items() if hasattr(cls, "start_from"))
         raise ConfigError(f"{where}: family {cell.family} cannot start from a VAE; use family {starters}")
     if origin.family != "vae":
-        raise ConfigError(f"{where}.init_from: {origin.name} is a {origin.family} cell; name a vae cell")
+        raise ConfigError(f"{where}.init_from: {origin.name} is a cell of family {origin.family}; name a vae cell")
     network_keys = ("arch", "latent_dim", "hidden") if cell.arch == "linear" else ("arch", "latent_dim", "channels")
     for key in network_keys:
         if getattr(cell, key) != getattr(origin, key):

@@ -134,7 +134,7 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
         metrics["contraction"] = mean_contraction(model, test_images[: settings.contraction_images])
         metrics |= code_metrics(model, arrays, images_to_tensor(arrays["train_images"], device), test_images, settings.knn_k)
     run_id = read_json(train_dir(config.study, cell.name) / RUN_FILE)["run_id"]
-    with tracking.cell_run(config, cell, stage=f"evaluate@{cell.name}", run_id=run_id):
+    with tracking.cell_run(config, cell, stage=f"{'evaluate-finetuned' if cell.init_from else 'evaluate'}@{cell.name}", run_id=run_id):
         with staged_dir(evaluate_dir(config.study, cell.name)) as out:
             write_json(out / METRICS_FILE, metrics)
             write_json(out / "kl_per_dim.json", kl_dims)  # null for a family without a posterior

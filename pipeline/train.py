@@ -43,7 +43,7 @@ def train_cell(
         probe = FIDProbe(load_classifier(device), val_images, cell.latent_dim, seed=cell.seed)
     checkpoint = resume_file(config.study, cell.name)
     run_id = engine.restore_checkpoint(checkpoint, training)
-    with tracking.cell_run(config, cell, stage=f"train@{cell.name}", run_id=run_id) as run:
+    with tracking.cell_run(config, cell, stage=f"{'finetune' if cell.init_from else 'train'}@{cell.name}", run_id=run_id) as run:
         if not training.history:
             tracking.log_cell_params(config, cell)
         for row in engine.epochs(training, train_images, val_images, probe):

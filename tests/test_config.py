@@ -19,10 +19,19 @@ def with_cell(**changes) -> dict:
     return raw
 
 
+def finetuned(name="ft", **changes) -> dict:
+    """The tiny study with one fine-tuned cell (a GAN from linear-z2-b1-s0, with changes)."""
+    raw = tiny_raw()
+    raw["finetuned"] = {name: {"family": "gan", "arch": "linear", "latent_dim": 2, "seed": 0,
+                               "init_from": "linear-z2-b1-s0", **changes}}
+    return raw
+
+
 def as_family(family: str, **settings) -> dict:
     """The tiny study with its first cell made a cell of another family."""
     raw = tiny_raw()
     raw["cells"]["linear-z2-b1-s0"] = {"family": family, "arch": "linear", "latent_dim": 2, "seed": 0, **settings}
+    raw["finetuned"] = {}  # its fine-tuned cell starts from a VAE
     return raw
 
 
@@ -38,10 +47,26 @@ def as_family(family: str, **settings) -> dict:
         (with_cell(device="tpu"), "cells.linear-z2-b1-s0.device is 'tpu'"),
         (with_cell(width=3), "cells.linear-z2-b1-s0: unknown key 'width'"),
         ({**tiny_raw(), "cells": {}}, "cells is empty"),
-        (with_cell(family="gan"), "cells.linear-z2-b1-s0.family is 'gan'; choose one of vae, ae, dae, cae"),
+        (with_cell(family="flow"), "cells.linear-z2-b1-s0.family is 'flow'; choose one of vae, ae, dae, cae, gan, vaegan"),
         (with_cell(noise_std=0.3), "cells.linear-z2-b1-s0.noise_std is a setting of family dae, not of vae; "
                                    "remove it or set family: dae"),
-        (as_family("ae", beta=1.0), "cells.linear-z2-b1-s0.beta is a setting of family vae, not of ae"),
+        (as_family("ae", beta=1.0), "cells.linear-z2-b1-s0.beta is a setting of family vae and vaegan, not of ae"),
+        (with_cell(r1_weight=1.0), "cells.linear-z2-b1-s0.r1_weight is a setting of family gan and vaegan, not of vae; "
+                                   "remove it or set family: gan"),
+        (as_family("gan", r1_weight=-1), "cells.linear-z2-b1-s0.r1_weight must be >= 0, got -1"),
+        (as_family("gan", disc_lr=-0.001), "cells.linear-z2-b1-s0.disc_lr must be > 0, got -0.001"),
+        (as_family("gan", lr=-0.001), "cells.linear-z2-b1-s0.lr must be > 0, got -0.001"),
+        (as_family("gan", adam_beta1=1.0), "cells.linear-z2-b1-s0.adam_beta1 must be in [0, 1), got 1"),
+        (as_family("vaegan", recon_space="latent"), "cells.linear-z2-b1-s0.recon_space is 'latent'; choose one of features, pixels"),
+        (with_cell(init_from="conv-z2-b1-s0"), "cells.linear-z2-b1-s0.init_from: a fine-tuned cell goes under finetuned:"),
+        (finetuned(init_from="nowhere"), "finetuned.ft.init_from is 'nowhere', not a cell under cells:; VAE cells: "
+                                         "linear-z2-b1-s0, conv-z2-b1-s0"),
+        (finetuned(init_from="ae-linear-z2-s0", arch="linear"), "finetuned.ft.init_from: ae-linear-z2-s0 is a cell of family ae; name a vae cell"),
+        (finetuned(init_from="conv-z2-b1-s0", arch="linear"), "finetuned.ft.arch is 'linear' but its init_from cell conv-z2-b1-s0 "
+                                                               "has 'conv'; the networks must match to copy the weights"),
+        (finetuned(latent_dim=3), "finetuned.ft.latent_dim is 3 but its init_from cell linear-z2-b1-s0 has 2"),
+        (finetuned(family="ae"), "finetuned.ft: family ae cannot start from a VAE; use family gan, vaegan"),
+        (finetuned(name="linear-z2-b1-s0"), "finetuned.linear-z2-b1-s0: the name is already a cell under cells:"),
         (as_family("dae", noise_std=-0.1), "cells.linear-z2-b1-s0.noise_std must be >= 0, got -0.1"),
         (as_family("dae", noise="mask", mask_prob=1.0), "cells.linear-z2-b1-s0.mask_prob must be in [0, 1), got 1"),
         (as_family("dae", noise="mask", mask_prob=-0.2), "cells.linear-z2-b1-s0.mask_prob must be >= 0, got -0.2"),
@@ -116,7 +141,8 @@ def run_cli(*args, cwd):
         ({"latent_dim": 0}, "latent_dim must be >= 1"),
         ({"beta": -1}, "beta must be >= 0"),
         ({"seed": "zero"}, "seed must be an integer"),
-        ({"family": "cae", "beta": 1.0}, "beta is a setting of family vae, not of cae"),
+        ({"family": "cae", "beta": 1.0}, "beta is a setting of family vae and vaegan, not of cae"),
+        ({"r1_weight": 1.0}, "r1_weight is a setting of family gan and vaegan, not of vae"),
         ({"contraction_weight": 0.5}, "contraction_weight is a setting of family cae, not of vae"),
     ],
 )

@@ -1,8 +1,22 @@
+import math
+
 import pandas as pd
 import pytest
 
 from pipeline.reporting.findings import QUESTIONS, significance, study_findings, trend
-from pipeline.reporting.results import group_name, seed_table
+from pipeline.reporting.results import ALL_METRICS, group_name, seed_table
+
+
+COLLAPSE = 0.2
+
+
+def generator_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """What every real cell table has besides the metrics: no adversarial cell, uniform digits in the samples."""
+    frame["adversarial"], frame["init_from"] = False, None
+    for digit in range(10):
+        frame[f"share_{digit}"] = 0.1
+    frame["class_entropy_mnist_cnn"] = math.log(10)
+    return frame
 
 
 def cells_frame(rows):
@@ -13,7 +27,7 @@ def cells_frame(rows):
     frame["family"] = "vae"
     frame["variant"] = frame["beta"].map(lambda beta: f"β={beta:g}")
     frame["status"] = "ok"
-    return frame
+    return generator_columns(frame)
 
 
 LAB_GRID = [
@@ -28,7 +42,7 @@ LAB_GRID = [
 
 def findings(rows):
     cells = cells_frame(rows)
-    return study_findings(cells, seed_table(cells))
+    return study_findings(cells, seed_table(cells), COLLAPSE)
 
 
 def test_conv_beating_linear_follows_the_numbers():
@@ -94,7 +108,7 @@ def with_sample_scores(rows, fid):
     cells["fid_mnist_cnn"] = cells["cell"].map(fid)
     cells["precision_mnist_cnn"] = 0.8
     cells["recall_mnist_cnn"] = 0.5
-    return study_findings(cells, seed_table(cells))[QUESTIONS["latent_dim"]]
+    return study_findings(cells, seed_table(cells), COLLAPSE)[QUESTIONS["latent_dim"]]
 
 
 def test_sample_fid_findings_follow_the_scores():
@@ -131,7 +145,8 @@ def family_findings(rows, seeds=(0,)):
     frame["beta"] = [4.0 if v == "β=4" else 1.0 if v == "β=1" else float("nan") for v in frame["variant"]]
     frame["recon"], frame["kl"], frame["elbo"], frame["active_units"] = frame["recon_bernoulli"], 1.0, 1.0, 10
     frame["group"] = frame["cell"].map(group_name)
-    return study_findings(frame, seed_table(frame))
+    generator_columns(frame)
+    return study_findings(frame, seed_table(frame), COLLAPSE)
 
 
 def test_family_questions_are_answered_from_the_numbers_of_the_controlled_cells():
@@ -158,3 +173,61 @@ def test_family_ranking_with_three_seeds_comes_with_a_t_test():
 
 def test_a_vae_only_study_asks_no_family_question():
     assert QUESTIONS["family_recon"] not in findings(LAB_GRID)
+
+
+ADVERSARIAL_GRID = [  # cell, family, init_from, precision, FID, recall, class entropy
+    ("linear-z10-b1-s0", "vae", None, 0.60, 30.0, 0.80, 2.29),
+    ("gan-linear-z10-s0", "gan", None, 0.75, 20.0, 0.40, 2.10),
+    ("gan-linear-z10-ft-s0", "gan", "linear-z10-b1-s0", 0.85, 12.0, 0.60, 2.25),
+]
+
+
+def adversarial_findings(rows, shares=None):
+    frame = generator_columns(pd.DataFrame(
+        [(cell, family, p, f, r) for cell, family, _, p, f, r, _ in rows],
+        columns=["cell", "family", "precision_mnist_cnn", "fid_mnist_cnn", "recall_mnist_cnn"],
+    ))
+    frame["init_from"] = [row[2] for row in rows]
+    frame["class_entropy_mnist_cnn"] = [row[6] for row in rows]
+    frame["adversarial"] = frame["family"] != "vae"
+    frame["arch"], frame["latent_dim"], frame["seed"], frame["status"] = "linear", 10, 0, "ok"
+    frame["beta"] = [1.0 if family == "vae" else float("nan") for family in frame["family"]]
+    frame["variant"] = ["β=1" if family == "vae" else (f"from {init}" if init else "") for family, init in zip(frame["family"], frame["init_from"])]
+    for metric in ALL_METRICS:  # the rest is not measured here
+        if metric not in frame:
+            frame[metric] = float("nan")
+    frame["group"] = frame["cell"].map(group_name)
+    for cell, values in (shares or {}).items():
+        for digit, share in enumerate(values):
+            frame.loc[frame["cell"] == cell, f"share_{digit}"] = share
+    return study_findings(frame, seed_table(frame), COLLAPSE)
+
+
+def test_adversarial_questions_are_answered_from_the_numbers():
+    found = adversarial_findings(ADVERSARIAL_GRID)
+    realism = found[QUESTIONS["adversarial"]]
+    assert realism[0] == ("Against the VAE of the same networks, adversarial training improved precision in 2 of 2, "
+                          "FID in 2 of 2 models (higher precision, lower FID); it lowered recall in 2 of 2, class entropy in 2 of 2.")
+    assert ("linear, latent_dim 10: vae (β=1) → gan (from linear-z10-b1-s0): precision 0.600 → 0.850, FID 30.0 → 12.0, "
+            "recall 0.800 → 0.600, class entropy 2.290 → 2.250.") in realism
+    start = found[QUESTIONS["initialisation"]]
+    assert start[0] == "Starting from the VAE's decoder improved FID in 1 of 1, precision in 1 of 1, recall in 1 of 1 comparisons."
+    assert "from scratch → gan (from linear-z10-b1-s0): precision 0.750 → 0.850, FID 20.0 → 12.0" in start[1]
+    # A worse fine-tuned GAN changes the answer.
+    worse = [row if row[0] != "gan-linear-z10-ft-s0" else (*row[:3], 0.70, 25.0, 0.30, 2.0) for row in ADVERSARIAL_GRID]
+    assert adversarial_findings(worse)[QUESTIONS["initialisation"]][0].startswith(
+        "Starting from the VAE's decoder improved FID in 0 of 1, precision in 0 of 1, recall in 0 of 1")
+    without_scratch = adversarial_findings([ADVERSARIAL_GRID[0], ADVERSARIAL_GRID[2]])
+    assert without_scratch[QUESTIONS["initialisation"]][0].startswith("Not answered")
+
+
+def test_mode_collapse_is_flagged_above_the_threshold():
+    found = adversarial_findings(ADVERSARIAL_GRID)[QUESTIONS["collapse"]]
+    assert found == ["No: in every cell each digit takes at most 20% of the samples (uniform: 10%); the largest share "
+                     "is 10%, digit 0 in linear-z10-b1-s0."]
+    collapsed = [0.02] * 10
+    collapsed[1] = 0.82
+    found = adversarial_findings(ADVERSARIAL_GRID, {"gan-linear-z10-s0": collapsed})[QUESTIONS["collapse"]]
+    assert found == ["Flagged where one digit takes more than 20% of the samples (uniform: 10%):",
+                     "gan-linear-z10-s0: 82% of its samples are the digit 1 (class entropy 2.100 nats)."]
+    assert QUESTIONS["adversarial"] not in findings(LAB_GRID)  # asked only where a study has adversarial cells

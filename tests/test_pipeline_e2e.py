@@ -8,13 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from conftest import REPO, SHARED_DATA, TINY_STUDY
 
 COPIED = ["pipeline", "studies", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
 VAE_CELLS = ["linear-z2-b1-s0", "conv-z2-b1-s0"]
-CELLS = [*VAE_CELLS, "ae-linear-z2-s0", "dae-linear-z2-s0", "cae-conv-z2-s0"]
+ENCODER_CELLS = [*VAE_CELLS, "ae-linear-z2-s0", "dae-linear-z2-s0", "cae-conv-z2-s0", "vaegan-linear-z2-s0"]
+BOUND_CELLS = [*VAE_CELLS, "vaegan-linear-z2-s0"]
+GAN_CELLS = ["gan-conv-z2-s0", "gan-linear-z2-ft-s0"]
+CELLS = [*ENCODER_CELLS, *GAN_CELLS]
+ADVERSARIAL_CURVES = ["train_d_loss", "train_g_loss", "val_d_real", "val_d_fake", "val_fid_probe"]
 SAMPLE_SCORES = ["fid_mnist_cnn", "kid_mnist_cnn_mean", "is_mnist_cnn", "precision_mnist_cnn", "recall_mnist_cnn"]
 EVERY_FAMILY = ["recon", "recon_bernoulli", "recon_mse", "noisy_recon_mse", "masked_recon_mse", "contraction",
                 "probe_accuracy", "knn_accuracy", *SAMPLE_SCORES]
@@ -70,11 +75,16 @@ def test_repro_writes_every_stage_output(repo, reproduced):
         history = json.loads((repo / f"results/tiny/train/{cell}/history.json").read_text())
         assert [row["epoch"] for row in history] == [1]
         metrics = json.loads((repo / f"results/tiny/evaluate/{cell}/metrics.json").read_text())
+        assert set(SAMPLE_SCORES) <= set(metrics)
+        if cell in GAN_CELLS:  # no encoder: samples only, "–" in the tables
+            assert not (set(EVERY_FAMILY) - set(SAMPLE_SCORES)) & set(metrics)
+            assert set(ADVERSARIAL_CURVES) <= set(history[0])
+            continue
         assert set(EVERY_FAMILY) <= set(metrics)
         assert 0 <= metrics["probe_accuracy"] <= 1 and 0 <= metrics["knn_accuracy"] <= 1
         assert metrics["contraction"] > 0 and metrics["recon_mse"] > 0
         kl_dims = json.loads((repo / f"results/tiny/evaluate/{cell}/kl_per_dim.json").read_text())
-        if cell not in VAE_CELLS:
+        if cell not in BOUND_CELLS:
             assert not set(BOUND_ONLY) & set(metrics) and kl_dims is None
             continue
         assert metrics["recon_bernoulli"] == metrics["recon"]  # the VAE cells are Bernoulli
@@ -86,6 +96,12 @@ def test_repro_writes_every_stage_output(repo, reproduced):
             assert (repo / f"results/tiny/evaluate/{cell}/images/{image}").stat().st_size > 0
     report = (repo / "reports/tiny/report.md").read_text()
     assert all(f"| {cell} |" in report for cell in CELLS)
+    for heading in ("Does adversarial training make samples more realistic", "Does starting from the VAE's decoder help",
+                    "Does any generator collapse", "The decoder as a generator", "Digits in the samples"):
+        assert heading in report
+    assert "vae (β=1) → gan (from linear-z2-b1-s0): precision" in report
+    for figure in ("adversarial_curves.png", "finetuning.png", "latent_map.png"):
+        assert (repo / "reports/tiny" / figure).stat().st_size > 0
     assert (repo / "reports/tiny/report.html").stat().st_size > 0
 
 
@@ -97,12 +113,20 @@ def test_vae_cells_give_the_test_metrics_of_the_code_before_the_refactor(repo, r
         assert {key: metrics[key] for key in before} == pytest.approx(before, rel=1e-4, abs=1e-6), cell
 
 
+def test_the_fine_tuned_generator_starts_from_its_vae_and_dvc_knows_it(repo, reproduced):
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    deps = [dep["path"] for dep in lock["finetune@gan-linear-z2-ft-s0"]["deps"]]
+    assert "results/tiny/train/linear-z2-b1-s0" in deps
+    assert '"train@linear-z2-b1-s0" -> "finetune@gan-linear-z2-ft-s0"' in run(repo, "dvc", "dag", "--dot")
+
+
 def test_dvc_is_up_to_date_and_lists_every_cell_metric(repo, reproduced):
     assert "up to date" in run(repo, "dvc", "status")
     shown = json.loads(run(repo, "dvc", "metrics", "show", "--json"))
     files = next(iter(shown.values()))["data"]
     for cell in CELLS:
-        assert set(EVERY_FAMILY) <= set(files[f"results/tiny/evaluate/{cell}/metrics.json"]["data"])
+        expected = SAMPLE_SCORES if cell in GAN_CELLS else EVERY_FAMILY
+        assert set(expected) <= set(files[f"results/tiny/evaluate/{cell}/metrics.json"]["data"])
     assert "test_accuracy" in files["results/classifier/metrics.json"]["data"]
 
 
@@ -116,17 +140,20 @@ def test_mlflow_has_one_parent_and_a_child_per_cell(repo, reproduced):
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert child.data.tags["vaebench.dvc_stage"] in {f"train@{child.info.run_name}", f"evaluate@{child.info.run_name}"}
-        assert {f"test_{metric}" for metric in EVERY_FAMILY} <= set(child.data.metrics)
-        has_bound = child.info.run_name in VAE_CELLS
+        name = child.info.run_name
+        fine_tuned = name.endswith("-ft-s0")
+        stages = {"finetune@" + name, "evaluate-finetuned@" + name} if fine_tuned else {"train@" + name, "evaluate@" + name}
+        assert child.data.tags["vaebench.dvc_stage"] in stages
+        expected = SAMPLE_SCORES if name in GAN_CELLS else EVERY_FAMILY
+        assert {f"test_{metric}" for metric in expected} <= set(child.data.metrics)
+        has_bound = name in BOUND_CELLS
         assert ({f"test_{metric}" for metric in BOUND_ONLY} <= set(child.data.metrics)) == has_bound
-        expected_family = "vae" if has_bound else child.info.run_name.split("-")[0]
+        expected_family = "vae" if name in VAE_CELLS else name.split("-")[0]
         assert child.data.params["cell.family"] == expected_family
+        assert child.data.params.get("cell.init_from") == ("linear-z2-b1-s0" if fine_tuned else None)
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [1]
-        assert [a.path for a in client.list_artifacts(child.info.run_id, "images")] == [
-            "images/reconstructions.png",
-            "images/samples.png",
-        ]
+        images = ["images/samples.png"] if name in GAN_CELLS else ["images/reconstructions.png", "images/samples.png"]
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "images")] == images
         models = client.search_logged_models([child.info.experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'")
         assert [m.name for m in models] == ["model"]
 
@@ -148,3 +175,13 @@ def test_editing_one_cell_reruns_only_that_cell(repo, reproduced):
     assert "Running stage 'train@linear-z2-b1-s0'" not in output
     assert "Running stage 'prepare'" not in output and "Running stage 'classifier'" not in output
     assert "up to date" in run(repo, "dvc", "status")
+
+
+def test_retraining_a_vae_cell_reruns_the_cells_fine_tuned_from_it(repo, reproduced):
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("linear-z2-b1-s0: {arch: linear, latent_dim: 2, beta: 1.0, seed: 0}",
+                                                 "linear-z2-b1-s0: {arch: linear, latent_dim: 2, beta: 0.5, seed: 0}"))
+    output = run(repo, "dvc", "repro")
+    for stage in ("train@linear-z2-b1-s0", "finetune@gan-linear-z2-ft-s0", "evaluate-finetuned@gan-linear-z2-ft-s0"):
+        assert f"Running stage '{stage}'" in output
+    assert "Running stage 'train@conv-z2-b1-s0'" not in output and "Running stage 'train@gan-conv-z2-s0'" not in output
