@@ -298,6 +298,12 @@ def check_bench_cells(config: StudyConfig, cells: list[str], reference_cell: str
     from pipeline.config import ConfigError
     from pipeline.models import FAMILIES
 
+    for name in [*cells, *([reference_cell] if reference_cell else [])]:
+        if FAMILIES[config.cell(name).family].capabilities.adversarial:
+            raise ConfigError(
+                f"cell {name}: family {config.cell(name).family} trains with alternating player steps, which the standard "
+                "loop and the stacked and FLOP-count measurements (one loss, one step) do not; benchmark a vae, ae, dae or cae cell"
+            )
     for name in cells:
         cell = config.cell(name)
         if build_model(cell).loss_differentiates_input:

@@ -37,6 +37,10 @@ def test_cells_the_bench_cannot_measure_are_refused_before_any_measurement(tiny_
         check_bench_cells(tiny_study, ["linear-z2-b1-s0", "cae-conv-z2-s0"], None)
     with pytest.raises(ConfigError, match="--reference-cell ae-linear-z2-s0: the full-training comparison reads the test ELBO"):
         check_bench_cells(tiny_study, ["ae-linear-z2-s0"], "ae-linear-z2-s0")
+    with pytest.raises(ConfigError, match="cell gan-conv-z2-s0: family gan trains with alternating player steps"):
+        check_bench_cells(tiny_study, ["gan-conv-z2-s0"], None)
+    with pytest.raises(ConfigError, match="cell vaegan-linear-z2-s0: family vaegan trains with alternating"):
+        check_bench_cells(tiny_study, ["linear-z2-b1-s0"], "vaegan-linear-z2-s0")
     check_bench_cells(tiny_study, ["ae-linear-z2-s0", "dae-linear-z2-s0"], "linear-z2-b1-s0")
 
 

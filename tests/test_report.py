@@ -8,6 +8,7 @@ from PIL import Image
 
 from pipeline.classifier import train_classifier
 from pipeline.evaluate import evaluate_cell
+from pipeline.models import FAMILIES
 from pipeline.outputs import read_json, train_dir
 from pipeline.report import CAPTIONS, REPORTS, build_report, cell_figures
 from pipeline.train import RUN_FILE, train_cell
@@ -17,8 +18,12 @@ CELL_FIGURES = {"reconstructions", "denoising", "samples", "interpolation", "lat
 
 
 def cell_figure_names(config, name):
-    """Every model figure; KL per dimension only for a family with a posterior."""
-    return CELL_FIGURES | ({"kl_per_dim"} if config.cell(name).family == "vae" else set())
+    """Every model figure; KL per dimension only for a family with a posterior; a GAN (no encoder) only
+    generates."""
+    capabilities = FAMILIES[config.cell(name).family].capabilities
+    if not capabilities.encoder:
+        return {"samples", "latent_map"}
+    return CELL_FIGURES | ({"kl_per_dim"} if capabilities.posterior else set())
 
 
 @pytest.fixture
@@ -65,7 +70,10 @@ def test_report_compares_the_families_and_shows_missing_metrics_as_dashes(evalua
         assert f"### {question}" in report
     assert "one seed per cell" in report
     assert "### Every family in the same units" in report
-    # The plain AE has no KL, ELBO, active units or likelihood bound: dashes, never 0.
+    # A GAN has no encoder: no reconstruction, KL or ELBO; the plain AE has no KL, ELBO, active units or
+    # likelihood bound: dashes, never 0.
+    gan_row = next(line for line in report.splitlines() if line.startswith("| gan-conv-z2-s0 | gan | conv"))
+    assert gan_row.endswith("| – | – | – | – |")
     assert "| ae-linear-z2-s0 | ae | linear | 2 | – | 0 | " in report
     ae_row = next(line for line in report.splitlines() if line.startswith("| ae-linear-z2-s0 | ae | linear"))
     assert ae_row.endswith("| – | – | – |")

@@ -58,6 +58,9 @@ def test_family_settings_are_tunable_on_a_cell_of_that_family_only(tiny_study):
         check_space_fits(dae_space, tiny_study.cell("linear-z2-b1-s0"))
     with pytest.raises(ConfigError, match="objective val_elbo needs a KL term, which family ae"):
         check_space_fits(parse_space(space_raw(base_cell="ae-linear-z2-s0")), tiny_study.cell("ae-linear-z2-s0"))
+    gan_space = parse_space(space_raw(base_cell="gan-conv-z2-s0", objective="val_loss"))
+    with pytest.raises(ConfigError, match="base cell gan-conv-z2-s0 is a gan cell, whose losses are a two-player game"):
+        check_space_fits(gan_space, tiny_study.cell("gan-conv-z2-s0"))
 
 
 def test_a_dae_switching_its_noise_kind_keeps_only_the_level_that_kind_reads(tiny_study):
