@@ -173,6 +173,12 @@ def parse_study(raw: dict, source: str = "params") -> StudyConfig:
         name: parse_cell(check_name(name, f"{source}: cell name"), spec, train_defaults)
         for name, spec in cells_raw.items()
     }
+    for cell in cells.values():
+        if getattr(cell.settings, "init_discriminator", False):
+            raise ConfigError(
+                f"cells.{cell.name}.init_discriminator starts the discriminator from a VAE's encoder, so it needs "
+                "init_from: move the cell under finetuned: with init_from, or remove the setting"
+            )
     cells |= _parse_finetuned(raw.get("finetuned") or {}, cells, train_defaults, source)
     evaluate = _parse_evaluate(_section(raw, "evaluate", source))
     return StudyConfig(
@@ -274,7 +280,7 @@ def _parse_finetuned(raw: object, cells: dict[str, CellConfig], defaults: dict, 
         if not isinstance(spec, dict) or "init_from" not in spec:
             raise ConfigError(f"{where} must be a mapping with init_from: <a vae cell under cells:>")
         source_name = spec["init_from"]
-        if source_name not in cells:
+        if not isinstance(source_name, str) or source_name not in cells:
             known = ", ".join(n for n, c in cells.items() if c.family == "vae") or "none"
             raise ConfigError(f"{where}.init_from is {source_name!r}, not a cell under cells:; VAE cells: {known}")
         origin = cells[source_name]
@@ -473,7 +479,8 @@ def int_list(value: object, what: str) -> tuple[int, ...]:
 
 
 def cell_as_dict(cell: CellConfig) -> dict:
-    """The cell as one flat mapping, its family settings beside the common keys (parse_cell reads it back)."""
+    """The cell as one flat mapping, its family settings beside the common keys (parse_cell reads it back,
+    except a fine-tuned cell's init_from, which only the finetuned: block may set)."""
     values = {f.name: getattr(cell, f.name) for f in dataclasses.fields(cell) if f.name != "settings"}
     if cell.init_from is None:
         del values["init_from"]

@@ -132,12 +132,14 @@ def epochs(training: Training, train_images: torch.Tensor, val_images: torch.Ten
         val_metrics = evaluate_split(training.model, val_images)
         if probe is not None:
             val_metrics |= probe(training.model)
-        if not all(math.isfinite(v) for v in (*train_metrics.values(), *val_metrics.values())):
+        row = {"epoch": epoch, **_prefixed("train", train_metrics), **_prefixed("val", val_metrics)}
+        broken = [key for key, value in row.items() if not math.isfinite(value)]
+        if broken:
+            what = "the loss" if "train_loss" in broken else broken[0]
             raise TrainingDiverged(
-                f"cell {cell.name}: the loss became NaN or infinite at epoch {epoch} "
+                f"cell {cell.name}: {what} became NaN or infinite at epoch {epoch} "
                 f"(train loss {train_metrics['loss']}); lower lr (now {cell.lr:g}) or check the data"
             )
-        row = {"epoch": epoch, **_prefixed("train", train_metrics), **_prefixed("val", val_metrics)}
         training.history.append(row)
         yield row
 
@@ -148,10 +150,12 @@ def finish_training(training: Training, train_images: torch.Tensor) -> None:
         training.model.fit_code_distribution(encode_all(training.model, train_images))
 
 
-def save_checkpoint(path: Path, training: Training, run_id: str) -> None:
+def save_checkpoint(path: Path, training: Training, run_id: str, origin: str | None = None) -> None:
+    """`origin` identifies what the model started from (the source model of a fine-tuned cell)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "cell": cell_as_dict(training.cell),
+        "origin": origin,
         "model": training.model.state_dict(),
         "optimizer": training.optimizer.state_dict(),
         "shuffle": training.shuffle.get_state(),
@@ -164,9 +168,9 @@ def save_checkpoint(path: Path, training: Training, run_id: str) -> None:
     os.replace(scratch, path)
 
 
-def restore_checkpoint(path: Path, training: Training) -> str | None:
-    """Continue from the last epoch checkpoint of this exact cell configuration; returns its MLflow run id,
-    or None (and changes nothing) when there is no usable checkpoint."""
+def restore_checkpoint(path: Path, training: Training, origin: str | None = None) -> str | None:
+    """Continue from the last epoch checkpoint of this exact cell configuration (and origin); returns its
+    MLflow run id, or None (and changes nothing) when there is no usable checkpoint."""
     if not path.is_file():
         return None
     try:
@@ -176,6 +180,9 @@ def restore_checkpoint(path: Path, training: Training) -> str | None:
         return None
     if not isinstance(state, dict) or state.get("cell") != cell_as_dict(training.cell):
         log.info("the cell's parameters changed since %s was written; starting fresh", path)
+        return None
+    if state.get("origin") != origin:
+        log.info("the model %s starts from changed since %s was written; starting fresh", training.cell.name, path)
         return None
     training.model.load_state_dict(state["model"])
     training.optimizer.load_state_dict(state["optimizer"])

@@ -52,7 +52,7 @@ CAPTIONS = {
     "rate_distortion": "VAE cells: rate (test KL) against distortion (test reconstruction) for every group of cells, β annotated.",
     "metric_heatmaps": "VAE cells: each test metric over latent_dim × β, one column per architecture; blank where the grid has no cell.",
     "kl_per_dim": "VAE cells: test KL per latent dimension, sorted; the dotted line is 0.01 nats.",
-    "adversarial_curves": "GAN and VAE-GAN cells, per epoch: the discriminator's and the generator's training losses, the discriminator's mean output on validation digits (D(real)) and on generated ones (D(fake)), and the FID of 2,000 samples from a fixed z against 2,000 validation digits (MNIST-CNN features).",
+    "adversarial_curves": "GAN and VAE-GAN cells, per epoch: the discriminator's and the generator's training losses, the discriminator's mean output on validation digits (D(real)) and on generated ones (D(fake): G(z) for a GAN, the reconstructions for a VAE-GAN, whose losses also sum two fake terms, reconstructions and prior samples), and the FID of 2,000 samples from a fixed z against 2,000 validation digits (MNIST-CNN features).",
     "finetuning": "Fine-tuned cells: the same z ~ N(0, I) decoded by the source VAE (top) and by the generator fine-tuned adversarially from it (bottom).",
 }
 
@@ -194,7 +194,7 @@ def generator_text(config: StudyConfig, cells: pd.DataFrame, models: dict) -> li
             f"the FID probe went from {first['val_fid_probe']:.1f} "
             f"after epoch 1 to {last['val_fid_probe']:.1f} (figure adversarial_curves)."
         )
-        if cell.init_from:
+        if cell.init_from in by_name.index:  # the source VAE is evaluated too
             source = by_name.loc[cell.init_from]
             mine = by_name.loc[name]
             text += (
@@ -342,7 +342,8 @@ def build_report(config: StudyConfig) -> Path:
 def cell_figures(config: StudyConfig, name: str, folder: Path, test: TestSet | None = None) -> Path:
     """All model figures of one trained and evaluated cell, into `folder` (for `vaebench figures CELL`)."""
     if not (evaluate_dir(config.study, name) / "kl_per_dim.json").is_file():
-        raise FileNotFoundError(f"cell {name} is not evaluated yet; run `dvc repro evaluate@{name}` first")
+        stage = "evaluate-finetuned" if config.cell(name).init_from else "evaluate"
+        raise FileNotFoundError(f"cell {name} is not evaluated yet; run `dvc repro {stage}@{name}` first")
     with staged_dir(folder) as scratch:
         model_figures(config, load_models(config, [name]), test or TestSet(), scratch)
     return folder

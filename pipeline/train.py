@@ -3,8 +3,10 @@ killed run resumes where it stopped."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -36,13 +38,15 @@ def train_cell(
     val_images = images_to_tensor(arrays["val_images"], device)
 
     training = engine.start_training(cell, device)
+    origin = None
     if cell.init_from:
         training.model.start_from(load_trained(config.study, config.cell(cell.init_from), device))
+        origin = file_digest(train_dir(config.study, cell.init_from) / MODEL_FILE)
     probe = None
     if training.model.capabilities.adversarial:
         probe = FIDProbe(load_classifier(device), val_images, cell.latent_dim, seed=cell.seed)
     checkpoint = resume_file(config.study, cell.name)
-    run_id = engine.restore_checkpoint(checkpoint, training)
+    run_id = engine.restore_checkpoint(checkpoint, training, origin)
     with tracking.cell_run(config, cell, stage=f"{'finetune' if cell.init_from else 'train'}@{cell.name}", run_id=run_id) as run:
         if not training.history:
             tracking.log_cell_params(config, cell)
@@ -50,7 +54,7 @@ def train_cell(
             tracking.log_epoch(row)
             validation = "  ".join(f"{key[4:]} {value:.2f}" for key, value in row.items() if key.startswith("val_"))
             log.info("%s epoch %d/%d  train loss %.2f  val %s", cell.name, row["epoch"], cell.epochs, row["train_loss"], validation)
-            engine.save_checkpoint(checkpoint, training, run.info.run_id)
+            engine.save_checkpoint(checkpoint, training, run.info.run_id, origin)
             if on_epoch_end is not None:
                 on_epoch_end(row["epoch"])
         engine.finish_training(training, train_images)
@@ -65,13 +69,18 @@ def train_cell(
     return training.history
 
 
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def load_trained(study: str, cell: CellConfig, device: torch.device) -> Autoencoder:
     path = train_dir(study, cell.name) / MODEL_FILE
+    stage, block = ("finetune", "finetuned") if cell.init_from else ("train", "cells")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; train the cell first (dvc repro train@{cell.name})")
+        raise FileNotFoundError(f"{path} is missing; train the cell first (dvc repro {stage}@{cell.name})")
     saved = torch.load(path, map_location=device, weights_only=True)
     if saved["cell"] != cell_as_dict(cell):
-        raise RuntimeError(f"{path} was trained with other parameters than cells.{cell.name}; re-run dvc repro")
+        raise RuntimeError(f"{path} was trained with other parameters than {block}.{cell.name}; re-run dvc repro")
     model = build_model(cell).to(device)
     model.load_state_dict(saved["state_dict"])
     return model.eval()

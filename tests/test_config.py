@@ -65,6 +65,9 @@ def as_family(family: str, **settings) -> dict:
         (finetuned(init_from="conv-z2-b1-s0", arch="linear"), "finetuned.ft.arch is 'linear' but its init_from cell conv-z2-b1-s0 "
                                                                "has 'conv'; the networks must match to copy the weights"),
         (finetuned(latent_dim=3), "finetuned.ft.latent_dim is 3 but its init_from cell linear-z2-b1-s0 has 2"),
+        (finetuned(init_from=["linear-z2-b1-s0"]), "finetuned.ft.init_from is ['linear-z2-b1-s0'], not a cell under cells:"),
+        (as_family("gan", init_discriminator=True), "cells.linear-z2-b1-s0.init_discriminator starts the discriminator "
+                                                   "from a VAE's encoder, so it needs init_from"),
         (finetuned(family="ae"), "finetuned.ft: family ae cannot start from a VAE; use family gan, vaegan"),
         (finetuned(name="linear-z2-b1-s0"), "finetuned.linear-z2-b1-s0: the name is already a cell under cells:"),
         (as_family("dae", noise_std=-0.1), "cells.linear-z2-b1-s0.noise_std must be >= 0, got -0.1"),

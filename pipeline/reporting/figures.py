@@ -249,9 +249,10 @@ def adversarial_curves(histories: dict[str, list[dict]], folder: Path, dpi: int)
     ]
     if not rows:
         return []
+    palette = sns.color_palette(PALETTE if len(histories) <= 10 else "husl", len(histories))  # one colour per cell
     grid = sns.relplot(
         data=pd.DataFrame(rows), x="epoch", y="value", col="panel", hue="cell", kind="line", marker="o",
-        col_wrap=3, height=2.6, aspect=1.3, facet_kws={"sharey": False}, palette=PALETTE,
+        col_wrap=3, height=2.6, aspect=1.3, facet_kws={"sharey": False}, palette=palette,
     )
     grid.set_titles("{col_name}")
     grid.set_axis_labels("epoch", "")

@@ -47,7 +47,7 @@ def cell_table(config: StudyConfig) -> pd.DataFrame:
             "seed": cell.seed,
             "prior": FAMILIES[cell.family].capabilities.prior,
             "adversarial": FAMILIES[cell.family].capabilities.adversarial,
-            "init_from": cell.init_from,
+            "init_from": group_name(cell.init_from) if cell.init_from else None,  # seeds of one group start from one group
         }
         metrics_file = evaluate_dir(config.study, cell.name) / "metrics.json"
         if metrics_file.is_file():
@@ -69,7 +69,7 @@ def cell_table(config: StudyConfig) -> pd.DataFrame:
 
 def variant(cell) -> str:
     """The family's settings, and the cell a fine-tuned cell starts from."""
-    parts = [cell.settings.label(), f"from {cell.init_from}" if cell.init_from else ""]
+    parts = [cell.settings.label(), f"from {group_name(cell.init_from)}" if cell.init_from else ""]
     return ", ".join(part for part in parts if part)
 
 
