@@ -13,7 +13,8 @@ from pipeline.models.vae import reparameterize
 
 from conftest import REPO
 
-SETTINGS = {"vae": {"beta": 1.0}, "ae": {}, "dae": {"noise": "gaussian", "noise_std": 0.5}, "cae": {"contraction_weight": 0.1}}
+SETTINGS = {"vae": {"beta": 1.0}, "ae": {}, "dae": {"noise": "gaussian", "noise_std": 0.5}, "cae": {"contraction_weight": 0.1},
+            "gan": {}, "vaegan": {}}
 
 
 def small_cell(family: str, arch: str, latent_dim: int = 3, **changes):
@@ -30,12 +31,17 @@ def test_contract_shapes_finite_loss_and_gradients_reach_every_parameter(family,
     model = build_model(small_cell(family, arch))
     assert model.family == family
     x = torch.rand(5, 1, 28, 28)
-    out = model(x)
-    assert isinstance(out, ModelOutput)
-    assert out.logits.shape == (5, 1, 28, 28)
-    assert out.code.shape == out.z.shape == (5, 3)
-    assert model.encode(x).shape == (5, 3)
-    assert (out.logvar is not None) == model.capabilities.posterior
+    assert model.decode(torch.randn(5, 3)).shape == (5, 1, 28, 28)
+    if model.capabilities.encoder:
+        out = model(x)
+        assert isinstance(out, ModelOutput)
+        assert out.logits.shape == (5, 1, 28, 28)
+        assert out.code.shape == out.z.shape == (5, 3)
+        assert model.encode(x).shape == (5, 3)
+        assert (out.logvar is not None) == model.capabilities.posterior
+    else:  # a GAN: images come from z only
+        with pytest.raises(TypeError, match="no encoder"):
+            model(x)
     terms = model.loss_terms(x)
     assert all(term.shape == (5,) and torch.isfinite(term).all() for term in terms.values())
     terms["loss"].mean().backward()
@@ -157,6 +163,11 @@ def test_default_study_compares_each_family_on_the_network_of_the_lab_cell():
     config = load_study(REPO / "params.yaml")
     reference = config.cell("linear-z10-b1-s0")
     others = [cell for cell in config.cells.values() if cell.family != "vae"]
-    assert sorted(cell.family for cell in others) == ["ae", "cae", "dae"]
+    assert sorted(cell.family for cell in others) == ["ae", "cae", "dae", "gan"]
     for cell in others:
-        assert dataclasses.replace(cell, name=reference.name, family="vae", settings=reference.settings) == reference
+        same_network = dataclasses.replace(cell, name=reference.name, family="vae", settings=reference.settings,
+                                           lr=reference.lr, init_from=None)
+        assert same_network == reference
+    # The fine-tuned generator starts from that very cell, at the GAN learning rate.
+    tuned = config.cell("gan-linear-z10-ft-s0")
+    assert (tuned.init_from, tuned.lr) == ("linear-z10-b1-s0", 0.0002)
