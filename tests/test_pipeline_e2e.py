@@ -113,7 +113,7 @@ def test_vae_cells_give_the_test_metrics_of_the_code_before_the_refactor(repo, r
         assert {key: metrics[key] for key in before} == pytest.approx(before, rel=1e-4, abs=1e-6), cell
 
 
-def test_the_fine_tuned_generator_starts_from_its_vae_and_dvc_knows_it(repo, reproduced):
+def test_dvc_knows_that_the_fine_tuned_generator_depends_on_its_vae(repo, reproduced):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     deps = [dep["path"] for dep in lock["finetune@gan-linear-z2-ft-s0"]["deps"]]
     assert "results/tiny/train/linear-z2-b1-s0" in deps
@@ -165,23 +165,19 @@ def test_second_repro_runs_nothing_and_logs_no_duplicate_run(repo, reproduced):
     assert len(study_runs(repo)) == before
 
 
-def test_editing_one_cell_reruns_only_that_cell(repo, reproduced):
+def test_editing_cells_reruns_only_those_cells_and_the_cells_fine_tuned_from_them(repo, reproduced):
     params = repo / "params.yaml"
-    params.write_text(params.read_text().replace("conv-z2-b1-s0: {arch: conv, latent_dim: 2, beta: 1.0, seed: 0}",
-                                                 "conv-z2-b1-s0: {arch: conv, latent_dim: 2, beta: 0.5, seed: 0}"))
+    text = params.read_text()
+    for cell, spec in (("conv-z2-b1-s0", "{arch: conv, latent_dim: 2, beta: %s, seed: 0}"),
+                       ("linear-z2-b1-s0", "{arch: linear, latent_dim: 2, beta: %s, seed: 0}")):
+        text = text.replace(f"{cell}: {spec % '1.0'}", f"{cell}: {spec % '0.5'}")
+    params.write_text(text)
     output = run(repo, "dvc", "repro")
-    assert "Running stage 'train@conv-z2-b1-s0'" in output
-    assert "Running stage 'evaluate@conv-z2-b1-s0'" in output
-    assert "Running stage 'train@linear-z2-b1-s0'" not in output
+    for stage in ("train@conv-z2-b1-s0", "evaluate@conv-z2-b1-s0", "train@linear-z2-b1-s0",
+                  # retraining a VAE cell re-runs the GAN fine-tuned from it
+                  "finetune@gan-linear-z2-ft-s0", "evaluate-finetuned@gan-linear-z2-ft-s0"):
+        assert f"Running stage '{stage}'" in output
+    for stage in ("train@ae-linear-z2-s0", "train@gan-conv-z2-s0", "train@vaegan-linear-z2-s0"):
+        assert f"Running stage '{stage}'" not in output
     assert "Running stage 'prepare'" not in output and "Running stage 'classifier'" not in output
     assert "up to date" in run(repo, "dvc", "status")
-
-
-def test_retraining_a_vae_cell_reruns_the_cells_fine_tuned_from_it(repo, reproduced):
-    params = repo / "params.yaml"
-    params.write_text(params.read_text().replace("linear-z2-b1-s0: {arch: linear, latent_dim: 2, beta: 1.0, seed: 0}",
-                                                 "linear-z2-b1-s0: {arch: linear, latent_dim: 2, beta: 0.5, seed: 0}"))
-    output = run(repo, "dvc", "repro")
-    for stage in ("train@linear-z2-b1-s0", "finetune@gan-linear-z2-ft-s0", "evaluate-finetuned@gan-linear-z2-ft-s0"):
-        assert f"Running stage '{stage}'" in output
-    assert "Running stage 'train@conv-z2-b1-s0'" not in output and "Running stage 'train@gan-conv-z2-s0'" not in output
