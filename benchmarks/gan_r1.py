@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("cell", help="a gan or vaegan cell of params.yaml (its init_from is ignored: from scratch)")
     parser.add_argument("--r1", type=float, nargs="+", default=[0.0, 1.0, 10.0], help="r1_weight values to compare")
     parser.add_argument("--train-images", type=int, default=20_000, help="the first N prepared training images")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (the probe's z stays fixed)")
     args = parser.parse_args()
 
     config = load_study()
@@ -37,16 +38,16 @@ def main() -> None:
     train_images = images_to_tensor(arrays["train_images"][: args.train_images], device)
     val_images = images_to_tensor(arrays["val_images"], device)
     base = dataclasses.replace(config.cell(args.cell), init_from=None)
-    probe = FIDProbe(load_classifier(device), val_images, base.latent_dim, seed=base.seed)
-    results = {}
-    for weight in args.r1:
-        cell = dataclasses.replace(base, settings=dataclasses.replace(base.settings, r1_weight=weight))
-        training = engine.start_training(cell, device)
-        started = time.perf_counter()
-        curve = [row["val_fid_probe"] for row in engine.epochs(training, train_images, val_images, probe)]
-        results[f"r1_weight={weight:g}"] = {"fid_probe": [round(v, 2) for v in curve],
-                                           "seconds": round(time.perf_counter() - started, 1)}
-        print(json.dumps({f"r1_weight={weight:g}": results[f"r1_weight={weight:g}"]}), flush=True)
+    probe = FIDProbe(load_classifier(device), val_images, base.latent_dim, seed=0)
+    for seed in args.seeds:
+        for weight in args.r1:
+            cell = dataclasses.replace(base, seed=seed, settings=dataclasses.replace(base.settings, r1_weight=weight))
+            training = engine.start_training(cell, device)
+            started = time.perf_counter()
+            curve = [row["val_fid_probe"] for row in engine.epochs(training, train_images, val_images, probe)]
+            result = {"seed": seed, "r1_weight": weight, "fid_probe": [round(v, 2) for v in curve],
+                      "seconds": round(time.perf_counter() - started, 1)}
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class AdversarialSettings:
 
     disc_lr: float | None = None  # the discriminator's Adam learning rate (None: the cell's lr)
     adam_beta1: float = 0.5  # Adam's beta1 for every player (0.5 as in DCGAN)
-    r1_weight: float = 0.0  # gamma of the R1 penalty gamma/2 * ||grad D||^2 on real images (0: off)
+    r1_weight: float = 1.0  # gamma of the R1 penalty gamma/2 * ||grad D||^2 on real images (0: off); see README
     init_discriminator: bool = False  # with init_from: start the discriminator from the VAE's encoder too
 
 
@@ -85,7 +85,7 @@ def parse_adversarial(raw: dict, where: str) -> dict:
     return {
         "disc_lr": None if disc_lr is None else number(disc_lr, f"{where}.disc_lr", low=0.0, low_inclusive=False),
         "adam_beta1": beta1,
-        "r1_weight": number(raw.get("r1_weight", 0.0), f"{where}.r1_weight", low=0.0),
+        "r1_weight": number(raw.get("r1_weight", AdversarialSettings.r1_weight), f"{where}.r1_weight", low=0.0),
         "init_discriminator": boolean(raw.get("init_discriminator", False), f"{where}.init_discriminator"),
     }
 
