@@ -99,7 +99,7 @@ def test_repro_writes_every_stage_output(repo, reproduced):
     for heading in ("Does adversarial training make samples more realistic", "Does starting from the VAE's decoder help",
                     "Does any generator collapse", "The decoder as a generator", "Digits in the samples"):
         assert heading in report
-    assert "vae (β=1) → gan (from linear-z2-b1): precision" in report
+    assert "vae (β=1) → gan (R1 γ=1, from linear-z2-b1): precision" in report
     for figure in ("adversarial_curves.png", "finetuning.png", "latent_map.png"):
         assert (repo / "reports/tiny" / figure).stat().st_size > 0
     assert (repo / "reports/tiny/report.html").stat().st_size > 0
