@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipeline.outputs import sha256_of
 
 # Published SHA-256 sums of the original distribution files (the same as shared/data/SHA256SUMS).
 MNIST_SHA256 = {
@@ -35,7 +36,7 @@ def missing_files(root: str | Path) -> list[str]:
 def verify_checksums(root: str | Path) -> None:
     for name, expected in MNIST_SHA256.items():
         path = raw_dir(root) / name
-        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        actual = sha256_of(path)
         if actual != expected:
             raise DataError(
                 f"checksum mismatch for {path}: sha256 {actual[:16]}… but the published file has "

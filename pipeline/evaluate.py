@@ -27,7 +27,7 @@ from pipeline.models import Autoencoder
 from pipeline.models.dae import gaussian_noise, mask_pixels
 from pipeline.models.jacobian import frobenius_sq_exact
 from pipeline.models.losses import kl_per_dim, reconstruction_nats, squared_error
-from pipeline.outputs import PREPARED_FILE, evaluate_dir, read_json, staged_dir, train_dir, write_json
+from pipeline.outputs import PREPARED_FILE, evaluate_dir, evaluate_stage, read_json, staged_dir, train_dir, write_json
 from pipeline.train import RUN_FILE, load_trained
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
         metrics["contraction"] = mean_contraction(model, test_images[: settings.contraction_images])
         metrics |= code_metrics(model, arrays, images_to_tensor(arrays["train_images"], device), test_images, settings.knn_k)
     run_id = read_json(train_dir(config.study, cell.name) / RUN_FILE)["run_id"]
-    with tracking.cell_run(config, cell, stage=f"{'evaluate-finetuned' if cell.init_from else 'evaluate'}@{cell.name}", run_id=run_id):
+    with tracking.cell_run(config, cell, stage=evaluate_stage(cell), run_id=run_id):
         with staged_dir(evaluate_dir(config.study, cell.name)) as out:
             write_json(out / METRICS_FILE, metrics)
             write_json(out / "kl_per_dim.json", kl_dims)  # null for a family without a posterior

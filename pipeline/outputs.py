@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import CellConfig
 
 RESULTS = Path("results")
 PREPARED_DIR = RESULTS / "prepare"
@@ -22,6 +27,15 @@ def train_dir(study: str, cell: str) -> Path:
 
 def evaluate_dir(study: str, cell: str) -> Path:
     return RESULTS / study / "evaluate" / cell
+
+
+def train_stage(cell: CellConfig) -> str:
+    """The DVC stage that trains the cell (dvc.yaml): fine-tuned cells have their own."""
+    return f"{'finetune' if cell.init_from else 'train'}@{cell.name}"
+
+
+def evaluate_stage(cell: CellConfig) -> str:
+    return f"{'evaluate-finetuned' if cell.init_from else 'evaluate'}@{cell.name}"
 
 
 def resume_file(study: str, cell: str) -> Path:
@@ -48,6 +62,10 @@ def write_json(path: Path, value: object) -> None:
     scratch = path.with_name(path.name + ".partial")
     scratch.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
     os.replace(scratch, path)
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def read_json(path: Path) -> object:

@@ -17,7 +17,7 @@ from pipeline.classifier import load_floor
 from pipeline.config import StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.models.dae import gaussian_noise, mask_pixels
-from pipeline.outputs import PREPARED_FILE, evaluate_dir, read_json, staged_dir, train_dir
+from pipeline.outputs import PREPARED_FILE, evaluate_dir, evaluate_stage, read_json, staged_dir, train_dir
 from pipeline.reporting import figures
 from pipeline.reporting.findings import study_findings
 from pipeline.reporting.results import (
@@ -173,7 +173,7 @@ def parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def generator_text(config: StudyConfig, cells: pd.DataFrame, models: dict) -> list[str]:
+def generator_text(config: StudyConfig, cells: pd.DataFrame, models: dict, histories: dict[str, list[dict]]) -> list[str]:
     """The lab's questions on the GAN cells (how the decoder serves as a generator, how the encoder and the
     discriminator differ), in sentences built from the trained networks and the measured numbers."""
     sentences = []
@@ -181,8 +181,7 @@ def generator_text(config: StudyConfig, cells: pd.DataFrame, models: dict) -> li
     for name, model in models.items():
         if by_name.loc[name, "family"] != "gan":
             continue
-        cell, history = config.cell(name), read_json(train_dir(config.study, name) / "history.json")
-        first, last = history[0], history[-1]
+        cell, first, last = config.cell(name), histories[name][0], histories[name][-1]
         vae_encoder_outputs = 2 * cell.latent_dim
         text = (
             f"{name}: the generator is the {cell.arch} decoder network of a latent_dim {cell.latent_dim} VAE "
@@ -307,10 +306,9 @@ def build_report(config: StudyConfig) -> Path:
     final = REPORTS / config.study
     # Study figures show one model per group (its first seed) so that rows stay readable.
     shown = evaluated.drop_duplicates("group")["cell"].tolist()
-    models = load_models(config, shown)
     tuned = [(config.cell(name).init_from, name) for name in evaluated["cell"] if config.cell(name).init_from]
-    sources = load_models(config, {source for source, _ in tuned})
-    tuned_models = load_models(config, [name for _, name in tuned])
+    loaded = load_models(config, dict.fromkeys([*shown, *(name for pair in tuned for name in pair)]))
+    models = {name: loaded[name] for name in shown}
     adversarial = {name: read_json(train_dir(config.study, name) / "history.json") for name in evaluated.loc[evaluated["adversarial"], "cell"]}
     with staged_dir(final) as folder:
         log.info("report: drawing figures of %d models", len(shown))
@@ -318,7 +316,7 @@ def build_report(config: StudyConfig) -> Path:
             *figures.loss_curves(history_table(config, cells), folder, config.report.dpi),
             *model_figures(config, models, test, folder),
             *figures.adversarial_curves(adversarial, folder, config.report.dpi),
-            *figures.finetuning([(source, sources[source], name, tuned_models[name]) for source, name in tuned],
+            *figures.finetuning([(source, loaded[source], name, loaded[name]) for source, name in tuned],
                                 config.report.samples, config.report.seed, folder, config.report.dpi),
             *(figures.rate_distortion(vae_groups, folder, config.report.dpi) if not vae_groups.empty else []),
             *(figures.metric_heatmaps(vae_groups, HEATMAP_METRICS, folder, config.report.dpi) if not vae_groups.empty else []),
@@ -326,7 +324,7 @@ def build_report(config: StudyConfig) -> Path:
         names = [name for name in CAPTIONS if any(p.stem == name for p in written)]
         cells.to_csv(folder / "results.csv", index=False)
         groups.to_csv(folder / "results_by_group.csv", index=False)
-        blocks = report_blocks(config, cells, groups, names, generator_text(config, evaluated, models))
+        blocks = report_blocks(config, cells, groups, names, generator_text(config, evaluated, models, adversarial))
         (folder / "results.md").write_text(markdown_table(cells) + "\n")
         (folder / "report.md").write_text(to_markdown(blocks))
         (folder / "report.html").write_text(to_html(blocks, folder))
@@ -342,8 +340,7 @@ def build_report(config: StudyConfig) -> Path:
 def cell_figures(config: StudyConfig, name: str, folder: Path, test: TestSet | None = None) -> Path:
     """All model figures of one trained and evaluated cell, into `folder` (for `vaebench figures CELL`)."""
     if not (evaluate_dir(config.study, name) / "kl_per_dim.json").is_file():
-        stage = "evaluate-finetuned" if config.cell(name).init_from else "evaluate"
-        raise FileNotFoundError(f"cell {name} is not evaluated yet; run `dvc repro {stage}@{name}` first")
+        raise FileNotFoundError(f"cell {name} is not evaluated yet; run `dvc repro {evaluate_stage(config.cell(name))}` first")
     with staged_dir(folder) as scratch:
         model_figures(config, load_models(config, [name]), test or TestSet(), scratch)
     return folder

@@ -3,10 +3,8 @@ killed run resumes where it stopped."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -16,7 +14,7 @@ from pipeline.config import CellConfig, StudyConfig, cell_as_dict
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.evaluation.sample_quality import FIDProbe
 from pipeline.models import Autoencoder, build_model
-from pipeline.outputs import PREPARED_FILE, resume_file, staged_dir, train_dir, write_json
+from pipeline.outputs import PREPARED_FILE, resume_file, sha256_of, staged_dir, train_dir, train_stage, write_json
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
@@ -41,13 +39,13 @@ def train_cell(
     origin = None
     if cell.init_from:
         training.model.start_from(load_trained(config.study, config.cell(cell.init_from), device))
-        origin = file_digest(train_dir(config.study, cell.init_from) / MODEL_FILE)
+        origin = sha256_of(train_dir(config.study, cell.init_from) / MODEL_FILE)
     probe = None
     if training.model.capabilities.adversarial:
         probe = FIDProbe(load_classifier(device), val_images, cell.latent_dim, seed=cell.seed)
     checkpoint = resume_file(config.study, cell.name)
     run_id = engine.restore_checkpoint(checkpoint, training, origin)
-    with tracking.cell_run(config, cell, stage=f"{'finetune' if cell.init_from else 'train'}@{cell.name}", run_id=run_id) as run:
+    with tracking.cell_run(config, cell, stage=train_stage(cell), run_id=run_id) as run:
         if not training.history:
             tracking.log_cell_params(config, cell)
         for row in engine.epochs(training, train_images, val_images, probe):
@@ -69,17 +67,13 @@ def train_cell(
     return training.history
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_trained(study: str, cell: CellConfig, device: torch.device) -> Autoencoder:
     path = train_dir(study, cell.name) / MODEL_FILE
-    stage, block = ("finetune", "finetuned") if cell.init_from else ("train", "cells")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; train the cell first (dvc repro {stage}@{cell.name})")
+        raise FileNotFoundError(f"{path} is missing; train the cell first (dvc repro {train_stage(cell)})")
     saved = torch.load(path, map_location=device, weights_only=True)
     if saved["cell"] != cell_as_dict(cell):
+        block = "finetuned" if cell.init_from else "cells"
         raise RuntimeError(f"{path} was trained with other parameters than {block}.{cell.name}; re-run dvc repro")
     model = build_model(cell).to(device)
     model.load_state_dict(saved["state_dict"])

@@ -52,9 +52,9 @@ class VAEGAN(VAE):
     def parse_settings(raw: dict, where: str) -> VAEGANSettings:
         return VAEGANSettings(
             **adversarial.parse_adversarial(raw, where),
-            beta=number(raw.get("beta", 1.0), f"{where}.beta", low=0.0),
-            recon_space=choice(raw.get("recon_space", "features"), f"{where}.recon_space", RECON_SPACES),
-            gamma=number(raw.get("gamma", 1.0), f"{where}.gamma", low=0.0),
+            beta=VAE.parse_settings(raw, where).beta,
+            recon_space=choice(raw.get("recon_space", VAEGANSettings.recon_space), f"{where}.recon_space", RECON_SPACES),
+            gamma=number(raw.get("gamma", VAEGANSettings.gamma), f"{where}.gamma", low=0.0),
         )
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
