@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import multiprocessing
+import os
 import platform
 import resource
 import shutil
@@ -25,10 +26,10 @@ from pathlib import Path
 import torch
 
 from pipeline.config import StudyConfig
-from pipeline.data import MNIST_SHA256, images_to_tensor, load_prepared, raw_dir
+from pipeline.data import MNIST_SHA256, DataError, images_to_tensor, load_prepared, raw_dir
 from pipeline.engine import model_epoch, set_threads
 from pipeline.models import build_model
-from pipeline.outputs import PREPARED_FILE, write_json
+from pipeline.outputs import PREPARED_FILE, write_json, write_text
 
 OUT_DIR = Path("reports") / "benchmarks"
 TORCHVISION_DIR = Path(".vaebench") / "torchvision"
@@ -63,8 +64,10 @@ def torchvision_root(data_root: str) -> Path:
     for name in MNIST_SHA256:
         extracted = target / name.removesuffix(".gz")
         if not extracted.exists():
-            with gzip.open(raw_dir(data_root) / name) as source, open(extracted, "wb") as sink:
+            partial = extracted.with_name(extracted.name + ".partial")
+            with gzip.open(raw_dir(data_root) / name) as source, open(partial, "wb") as sink:
                 shutil.copyfileobj(source, sink)
+            os.replace(partial, extracted)
     return TORCHVISION_DIR
 
 
@@ -321,6 +324,8 @@ def check_bench_cells(config: StudyConfig, cells: list[str], reference_cell: str
 def run_bench(config: StudyConfig, cells: list[str], images: int, reference_cell: str | None, copies: int = 4,
               study: bool = False) -> dict:
     check_bench_cells(config, cells, reference_cell)
+    if not PREPARED_FILE.is_file():  # checked here: a measurement process would die on it one by one
+        raise DataError(f"prepared data {PREPARED_FILE} is missing; run `dvc repro prepare` first")
     set_threads()
     results = {
         "machine": {
@@ -411,6 +416,6 @@ def table(results: dict) -> str:
 def write_results(results: dict) -> Path:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     write_json(OUT_DIR / "bench.json", results)
-    (OUT_DIR / "bench.md").write_text(table(results) + "\n")
+    write_text(OUT_DIR / "bench.md", table(results) + "\n")
     return OUT_DIR / "bench.json"
 

@@ -14,9 +14,10 @@ from torch import nn
 from pipeline.config import StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.engine import resolve_device, set_threads, train_epoch
+from pipeline.errors import ArtifactError
 from pipeline.evaluation.sample_quality import embed, real_data_floor
 from pipeline.models.contract import descend
-from pipeline.outputs import CLASSIFIER_DIR, PREPARED_FILE, read_json, staged_dir, write_json
+from pipeline.outputs import CLASSIFIER_DIR, PREPARED_FILE, load_torch_file, read_json, restore_weights, staged_dir, write_json
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
@@ -93,15 +94,17 @@ def train_classifier(config: StudyConfig) -> dict:
 
 def load_classifier(device: torch.device) -> DigitClassifier:
     path = CLASSIFIER_DIR / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run `dvc repro classifier` first")
     classifier = DigitClassifier().to(device)
-    classifier.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    restore_weights(classifier, load_torch_file(path, "classifier", device), path, "classifier")
     return classifier.eval()
 
 
 def load_test_features(device: torch.device) -> torch.Tensor:
-    return torch.load(CLASSIFIER_DIR / TEST_FEATURES_FILE, map_location=device, weights_only=True)
+    path = CLASSIFIER_DIR / TEST_FEATURES_FILE
+    features = load_torch_file(path, "classifier", device)
+    if not isinstance(features, torch.Tensor) or features.ndim != 2:
+        raise ArtifactError(f"{path} does not hold a feature matrix; re-create it with `dvc repro -f classifier`")
+    return features
 
 
 def load_floor() -> dict | None:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import logging
-import shutil
+import os
 import signal
 import sys
 from pathlib import Path
 
-from pipeline.config import PARAMS_FILE, ConfigError, load_study
+from pipeline.config import PARAMS_FILE, ConfigError, load_study, parse_study_text
+from pipeline.errors import Terminated, VaebenchError
+from pipeline.outputs import write_text
 
 STUDIES_DIR = Path("studies")
+PARAMS_RECORD = Path(".vaebench") / "params.sha256"  # params.yaml as vaebench last wrote it
 
 
 def cmd_prepare(args) -> None:
@@ -75,9 +80,9 @@ def cmd_enable_tune(args) -> None:
     if not document.get("tune"):
         document["tune"] = {}
     document["tune"][space.name] = str(args.space)
-    with open(args.params, "w") as handle:
-        round_trip.dump(document, handle)
-    load_study(args.params)
+    text = io.StringIO()
+    round_trip.dump(document, text)
+    write_params(args.params, text.getvalue(), unsaved_edits(args.params))
     print(f"{args.params}: tune@{space.name} runs {args.space}; run `dvc repro tune@{space.name}`")
 
 
@@ -117,8 +122,33 @@ def cmd_use_study(args) -> None:
         known = ", ".join(sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))) or "none"
         raise ConfigError(f"no study file {source}; the studies are: {known}")
     config = load_study(source)
-    shutil.copyfile(source, args.params)
+    if not args.force and unsaved_edits(args.params):
+        raise ConfigError(
+            f"{args.params} holds edits that no study file has (made since the last `vaebench use-study`); save "
+            f"them first (cp {args.params} studies/NAME.yaml), or pass --force to discard them"
+        )
+    write_params(args.params, source.read_text(), keep_edits=False)
     print(f"{args.params} now holds study {config.study!r} ({len(config.cells)} cells); run `dvc repro`")
+
+
+def unsaved_edits(params: Path) -> bool:
+    """Whether params.yaml differs from every study file and from what vaebench last wrote there."""
+    if not params.is_file():
+        return False
+    text = params.read_text()
+    recorded = PARAMS_RECORD.read_text().strip() if PARAMS_RECORD.is_file() else None
+    if recorded == hashlib.sha256(text.encode()).hexdigest():
+        return False
+    return all(study.read_text() != text for study in STUDIES_DIR.glob("*.yaml"))
+
+
+def write_params(params: Path, text: str, keep_edits: bool) -> None:
+    """Replace params.yaml with `text` only once it validates, in one step. Unless it keeps the user's
+    unsaved edits, record it as written by vaebench (use-study may then replace it)."""
+    parse_study_text(text, str(params))
+    write_text(params, text)
+    if not keep_edits:
+        write_text(PARAMS_RECORD, hashlib.sha256(text.encode()).hexdigest() + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,32 +190,52 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("table", help="print the study's test metrics as a Markdown table").set_defaults(run=cmd_table)
     use = commands.add_parser("use-study", help="make studies/NAME.yaml (or a study file) the active params.yaml")
     use.add_argument("name", help="a study name from studies/, or the path of a study .yaml file")
+    use.add_argument("--force", action="store_true", help="replace params.yaml even if it holds unsaved edits")
     use.set_defaults(run=cmd_use_study)
     return parser
 
 
 def _terminate(signum, frame):
-    # Turn SIGTERM into an exception so open MLflow runs end as FAILED instead of staying RUNNING.
-    raise SystemExit(128 + signum)
+    # An exception, so that open MLflow runs end KILLED instead of staying RUNNING.
+    raise Terminated()
+
+
+class _QuietOnClosedPipe(logging.StreamHandler):
+    """Log lines to stderr until its reader goes away (`... 2>&1 | head`), then drop them: the work goes on."""
+
+    def handleError(self, record):
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            self.setStream(open(os.devnull, "w"))
+        else:
+            super().handleError(record)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[vaebench] %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="[vaebench] %(message)s", handlers=[_QuietOnClosedPipe(sys.stderr)])
     signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `vaebench table | head` ends quietly
     try:
         args.run(args)
     except ConfigError as error:
         print(f"vaebench: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("vaebench: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
-    except (RuntimeError, OSError, ValueError) as error:
+    except VaebenchError as error:
         print(f"vaebench: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"vaebench {args.command}: interrupted; {RESUME_HINT}", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"vaebench {args.command}: terminated (SIGTERM); {RESUME_HINT}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except BrokenPipeError:
+        # The reader of stdout went away (`vaebench table | head`): what it wanted was printed.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+RESUME_HINT = ("its MLflow run ended KILLED and nothing half-written was kept; re-run the same command "
+               "(or dvc repro) to go on: training resumes after its last finished epoch")
 
 
 if __name__ == "__main__":

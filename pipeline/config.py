@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.errors import VaebenchError
+
 PARAMS_FILE = Path("params.yaml")
 DATA_ROOT_ENV = "VAEBENCH_DATA_ROOT"
 ARCHS = ("linear", "conv")
@@ -22,7 +24,7 @@ MNIST_TEST_IMAGES = 10_000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-class ConfigError(ValueError):
+class ConfigError(VaebenchError):
     """A value in params.yaml (or a study file) that the pipeline cannot use."""
 
 
@@ -147,15 +149,24 @@ def family_setting_keys() -> dict[str, tuple[str, ...]]:
 def load_study(path: Path | str = PARAMS_FILE) -> StudyConfig:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path} not found; run from the repository root or pass the params file") from None
-    except (OSError, yaml.YAMLError) as error:
+    except OSError as error:
+        raise ConfigError(f"{path} is not readable ({error}); fix the file") from None
+    return parse_study_text(text, str(path))
+
+
+def parse_study_text(text: str, source: str) -> StudyConfig:
+    """The study held by the YAML `text` (of the file `source`)."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"{path} is not readable YAML ({first_line}); fix the file") from None
+        raise ConfigError(f"{source} is not readable YAML ({first_line}); fix the file") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must be a mapping with the keys study, data, train, cells, evaluate")
-    return parse_study(raw, source=str(path))
+        raise ConfigError(f"{source} must be a mapping with the keys study, data, train, cells, evaluate")
+    return parse_study(raw, source=source)
 
 
 def parse_study(raw: dict, source: str = "params") -> StudyConfig:
@@ -262,7 +273,7 @@ def parse_cell(name: str, spec: object, defaults: dict, where: str | None = None
         gaussian_std=number(merged["gaussian_std"], field("gaussian_std"), low=0.0, low_inclusive=False),
         hidden=int_list(merged["hidden"], field("hidden")),
         channels=channels,
-        device=choice(merged["device"], field("device"), DEVICES),
+        device=device(merged["device"], field("device")),
         settings=families()[family].parse_settings({k: v for k, v in spec.items() if k in setting_keys[family]}, where),
     )
 
@@ -349,7 +360,7 @@ def _parse_classifier(raw: dict) -> ClassifierConfig:
         batch_size=integer(_required(raw, "batch_size", where), f"{where}.batch_size", low=1),
         lr=number(_required(raw, "lr", where), f"{where}.lr", low=0.0, low_inclusive=False),
         seed=integer(raw.get("seed", 0), f"{where}.seed", low=0),
-        device=choice(raw.get("device", "auto"), f"{where}.device", DEVICES),
+        device=device(raw.get("device", "auto"), f"{where}.device"),
     )
 
 
@@ -447,6 +458,16 @@ def boolean(value: object, what: str) -> bool:
 def choice(value: object, what: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{what} is {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def device(value: object, what: str) -> str:
+    """A device this machine has: `cuda` is refused when no CUDA device is visible."""
+    import torch
+
+    value = choice(value, what, DEVICES)
+    if value == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what} is 'cuda' but this machine has no CUDA device; set it to auto (CUDA when present) or cpu")
     return value
 
 

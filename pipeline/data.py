@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.errors import VaebenchError
 from pipeline.outputs import sha256_of
 
 # Published SHA-256 sums of the original distribution files (the same as shared/data/SHA256SUMS).
@@ -20,7 +22,7 @@ MNIST_SHA256 = {
 SPLITS = ("train", "val", "test")
 
 
-class DataError(RuntimeError):
+class DataError(VaebenchError):
     """A missing, corrupt or unreadable data file."""
 
 
@@ -82,8 +84,11 @@ def split(raw: dict[str, np.ndarray], train_size: int, val_size: int, test_size:
 def load_prepared(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"prepared data {path} is missing; run `dvc repro prepare` first")
-    with np.load(path) as arrays:
-        return {key: arrays[key] for key in arrays.files}
+    try:
+        with np.load(path) as arrays:
+            return {key: arrays[key] for key in arrays.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"prepared data {path} is unreadable ({error}); re-create it with `dvc repro -f prepare`") from None
 
 
 def images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -10,7 +10,6 @@ and reports the mean of every term.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -19,13 +18,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import CellConfig, cell_as_dict
+from pipeline.config import CellConfig, ConfigError, cell_as_dict
+from pipeline.errors import ArtifactError, VaebenchError
 from pipeline.models import Autoencoder, build_model
+from pipeline.outputs import non_finite, save_torch_file
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(VaebenchError):
     """The loss became NaN or infinite."""
 
 
@@ -33,7 +34,7 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device is 'cuda' but no CUDA device is available; set device: auto or cpu")
+        raise ConfigError("device is 'cuda' but no CUDA device is available; set device: auto or cpu")
     return torch.device(requested)
 
 
@@ -133,7 +134,7 @@ def epochs(training: Training, train_images: torch.Tensor, val_images: torch.Ten
         if probe is not None:
             val_metrics |= probe(training.model)
         row = {"epoch": epoch, **_prefixed("train", train_metrics), **_prefixed("val", val_metrics)}
-        broken = [key for key, value in row.items() if not math.isfinite(value)]
+        broken = non_finite(row)
         if broken:
             what = "the loss" if "train_loss" in broken else broken[0]
             raise TrainingDiverged(
@@ -150,12 +151,12 @@ def finish_training(training: Training, train_images: torch.Tensor) -> None:
         training.model.fit_code_distribution(encode_all(training.model, train_images))
 
 
-def save_checkpoint(path: Path, training: Training, run_id: str, origin: str | None = None) -> None:
-    """`origin` identifies what the model started from (the source model of a fine-tuned cell)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(path: Path, training: Training, run_id: str, inputs: dict | None = None) -> None:
+    """`inputs` identifies what else the training read: the SHA-256 of the prepared data, and of the model
+    a fine-tuned cell started from. A checkpoint resumes only with the same cell and the same inputs."""
     state = {
         "cell": cell_as_dict(training.cell),
-        "origin": origin,
+        "inputs": inputs or {},
         "model": training.model.state_dict(),
         "optimizer": training.optimizer.state_dict(),
         "shuffle": training.shuffle.get_state(),
@@ -163,14 +164,15 @@ def save_checkpoint(path: Path, training: Training, run_id: str, origin: str | N
         "history": training.history,
         "run_id": run_id,
     }
-    scratch = path.with_name(path.name + ".partial")
-    torch.save(state, scratch)
-    os.replace(scratch, path)
+    save_torch_file(state, path)
 
 
-def restore_checkpoint(path: Path, training: Training, origin: str | None = None) -> str | None:
-    """Continue from the last epoch checkpoint of this exact cell configuration (and origin); returns its
-    MLflow run id, or None (and changes nothing) when there is no usable checkpoint."""
+CHECKPOINT_FIELDS = {"model": dict, "optimizer": dict, "shuffle": torch.Tensor, "rng": dict, "history": list, "run_id": str}
+
+
+def restore_checkpoint(path: Path, training: Training, inputs: dict | None = None) -> str | None:
+    """Continue from the last epoch checkpoint of this exact cell configuration and inputs (see
+    save_checkpoint); returns its MLflow run id, or None (and changes nothing) when there is no usable one."""
     if not path.is_file():
         return None
     try:
@@ -181,13 +183,23 @@ def restore_checkpoint(path: Path, training: Training, origin: str | None = None
     if not isinstance(state, dict) or state.get("cell") != cell_as_dict(training.cell):
         log.info("the cell's parameters changed since %s was written; starting fresh", path)
         return None
-    if state.get("origin") != origin:
-        log.info("the model %s starts from changed since %s was written; starting fresh", training.cell.name, path)
+    inputs, saved = inputs or {}, state.get("inputs")
+    if saved != inputs:
+        changed = [key for key in inputs if not isinstance(saved, dict) or saved.get(key) != inputs[key]]
+        log.info("%s: its input (%s) changed since %s was written; starting fresh", training.cell.name,
+                 ", ".join(changed) or "?", path)
         return None
-    training.model.load_state_dict(state["model"])
-    training.optimizer.load_state_dict(state["optimizer"])
-    training.shuffle.set_state(state["shuffle"])
-    _restore_rng_state(state["rng"])
+    if any(not isinstance(state.get(key), kind) for key, kind in CHECKPOINT_FIELDS.items()):
+        log.warning("ignoring resume checkpoint %s: it lacks the fields a checkpoint has", path)
+        return None
+    try:
+        training.model.load_state_dict(state["model"])
+        training.optimizer.load_state_dict(state["optimizer"])
+        training.shuffle.set_state(state["shuffle"])
+        _restore_rng_state(state["rng"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:  # the model may be half-loaded: stop
+        path.unlink()
+        raise ArtifactError(f"resume checkpoint {path} does not fit the cell ({error}); removed it, re-run to start the cell over") from None
     training.history = state["history"]
     log.info("%s: resuming after epoch %d from %s", training.cell.name, len(training.history), path)
     return state["run_id"]

@@ -27,7 +27,17 @@ from pipeline.models import Autoencoder
 from pipeline.models.dae import gaussian_noise, mask_pixels
 from pipeline.models.jacobian import frobenius_sq_exact
 from pipeline.models.losses import kl_per_dim, reconstruction_nats, squared_error
-from pipeline.outputs import PREPARED_FILE, evaluate_dir, evaluate_stage, read_json, staged_dir, train_dir, write_json
+from pipeline.errors import VaebenchError
+from pipeline.outputs import (
+    PREPARED_FILE,
+    evaluate_dir,
+    evaluate_stage,
+    non_finite,
+    staged_dir,
+    train_dir,
+    train_stage,
+    write_json,
+)
 from pipeline.train import RUN_FILE, load_trained
 
 log = logging.getLogger(__name__)
@@ -118,6 +128,8 @@ def save_figures(model: Autoencoder, images: torch.Tensor, n_images: int, seed: 
 def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
     cell = config.cell(cell_name)
     settings = config.evaluate
+    tracking.check_store()
+    run_id = tracking.recorded_run(train_dir(config.study, cell.name) / RUN_FILE, train_stage(cell))
     device = resolve_device(cell.device)
     set_threads()
     model = load_trained(config.study, cell, device)
@@ -133,7 +145,12 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
         metrics |= robustness_metrics(model, test_images, settings)
         metrics["contraction"] = mean_contraction(model, test_images[: settings.contraction_images])
         metrics |= code_metrics(model, arrays, images_to_tensor(arrays["train_images"], device), test_images, settings.knn_k)
-    run_id = read_json(train_dir(config.study, cell.name) / RUN_FILE)["run_id"]
+    broken = non_finite(metrics)
+    if broken:
+        raise VaebenchError(
+            f"cell {cell.name}: test metric {broken[0]} is {metrics[broken[0]]} (NaN or infinite), so nothing was "
+            f"written; the trained model is broken: retrain it with a lower lr (dvc repro -f {train_stage(cell)})"
+        )
     with tracking.cell_run(config, cell, stage=evaluate_stage(cell), run_id=run_id):
         with staged_dir(evaluate_dir(config.study, cell.name)) as out:
             write_json(out / METRICS_FILE, metrics)

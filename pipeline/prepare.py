@@ -3,35 +3,67 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
 from pipeline import data
 from pipeline.config import DATA_ROOT_ENV, StudyConfig
-from pipeline.outputs import PREPARED_DIR, PREPARED_FILE, staged_dir, write_json
+from pipeline.outputs import PREPARED_DIR, PREPARED_FILE, sha256_of, staged_dir, write_json
 
 log = logging.getLogger(__name__)
 
 
 def ensure_raw_files(root: str, download: bool) -> None:
-    """Download the files with torchvision when they are missing, or fail naming what is expected where."""
+    """Download the missing files when asked to, or fail naming what is expected where. The data folder
+    receives only whole files that downloaded and match their published checksums."""
     missing = data.missing_files(root)
     if not missing:
         return
     expected = f"{data.raw_dir(root)}/ ({', '.join(missing)})"
     if not download:
         raise data.DataError(f"MNIST files missing: {expected}; copy them there or set data.download: true")
-    log.info("MNIST files missing in %s; downloading with torchvision", data.raw_dir(root))
-    try:
-        from torchvision.datasets import MNIST
+    log.info("MNIST files missing in %s; downloading %s", data.raw_dir(root), ", ".join(missing))
+    with tempfile.TemporaryDirectory(prefix="vaebench-mnist-") as scratch:
+        try:
+            for name in missing:
+                download_file(name, Path(scratch))
+        except (OSError, RuntimeError, data.DataError) as error:  # urllib's errors are OSErrors
+            raise data.DataError(
+                f"MNIST files missing: {expected}, and downloading them failed ({type(error).__name__}: {error}); "
+                f"copy the four .gz files there, or point data.root (or {DATA_ROOT_ENV}) at a folder holding MNIST/raw"
+            ) from None
+        data.raw_dir(root).mkdir(parents=True, exist_ok=True)
+        for name in missing:
+            partial = data.raw_dir(root) / f"{name}.partial"
+            shutil.move(Path(scratch) / name, partial)
+            os.replace(partial, data.raw_dir(root) / name)
 
-        MNIST(root=root, train=True, download=True)
-        MNIST(root=root, train=False, download=True)
-    except Exception as error:  # torchvision raises several kinds of network and file errors
-        raise data.DataError(
-            f"MNIST files missing: {expected}, and the download failed ({type(error).__name__}); "
-            f"copy the four .gz files there, or point data.root (or {DATA_ROOT_ENV}) at a folder holding MNIST/raw"
-        ) from None
+
+def mirrors() -> list[str]:
+    from torchvision.datasets import MNIST
+
+    return MNIST.mirrors
+
+
+def download_file(name: str, folder: Path) -> None:
+    """Download one MNIST file into `folder` from the first mirror that serves it, checking its SHA-256."""
+    from torchvision.datasets.utils import download_url
+
+    errors = []
+    for mirror in mirrors():
+        try:
+            download_url(mirror + name, folder, filename=name)
+        except OSError as error:
+            errors.append(f"{mirror}: {getattr(error, 'reason', None) or error}")
+            continue
+        if sha256_of(folder / name) != data.MNIST_SHA256[name]:
+            raise data.DataError(f"{mirror}{name} does not match the published SHA-256 of {name}")
+        return
+    raise OSError(f"no mirror served {name} ({'; '.join(errors)})")
 
 
 def prepare(config: StudyConfig) -> dict:

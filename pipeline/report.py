@@ -14,8 +14,9 @@ import torch
 
 from pipeline import tracking
 from pipeline.classifier import load_floor
-from pipeline.config import StudyConfig
+from pipeline.config import ConfigError, StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
+from pipeline.errors import ArtifactError, VaebenchError
 from pipeline.models.dae import gaussian_noise, mask_pixels
 from pipeline.outputs import PREPARED_FILE, evaluate_dir, evaluate_stage, read_json, staged_dir, train_dir
 from pipeline.reporting import figures
@@ -97,7 +98,7 @@ class TestSet:
     def first_of(self, digit: int, occurrence: int = 0) -> torch.Tensor:
         where = np.flatnonzero(self.labels == digit)
         if len(where) <= occurrence:
-            raise ValueError(f"the prepared test set has too few images of digit {digit}; raise data.test_size")
+            raise ConfigError(f"the prepared test set has too few images of digit {digit}; raise data.test_size")
         return self.images[where[occurrence]]
 
     def digits(self, count: int) -> torch.Tensor:
@@ -296,10 +297,11 @@ def to_html(blocks: list, folder: Path) -> str:
 
 
 def build_report(config: StudyConfig) -> Path:
+    tracking.check_store()
     cells = cell_table(config)
     evaluated = cells[cells["status"] == "ok"]
     if evaluated.empty:
-        raise RuntimeError(f"no cell of study {config.study!r} is evaluated yet; run dvc repro first")
+        raise VaebenchError(f"no cell of study {config.study!r} is evaluated yet; run dvc repro first")
     groups = seed_table(cells)
     vae_groups = groups[groups["family"] == "vae"]
     test = TestSet()
@@ -328,10 +330,9 @@ def build_report(config: StudyConfig) -> Path:
         (folder / "results.md").write_text(markdown_table(cells) + "\n")
         (folder / "report.md").write_text(to_markdown(blocks))
         (folder / "report.html").write_text(to_html(blocks, folder))
-    run_folders = {
-        read_json(train_dir(config.study, name) / RUN_FILE)["run_id"]: cell_figures(config, name, final / "cells" / name, test)
-        for name in evaluated["cell"]
-    }
+        for name in evaluated["cell"]:
+            cell_figures(config, name, folder / "cells" / name, test)
+    run_folders = {read_json(train_dir(config.study, name) / RUN_FILE)["run_id"]: final / "cells" / name for name in evaluated["cell"]}
     tracking.log_report(config, final, run_folders)
     log.info("report: %s", final / "report.html")
     return final
@@ -340,7 +341,7 @@ def build_report(config: StudyConfig) -> Path:
 def cell_figures(config: StudyConfig, name: str, folder: Path, test: TestSet | None = None) -> Path:
     """All model figures of one trained and evaluated cell, into `folder` (for `vaebench figures CELL`)."""
     if not (evaluate_dir(config.study, name) / "kl_per_dim.json").is_file():
-        raise FileNotFoundError(f"cell {name} is not evaluated yet; run `dvc repro {evaluate_stage(config.cell(name))}` first")
+        raise ArtifactError(f"cell {name} is not evaluated yet; run `dvc repro {evaluate_stage(config.cell(name))}` first")
     with staged_dir(folder) as scratch:
         model_figures(config, load_models(config, [name]), test or TestSet(), scratch)
     return folder

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import subprocess
+import tempfile
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,11 +17,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import CellConfig, StudyConfig, cell_as_dict
+from pipeline.errors import ArtifactError, Terminated, TrackingError
+from pipeline.outputs import load_torch_file, read_json, restore_weights, write_json
+
+log = logging.getLogger(__name__)
 
 # The study runs offline: MLflow's usage telemetry would only try, and fail, to reach the network.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 DEFAULT_STORE = Path("mlflow.db")
+HEALTH_TIMEOUT_SECONDS = 5
 ARTIFACT_ROOT = Path("mlartifacts")
 ROLE_TAG = "vaebench.role"
 STUDY_TAG = "vaebench.study"
@@ -27,6 +36,44 @@ CELL_TAG = "vaebench.cell"
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI when set (a tracking server), else the SQLite store in the repository."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE.resolve()}"
+
+
+def check_store() -> None:
+    """Run at the start of every stage that logs, before any work: a tracking server that does not answer
+    within a few seconds fails here with one line, not after the work and minutes of retries. A local
+    store copied or moved with its checkout is pointed at the checkout's own artifact folder."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_SECONDS) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", None) or error
+            raise TrackingError(
+                f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer ({reason}); start it, "
+                "or unset MLFLOW_TRACKING_URI to log to the local mlflow.db"
+            ) from None
+    elif not os.environ.get("MLFLOW_TRACKING_URI") and DEFAULT_STORE.is_file():
+        relocate_local_store()
+
+
+def relocate_local_store() -> None:
+    """MLflow records absolute artifact locations, so the mlflow.db of a copied (or moved) checkout names
+    the original's mlartifacts/ folder, and logging would write there. Point the study experiments, their
+    runs and models at this checkout's mlartifacts/ (a copy of the checkout holds the same files)."""
+    here = ARTIFACT_ROOT.resolve().as_uri()
+    with sqlite3.connect(DEFAULT_STORE) as db:
+        locations = [row[0] for row in db.execute("SELECT artifact_location FROM experiments WHERE name LIKE 'vaebench-%'")]
+        elsewhere = {location.rsplit("/", 1)[0] for location in locations if location.rsplit("/", 1)[0] != here}
+        for root in elsewhere:
+            if not root.endswith(f"/{ARTIFACT_ROOT.name}"):
+                continue  # not a location this pipeline chose
+            for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location")):
+                db.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                    (here, len(root) + 1, len(root) + 1, root + "/"),
+                )
+            log.info("mlflow.db named artifacts under %s (the checkout it was copied from); now under %s", root, here)
 
 
 def experiment_name(study: str) -> str:
@@ -74,14 +121,14 @@ def source_tags() -> dict[str, str]:
 def cell_run(config: StudyConfig, cell: CellConfig, stage: str, run_id: str | None = None):
     """An active MLflow run for one cell: `run_id` continues an earlier run, else a new child run starts.
 
-    The run ends FINISHED when the block completes and FAILED (or KILLED) when it raises, never RUNNING.
+    The run ends FINISHED when the block completes, KILLED when interrupted (Ctrl-C, SIGTERM) and FAILED
+    when it raises, never RUNNING. Runs of the same cell left RUNNING by a killed process end KILLED.
     """
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     experiment_id = study_experiment(client, config.study)
     parent_id = study_parent_run(client, experiment_id, config.study)
-    if run_id is not None and not _run_exists(client, run_id):
-        run_id = None
+    end_orphaned_runs(client, experiment_id, cell.name, keep=run_id)
     tags = {
         "mlflow.parentRunId": parent_id,
         ROLE_TAG: "cell",
@@ -95,8 +142,57 @@ def cell_run(config: StudyConfig, cell: CellConfig, stage: str, run_id: str | No
     else:
         run = mlflow.start_run(run_id=run_id)
         mlflow.set_tags(tags)
-    with run:
+    with ending(run):
         yield run
+
+
+@contextmanager
+def ending(run, finished: tuple[type[BaseException], ...] = ()):
+    """End the active run by how the block ends: FINISHED (also for the `finished` exceptions), KILLED
+    when interrupted, FAILED when it raises."""
+    try:
+        yield run
+    except finished:
+        mlflow.end_run("FINISHED")
+        raise
+    except (KeyboardInterrupt, Terminated):
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def end_orphaned_runs(client: MlflowClient, experiment_id: str, cell: str, keep: str | None) -> None:
+    """Runs of the cell still RUNNING were left by a killed process (its checkpoint was then discarded, or
+    it died evaluating): end them KILLED, so that nothing stays RUNNING for good."""
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{CELL_TAG}` = '{cell}' and attributes.status = 'RUNNING'"
+    )
+    for run in found:
+        if run.info.run_id != keep:
+            client.set_tag(run.info.run_id, "vaebench.ended", "left RUNNING by a killed process; ended by a later run")
+            client.set_terminated(run.info.run_id, "KILLED")
+            log.info("%s: ended the MLflow run %s left RUNNING by a killed process", cell, run.info.run_id)
+
+
+def run_exists(run_id: str) -> bool:
+    mlflow.set_tracking_uri(tracking_uri())
+    return _run_exists(MlflowClient(), run_id)
+
+
+def recorded_run(run_file: Path, stage: str) -> str:
+    """The id of the run a train stage recorded in `run_file`, after checking the tracking store has it."""
+    if not run_file.is_file():
+        raise ArtifactError(f"{run_file} is missing; train the cell first: dvc repro {stage}")
+    run_id = read_json(run_file)["run_id"]
+    if not run_exists(run_id):
+        raise TrackingError(
+            f"the MLflow run {run_id} recorded in {run_file} is not in the tracking store {tracking_uri()} "
+            f"(deleted, or logged to another store); point MLFLOW_TRACKING_URI at that store, or retrain: dvc repro -f {stage}"
+        )
+    return run_id
 
 
 def _run_exists(client: MlflowClient, run_id: str) -> bool:
@@ -123,19 +219,35 @@ def log_test_metrics(metrics: dict) -> None:
     mlflow.log_metrics({f"test_{key}": value for key, value in metrics.items()})
 
 
-def log_model(model) -> None:
-    import torch
-    import mlflow.pytorch
+MODEL_ARTIFACT = "model"
+WEIGHTS_FILE = "state_dict.pt"
+CELL_FILE = "cell.json"
 
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # its warning about pickle, a deliberate choice
-    # Pickle rather than MLflow's default pt2 export, which traces forward() and needs an input example;
-    # loading needs the `pipeline` package installed. Explicit requirements: inferring them is slow.
-    mlflow.pytorch.log_model(
-        model.cpu(),
-        name="model",
-        serialization_format="pickle",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "vaebench"],
-    )
+
+def log_model(model, cell: CellConfig) -> None:
+    """The model as run artifacts under model/: its weights (a state dict of tensors) and its cell. Not a
+    pickle of the module: loading one (load_logged_model) reads tensors only and runs no code from the file."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        torch.save({key: value.cpu() for key, value in model.state_dict().items()}, folder / WEIGHTS_FILE)
+        write_json(folder / CELL_FILE, cell_as_dict(cell))
+        mlflow.log_artifacts(str(folder), artifact_path=MODEL_ARTIFACT)
+
+
+def load_logged_model(run_id: str, device: str = "cpu"):
+    """The model a run logged with log_model, rebuilt by this package's code from its cell and weights."""
+    from pipeline.config import parse_cell
+    from pipeline.models import build_model
+
+    mlflow.set_tracking_uri(tracking_uri())
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_ARTIFACT))
+    cell = dict(read_json(folder / CELL_FILE))
+    model = build_model(parse_cell(cell.pop("name"), cell, {}))
+    weights = folder / WEIGHTS_FILE
+    restore_weights(model, load_torch_file(weights, f"train@<the cell of run {run_id}>", device), weights, "train")
+    return model.to(device).eval()
 
 
 def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:
@@ -153,6 +265,9 @@ def log_report(config: StudyConfig, folder: Path, cell_folders: dict[str, Path])
     for run_id, cell_folder in cell_folders.items():
         if _run_exists(client, run_id):
             client.log_artifacts(run_id, str(cell_folder), artifact_path="figures")
+        else:
+            log.warning("report: the MLflow run %s of %s is not in the tracking store; its figures are only in %s",
+                        run_id, cell_folder.name, cell_folder)
 
 
 def tune_parent_run(config: StudyConfig, tune_name: str, space: dict) -> str:
@@ -176,22 +291,16 @@ def tune_parent_run(config: StudyConfig, tune_name: str, space: dict) -> str:
 
 @contextmanager
 def trial_run(config: StudyConfig, tune_name: str, number: int, parent_id: str):
-    """A child run per Optuna trial: FINISHED when it completes or is pruned, FAILED when it raises."""
+    """A child run per Optuna trial: FINISHED when it completes or is pruned, KILLED when interrupted, FAILED
+    when it raises."""
     import optuna
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment_id = study_experiment(MlflowClient(), config.study)
     tags = {"mlflow.parentRunId": parent_id, ROLE_TAG: "trial", "vaebench.tune": tune_name, "optuna.trial": str(number)}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{tune_name}-trial-{number}", tags=tags)
-    try:
+    with ending(run, finished=(optuna.TrialPruned,)):
         yield run
-    except optuna.TrialPruned:
-        mlflow.end_run("FINISHED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    mlflow.end_run("FINISHED")
 
 
 def fail_orphaned_trial_runs(config: StudyConfig, tune_name: str, numbers: list[int]) -> None:
@@ -227,8 +336,6 @@ def log_objective(values: dict) -> None:
 
 def log_tune_results(parent_id: str, summary: dict, folder: Path, best_checkpoint: Path) -> None:
     """The best trial's params and model, and the tuning report, on the tuning parent run."""
-    import torch
-
     from pipeline.config import parse_cell
     from pipeline.models import build_model
 
@@ -243,9 +350,10 @@ def log_tune_results(parent_id: str, summary: dict, folder: Path, best_checkpoin
     )
     client.log_artifacts(parent_id, str(folder), artifact_path="tune")
     if best_checkpoint.is_file():
-        saved = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
+        saved = load_torch_file(best_checkpoint, "tune")
         cell = dict(saved["cell"])
-        model = build_model(parse_cell(cell.pop("name"), cell, {}))
-        model.load_state_dict(saved["state_dict"])
+        best_cell = parse_cell(cell.pop("name"), cell, {})
+        model = build_model(best_cell)
+        restore_weights(model, saved["state_dict"], best_checkpoint, "tune")
         with mlflow.start_run(run_id=parent_id):
-            log_model(model)
+            log_model(model, best_cell)

@@ -14,7 +14,18 @@ from pipeline.config import CellConfig, StudyConfig, cell_as_dict
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.evaluation.sample_quality import FIDProbe
 from pipeline.models import Autoencoder, build_model
-from pipeline.outputs import PREPARED_FILE, resume_file, sha256_of, staged_dir, train_dir, train_stage, write_json
+from pipeline.errors import ArtifactError
+from pipeline.outputs import (
+    PREPARED_FILE,
+    load_torch_file,
+    restore_weights,
+    resume_file,
+    sha256_of,
+    staged_dir,
+    train_dir,
+    train_stage,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
@@ -29,6 +40,7 @@ def train_cell(
 ) -> list[dict]:
     """Train one cell, write its stage outputs, and return its per-epoch history."""
     cell = config.cell(cell_name)
+    tracking.check_store()
     device = engine.resolve_device(cell.device)
     engine.set_threads()
     arrays = load_prepared(PREPARED_FILE)
@@ -36,23 +48,29 @@ def train_cell(
     val_images = images_to_tensor(arrays["val_images"], device)
 
     training = engine.start_training(cell, device)
-    origin = None
+    inputs = {"data": sha256_of(PREPARED_FILE)}
     if cell.init_from:
         training.model.start_from(load_trained(config.study, config.cell(cell.init_from), device))
-        origin = sha256_of(train_dir(config.study, cell.init_from) / MODEL_FILE)
+        inputs["origin"] = sha256_of(train_dir(config.study, cell.init_from) / MODEL_FILE)
     probe = None
     if training.model.capabilities.adversarial:
         probe = FIDProbe(load_classifier(device), val_images, cell.latent_dim, seed=cell.seed)
     checkpoint = resume_file(config.study, cell.name)
-    run_id = engine.restore_checkpoint(checkpoint, training, origin)
+    run_id = engine.restore_checkpoint(checkpoint, training, inputs)
+    if run_id is not None and not tracking.run_exists(run_id):
+        log.warning("%s: the MLflow run %s of the resumed epochs is not in the tracking store; logging them again "
+                    "to a new run", cell.name, run_id)
+        run_id = None
     with tracking.cell_run(config, cell, stage=train_stage(cell), run_id=run_id) as run:
-        if not training.history:
+        if run_id is None:
             tracking.log_cell_params(config, cell)
+            for row in training.history:
+                tracking.log_epoch(row)
         for row in engine.epochs(training, train_images, val_images, probe):
             tracking.log_epoch(row)
             validation = "  ".join(f"{key[4:]} {value:.2f}" for key, value in row.items() if key.startswith("val_"))
             log.info("%s epoch %d/%d  train loss %.2f  val %s", cell.name, row["epoch"], cell.epochs, row["train_loss"], validation)
-            engine.save_checkpoint(checkpoint, training, run.info.run_id, origin)
+            engine.save_checkpoint(checkpoint, training, run.info.run_id, inputs)
             if on_epoch_end is not None:
                 on_epoch_end(row["epoch"])
         engine.finish_training(training, train_images)
@@ -62,19 +80,19 @@ def train_cell(
             write_json(out / HISTORY_FILE, training.history)
             write_json(out / "config.json", {"study": config.study, "cell": cell_as_dict(cell)})
             write_json(out / RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
-        tracking.log_model(training.model)
+        tracking.log_model(training.model, cell)
     checkpoint.unlink(missing_ok=True)
     return training.history
 
 
 def load_trained(study: str, cell: CellConfig, device: torch.device) -> Autoencoder:
-    path = train_dir(study, cell.name) / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; train the cell first (dvc repro {train_stage(cell)})")
-    saved = torch.load(path, map_location=device, weights_only=True)
-    if saved["cell"] != cell_as_dict(cell):
+    path, stage = train_dir(study, cell.name) / MODEL_FILE, train_stage(cell)
+    saved = load_torch_file(path, stage, device)
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise ArtifactError(f"{path} is not a vaebench model file; re-create it with `dvc repro -f {stage}`")
+    if saved.get("cell") != cell_as_dict(cell):
         block = "finetuned" if cell.init_from else "cells"
-        raise RuntimeError(f"{path} was trained with other parameters than {block}.{cell.name}; re-run dvc repro")
+        raise ArtifactError(f"{path} was trained with other parameters than {block}.{cell.name}; run `dvc repro {stage}`")
     model = build_model(cell).to(device)
-    model.load_state_dict(saved["state_dict"])
+    restore_weights(model, saved["state_dict"], path, stage)
     return model.eval()

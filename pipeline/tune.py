@@ -24,7 +24,8 @@ from filelock import FileLock
 from pipeline import engine, tracking
 from pipeline.config import PARAMS_FILE, StudyConfig, cell_as_dict, load_study
 from pipeline.data import images_to_tensor, load_prepared
-from pipeline.outputs import PREPARED_FILE, staged_dir, write_json
+from pipeline.errors import VaebenchError
+from pipeline.outputs import PREPARED_FILE, save_torch_file, staged_dir, write_json
 from pipeline.tuning.search_space import TuneSpace, check_space_fits, load_space, make_pruner, make_sampler, with_values
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,8 @@ def run_trial(config: StudyConfig, space: TuneSpace, trial: optuna.Trial, data: 
         values = tuple(row[metric] for metric in space.metrics)
         tracking.log_objective(dict(zip(space.metrics, values)))
         checkpoint = WORK_DIR / study_name(space) / f"trial-{trial.number}.pt"
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
         engine.finish_training(training, data["train"])
-        torch.save({"cell": cell_as_dict(cell), "state_dict": training.model.state_dict(), "run_id": run.info.run_id}, checkpoint)
+        save_torch_file({"cell": cell_as_dict(cell), "state_dict": training.model.state_dict(), "run_id": run.info.run_id}, checkpoint)
     return values if len(values) > 1 else values[0]
 
 
@@ -142,7 +142,7 @@ def worker(params_file: str, space_file: str, url: str, parent_id: str, index: i
                 return
             failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
             if failed >= space.n_trials:
-                raise RuntimeError(
+                raise VaebenchError(
                     f"{failed} trials of {space.name} failed (see their errors in MLflow or optuna); fix the search space"
                 )
             with warnings.catch_warnings():  # "heartbeat is meant for Study.optimize": heartbeat() below covers it
@@ -168,6 +168,7 @@ def tune(config: StudyConfig, space: TuneSpace, space_file: str, params_file: st
          storage: str | None = None, workers: int | None = None) -> dict:
     workers = workers or space.workers
     url = storage_url(storage)
+    tracking.check_store()
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     check_space_fits(space, config.cell(space.base_cell))  # fails now, not in a worker, when they do not fit
     optuna.create_study(study_name=study_name(space), storage=open_storage(url), directions=list(space.directions),
@@ -186,7 +187,7 @@ def tune(config: StudyConfig, space: TuneSpace, space_file: str, params_file: st
         for process in processes:
             process.join()
         if any(process.exitcode != 0 for process in processes):
-            raise RuntimeError(f"a tuning worker exited with an error; re-run to resume study {space.name}")
+            raise VaebenchError(f"a tuning worker exited with an error; re-run to resume study {space.name}")
     study = optuna.load_study(study_name=study_name(space), storage=open_storage(url))
     return export_results(config, space, study, parent_id)
 

@@ -167,7 +167,7 @@ def test_a_fine_tune_resumes_only_from_a_checkpoint_of_the_same_source_model(tmp
     from pipeline.engine import restore_checkpoint, save_checkpoint
 
     training = start_training(cell(), torch.device("cpu"))
-    save_checkpoint(tmp_path / "resume.pt", training, "run-1", origin="sha-of-the-old-vae")
+    save_checkpoint(tmp_path / "resume.pt", training, "run-1", {"origin": "sha-of-the-old-vae"})
     again = start_training(cell(), torch.device("cpu"))
-    assert restore_checkpoint(tmp_path / "resume.pt", again, origin="sha-of-a-retrained-vae") is None
-    assert restore_checkpoint(tmp_path / "resume.pt", again, origin="sha-of-the-old-vae") == "run-1"
+    assert restore_checkpoint(tmp_path / "resume.pt", again, {"origin": "sha-of-a-retrained-vae"}) is None
+    assert restore_checkpoint(tmp_path / "resume.pt", again, {"origin": "sha-of-the-old-vae"}) == "run-1"

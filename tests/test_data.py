@@ -70,20 +70,46 @@ def test_missing_files_without_download_name_the_folder_and_files(tiny_study, wo
     assert not PREPARED_DIR.exists()
 
 
-def test_failed_download_names_the_folder(tiny_study, workdir, monkeypatch):
-    import torchvision.datasets
+def files_in(folder):
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
 
-    class OfflineMNIST:
-        def __init__(self, *args, **kwargs):
-            raise OSError("network is unreachable")
 
-    monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineMNIST)
-    root = workdir / "empty"
-    config = with_data(tiny_study, root=str(root))
-    with pytest.raises(data.DataError, match="the download failed") as error:
-        prepare(config)
-    assert str(data.raw_dir(root)) in str(error.value)
+def test_failed_download_names_the_cause_and_writes_nothing_into_the_data_folder(tiny_study, workdir, monkeypatch):
+    import pipeline.prepare
+
+    root = workdir / "three-of-four"
+    copy_raw(root)
+    (data.raw_dir(root) / "t10k-labels-idx1-ubyte.gz").unlink()
+    before = files_in(root)
+    monkeypatch.setattr(pipeline.prepare, "mirrors", lambda: ["http://127.0.0.1:9/"])  # nothing listens on port 9
+    with pytest.raises(data.DataError, match=r"downloading them failed \(.*Connection refused") as error:
+        prepare(with_data(tiny_study, root=str(root)))
+    assert str(data.raw_dir(root)) in str(error.value) and "t10k-labels-idx1-ubyte.gz" in str(error.value)
+    assert files_in(root) == before  # nothing unpacked, nothing partial
     assert not PREPARED_DIR.exists()
+
+
+def test_download_writes_only_the_missing_checked_file(tiny_study, workdir, monkeypatch):
+    import functools
+    import http.server
+    import threading
+
+    import pipeline.prepare
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(data.raw_dir(SHARED_DATA)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(pipeline.prepare, "mirrors", lambda: [f"http://127.0.0.1:{server.server_address[1]}/"])
+        root = workdir / "three-of-four"
+        copy_raw(root)
+        (data.raw_dir(root) / "t10k-labels-idx1-ubyte.gz").unlink()
+        prepare(with_data(tiny_study, root=str(root)))
+    finally:
+        server.shutdown()
+    assert files_in(root) == ["MNIST", "MNIST/raw", *sorted(f"MNIST/raw/{name}" for name in data.MNIST_SHA256)]
+    data.verify_checksums(root)
+    assert PREPARED_FILE.is_file()
 
 
 def test_not_an_idx_file_is_reported(tmp_path):

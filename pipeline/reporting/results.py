@@ -6,11 +6,12 @@ here and "–" in every table, never 0.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pandas as pd
 
-from pipeline.config import StudyConfig
+from pipeline.config import StudyConfig, cell_as_dict
 from pipeline.models import FAMILIES
 from pipeline.outputs import evaluate_dir, read_json, train_dir
 
@@ -27,27 +28,53 @@ MISSING = "–"
 
 
 def group_name(cell_name: str) -> str:
-    """The cell's name without its seed: the cells of one group differ only in their seed."""
+    """The cell's name without its seed suffix (-s0, -s1, ...)."""
     return SEED_SUFFIX.sub("", cell_name)
+
+
+def seed_groups(config: StudyConfig) -> dict[str, str]:
+    """Each cell's group: the cells of a group have the same recorded configuration but for the seed (a
+    fine-tuned cell's source counts by its group). A group is named after its first cell without the seed
+    suffix, or after the whole cell name when that is taken by a group of another configuration."""
+    keys: dict[str, str] = {}
+
+    def key(cell) -> str:
+        if cell.name not in keys:
+            spec = {k: v for k, v in cell_as_dict(cell).items() if k not in ("name", "seed")}
+            if cell.init_from:
+                spec["init_from"] = key(config.cell(cell.init_from))
+            keys[cell.name] = json.dumps(spec, sort_keys=True)
+        return keys[cell.name]
+
+    names: dict[str, str] = {}
+    groups = {}
+    for cell in config.cells.values():
+        spec = key(cell)
+        if spec not in names:
+            label = group_name(cell.name)
+            names[spec] = label if label not in names.values() else cell.name
+        groups[cell.name] = names[spec]
+    return groups
 
 
 def cell_table(config: StudyConfig) -> pd.DataFrame:
     """One row per cell with its test metrics; `status` is 'ok', or says what is missing. `beta` is the
     VAE's β (NaN for other families); `variant` labels the family's own settings."""
     rows = []
+    groups = seed_groups(config)
     for cell in config.cells.values():
         row = {
             "cell": cell.name,
-            "group": group_name(cell.name),
+            "group": groups[cell.name],
             "family": cell.family,
             "arch": cell.arch,
             "latent_dim": cell.latent_dim,
             "beta": getattr(cell.settings, "beta", float("nan")),
-            "variant": variant(cell),
+            "variant": variant(cell, groups),
             "seed": cell.seed,
             "prior": FAMILIES[cell.family].capabilities.prior,
             "adversarial": FAMILIES[cell.family].capabilities.adversarial,
-            "init_from": group_name(cell.init_from) if cell.init_from else None,  # seeds of one group start from one group
+            "init_from": groups[cell.init_from] if cell.init_from else None,  # seeds of one group start from one group
         }
         metrics_file = evaluate_dir(config.study, cell.name) / "metrics.json"
         if metrics_file.is_file():
@@ -67,9 +94,9 @@ def cell_table(config: StudyConfig) -> pd.DataFrame:
     return frame
 
 
-def variant(cell) -> str:
-    """The family's settings, and the cell a fine-tuned cell starts from."""
-    parts = [cell.settings.label(), f"from {group_name(cell.init_from)}" if cell.init_from else ""]
+def variant(cell, groups: dict[str, str]) -> str:
+    """The family's settings, and the group a fine-tuned cell starts from."""
+    parts = [cell.settings.label(), f"from {groups[cell.init_from]}" if cell.init_from else ""]
     return ", ".join(part for part in parts if part)
 
 

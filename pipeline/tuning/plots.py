@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
+from pipeline.errors import VaebenchError  # noqa: E402
 from pipeline.tuning.search_space import TuneSpace  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -23,11 +24,11 @@ def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     of the objectives (for rate and distortion, their sum is the negative ELBO)."""
     if len(study.directions) == 1:
         if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
-            raise RuntimeError(f"tuning study {study.study_name} has no completed trial; see the FAIL errors in MLflow")
+            raise VaebenchError(f"tuning study {study.study_name} has no completed trial; see the FAIL errors in MLflow")
         return [study.best_trial]
     front = study.best_trials
     if not front:
-        raise RuntimeError(f"tuning study {study.study_name} has no completed trial; see the FAIL errors in MLflow")
+        raise VaebenchError(f"tuning study {study.study_name} has no completed trial; see the FAIL errors in MLflow")
     return sorted(front, key=lambda t: sum(t.values))
 
 
