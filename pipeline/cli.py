@@ -213,7 +213,7 @@ class _QuietOnClosedPipe(logging.StreamHandler):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[vaebench] %(message)s", handlers=[_QuietOnClosedPipe(sys.stderr)])
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args.run(args)
     except ConfigError as error:
@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader of stdout went away (`vaebench table | head`): what it wanted was printed.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

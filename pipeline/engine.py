@@ -180,7 +180,10 @@ def restore_checkpoint(path: Path, training: Training, inputs: dict | None = Non
     except Exception:  # a checkpoint cut short by a kill, or not a checkpoint at all: start over rather than fail
         log.warning("ignoring unreadable resume checkpoint %s", path)
         return None
-    if not isinstance(state, dict) or state.get("cell") != cell_as_dict(training.cell):
+    if not isinstance(state, dict) or any(not isinstance(state.get(key), kind) for key, kind in CHECKPOINT_FIELDS.items()):
+        log.warning("ignoring %s: it is not a resume checkpoint", path)
+        return None
+    if state.get("cell") != cell_as_dict(training.cell):
         log.info("the cell's parameters changed since %s was written; starting fresh", path)
         return None
     inputs, saved = inputs or {}, state.get("inputs")
@@ -188,9 +191,6 @@ def restore_checkpoint(path: Path, training: Training, inputs: dict | None = Non
         changed = [key for key in inputs if not isinstance(saved, dict) or saved.get(key) != inputs[key]]
         log.info("%s: its input (%s) changed since %s was written; starting fresh", training.cell.name,
                  ", ".join(changed) or "?", path)
-        return None
-    if any(not isinstance(state.get(key), kind) for key, kind in CHECKPOINT_FIELDS.items()):
-        log.warning("ignoring resume checkpoint %s: it lacks the fields a checkpoint has", path)
         return None
     try:
         training.model.load_state_dict(state["model"])

@@ -99,9 +99,9 @@ def load_torch_file(path: Path, stage: str, device: object = "cpu") -> object:
         raise ArtifactError(f"{path} is missing; run `dvc repro {stage}` first")
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except Exception as error:  # the unpickler of a damaged file raises almost anything; the file is at fault
         reason = "it holds more than tensors and plain values, or is not a PyTorch file at all" if isinstance(
-            error, pickle.UnpicklingError) else (str(error).split(".")[0] or type(error).__name__)
+            error, (pickle.UnpicklingError, IndexError)) else (str(error).split(".")[0] or type(error).__name__)
         raise ArtifactError(
             f"{path} is not a readable PyTorch file ({reason}); delete it and re-create it with `dvc repro -f {stage}`"
         ) from None

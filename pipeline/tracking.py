@@ -187,7 +187,8 @@ def recorded_run(run_file: Path, stage: str) -> str:
     if not run_file.is_file():
         raise ArtifactError(f"{run_file} is missing; train the cell first: dvc repro {stage}")
     run_id = read_json(run_file)["run_id"]
-    if not run_exists(run_id):
+    local_store_gone = not os.environ.get("MLFLOW_TRACKING_URI") and not DEFAULT_STORE.is_file()
+    if local_store_gone or not run_exists(run_id):
         raise TrackingError(
             f"the MLflow run {run_id} recorded in {run_file} is not in the tracking store {tracking_uri()} "
             f"(deleted, or logged to another store); point MLFLOW_TRACKING_URI at that store, or retrain: dvc repro -f {stage}"

@@ -95,4 +95,7 @@ def load_trained(study: str, cell: CellConfig, device: torch.device) -> Autoenco
         raise ArtifactError(f"{path} was trained with other parameters than {block}.{cell.name}; run `dvc repro {stage}`")
     model = build_model(cell).to(device)
     restore_weights(model, saved["state_dict"], path, stage)
+    broken = [name for name, value in model.state_dict().items() if value.is_floating_point() and not value.isfinite().all()]
+    if broken:
+        raise ArtifactError(f"{path} holds NaN or infinite weights ({broken[0]}); retrain the cell: dvc repro -f {stage}")
     return model.eval()

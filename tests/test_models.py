@@ -148,7 +148,7 @@ def test_reparameterized_samples_have_the_posterior_moments():
 
 
 def test_default_study_has_the_classic_mlp_reference_cell():
-    cell = load_study(REPO / "params.yaml").cell("linear-z20-b1-s0")
+    cell = load_study(REPO / "studies" / "default.yaml").cell("linear-z20-b1-s0")
     assert (cell.family, cell.arch, cell.latent_dim, cell.hidden, cell.settings.beta) == ("vae", "linear", 20, (400,), 1.0)
     assert (cell.lr, cell.batch_size, cell.epochs, cell.likelihood) == (1e-3, 128, 10, "bernoulli")
     model = build_model(cell)
@@ -160,7 +160,7 @@ def test_default_study_has_the_classic_mlp_reference_cell():
 
 
 def test_default_study_compares_each_family_on_the_network_of_the_lab_cell():
-    config = load_study(REPO / "params.yaml")
+    config = load_study(REPO / "studies" / "default.yaml")
     reference = config.cell("linear-z10-b1-s0")
     others = [cell for cell in config.cells.values() if cell.family != "vae"]
     assert sorted(cell.family for cell in others) == ["ae", "cae", "dae", "gan"]

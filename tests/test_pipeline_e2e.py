@@ -154,8 +154,7 @@ def test_mlflow_has_one_parent_and_a_child_per_cell(repo, reproduced):
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [1]
         images = ["images/samples.png"] if name in GAN_CELLS else ["images/reconstructions.png", "images/samples.png"]
         assert [a.path for a in client.list_artifacts(child.info.run_id, "images")] == images
-        models = client.search_logged_models([child.info.experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'")
-        assert [m.name for m in models] == ["model"]
+        assert sorted(a.path for a in client.list_artifacts(child.info.run_id, "model")) == ["model/cell.json", "model/state_dict.pt"]
 
 
 def test_second_repro_runs_nothing_and_logs_no_duplicate_run(repo, reproduced):
@@ -165,7 +164,12 @@ def test_second_repro_runs_nothing_and_logs_no_duplicate_run(repo, reproduced):
     assert len(study_runs(repo)) == before
 
 
-def test_editing_cells_reruns_only_those_cells_and_the_cells_fine_tuned_from_them(repo, reproduced):
+def test_editing_cells_reruns_only_those_cells_and_the_cells_fine_tuned_from_them(repo, reproduced, tmp_path):
+    # Its own copy of the reproduced repository (the other tests keep theirs unedited), which also checks
+    # that a copied checkout logs only into itself.
+    source_artifacts = repo / "mlartifacts"
+    before = sorted(source_artifacts.rglob("*"))
+    repo = Path(shutil.copytree(repo, tmp_path / "copy", symlinks=True))
     params = repo / "params.yaml"
     text = params.read_text()
     for cell, spec in (("conv-z2-b1-s0", "{arch: conv, latent_dim: 2, beta: %s, seed: 0}"),
@@ -181,3 +185,5 @@ def test_editing_cells_reruns_only_those_cells_and_the_cells_fine_tuned_from_the
         assert f"Running stage '{stage}'" not in output
     assert "Running stage 'prepare'" not in output and "Running stage 'classifier'" not in output
     assert "up to date" in run(repo, "dvc", "status")
+    assert sorted(source_artifacts.rglob("*")) == before
+    assert len(list((repo / "mlartifacts").rglob("model/state_dict.pt"))) > len(list(source_artifacts.rglob("model/state_dict.pt")))

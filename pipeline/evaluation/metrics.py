@@ -29,7 +29,10 @@ class _Precomputed(nn.Module):
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between Gaussians fitted to two feature sets."""
+    """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between Gaussians fitted to two feature sets.
+    NaN when a feature is not finite (the matrix square root of such a covariance can crash the process)."""
+    if not (torch.isfinite(real).all() and torch.isfinite(fake).all()):
+        return float("nan")
     metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), normalize=True).set_dtype(torch.float64)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
