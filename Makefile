@@ -16,9 +16,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
-# `make study STUDY=large` first makes studies/large.yaml the active params.yaml.
+# `make study STUDY=large` first makes studies/large.yaml the active params.yaml (FORCE=1: over unsaved edits).
 study: setup
-	@if [ -n "$(STUDY)" ]; then vaebench use-study $(STUDY); fi
+	@if [ -n "$(STUDY)" ]; then vaebench use-study $(STUDY) $(if $(FORCE),--force); fi
 	vaebench check
 	dvc repro
 

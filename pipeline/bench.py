@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import StudyConfig
-from pipeline.data import MNIST_SHA256, DataError, images_to_tensor, load_prepared, raw_dir
+from pipeline.data import MNIST_SHA256, DataError, images_to_tensor, load_prepared, missing_files, raw_dir
+from pipeline.errors import VaebenchError
 from pipeline.engine import model_epoch, set_threads
 from pipeline.models import build_model
 from pipeline.outputs import PREPARED_FILE, write_json, write_text
@@ -287,7 +288,7 @@ def in_fresh_process(function, *args) -> tuple[float, float]:
             break
         except Empty:
             if not process.is_alive() and queue.empty():
-                raise RuntimeError(
+                raise VaebenchError(
                     f"the benchmark process for {function.__name__} exited with code {process.exitcode} "
                     "without a result; its error is printed above"
                 ) from None
@@ -324,8 +325,11 @@ def check_bench_cells(config: StudyConfig, cells: list[str], reference_cell: str
 def run_bench(config: StudyConfig, cells: list[str], images: int, reference_cell: str | None, copies: int = 4,
               study: bool = False) -> dict:
     check_bench_cells(config, cells, reference_cell)
-    if not PREPARED_FILE.is_file():  # checked here: a measurement process would die on it one by one
+    # Checked here: each measurement process would die on them one by one.
+    if not PREPARED_FILE.is_file():
         raise DataError(f"prepared data {PREPARED_FILE} is missing; run `dvc repro prepare` first")
+    if missing_files(config.data.root):  # the standard loop reads the raw files with torchvision
+        raise DataError(f"MNIST files missing in {raw_dir(config.data.root)}: {', '.join(missing_files(config.data.root))}")
     set_threads()
     results = {
         "machine": {

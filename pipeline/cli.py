@@ -55,7 +55,7 @@ def cmd_figures(args) -> None:
     config = load_study(args.params)
     config.cell(args.cell)
     folder = cell_figures(config, args.cell, args.out or Path("figures") / config.study / args.cell)
-    print(f"figures of {args.cell} in {folder}/")
+    say(f"figures of {args.cell} in {folder}/")
 
 
 def cmd_tune(args) -> None:
@@ -76,6 +76,8 @@ def cmd_enable_tune(args) -> None:
     if space.name != args.space.stem:
         raise ConfigError(f"{args.space}: name is {space.name!r}; make it the file's name {args.space.stem!r}")
     round_trip = YAML()
+    if not args.params.is_file():
+        raise ConfigError(f"{args.params} not found; run from the repository root or pass --params")
     document = round_trip.load(args.params.read_text())
     if not document.get("tune"):
         document["tune"] = {}
@@ -83,7 +85,7 @@ def cmd_enable_tune(args) -> None:
     text = io.StringIO()
     round_trip.dump(document, text)
     write_params(args.params, text.getvalue(), unsaved_edits(args.params))
-    print(f"{args.params}: tune@{space.name} runs {args.space}; run `dvc repro tune@{space.name}`")
+    say(f"{args.params}: tune@{space.name} runs {args.space}; run `dvc repro tune@{space.name}`")
 
 
 def cmd_bench(args) -> None:
@@ -92,16 +94,17 @@ def cmd_bench(args) -> None:
     results = run_bench(
         load_study(args.params), args.cells, args.images, None if args.no_full else args.reference_cell, study=args.study
     )
-    print(table(results))
-    print(f"written to {write_results(results)}")
+    written = write_results(results)  # before printing: a closed stdout must not lose the measurements
+    say(table(results))
+    say(f"written to {written}")
 
 
 def cmd_check(args) -> None:
     config = load_study(args.params)
-    print(f"{args.params}: study {config.study!r}, {len(config.cells)} cells")
+    say(f"{args.params}: study {config.study!r}, {len(config.cells)} cells")
     for cell in config.cells.values():
         setting = f" {cell.settings.label()}" if cell.settings.label() else ""
-        print(f"  {cell.name}: {cell.family} {cell.arch} latent_dim={cell.latent_dim}{setting} seed={cell.seed} epochs={cell.epochs}")
+        say(f"  {cell.name}: {cell.family} {cell.arch} latent_dim={cell.latent_dim}{setting} seed={cell.seed} epochs={cell.epochs}")
 
 
 def cmd_table(args) -> None:
@@ -109,11 +112,11 @@ def cmd_table(args) -> None:
     from pipeline.reporting.results import cell_table, markdown_family_table, markdown_sample_table, markdown_table
 
     cells = cell_table(load_study(args.params))
-    print(markdown_table(cells))
-    print()
-    print(markdown_family_table(cells))
-    print()
-    print(markdown_sample_table(cells, load_floor()))
+    say(markdown_table(cells))
+    say("")
+    say(markdown_family_table(cells))
+    say("")
+    say(markdown_sample_table(cells, load_floor()))
 
 
 def cmd_use_study(args) -> None:
@@ -128,7 +131,7 @@ def cmd_use_study(args) -> None:
             f"them first (cp {args.params} studies/NAME.yaml), or pass --force to discard them"
         )
     write_params(args.params, source.read_text(), keep_edits=False)
-    print(f"{args.params} now holds study {config.study!r} ({len(config.cells)} cells); run `dvc repro`")
+    say(f"{args.params} now holds study {config.study!r} ({len(config.cells)} cells); run `dvc repro`")
 
 
 def unsaved_edits(params: Path) -> bool:
@@ -149,6 +152,18 @@ def write_params(params: Path, text: str, keep_edits: bool) -> None:
     write_text(params, text)
     if not keep_edits:
         write_text(PARAMS_RECORD, hashlib.sha256(text.encode()).hexdigest() + "\n")
+
+
+class _StdoutClosed(Exception):
+    """The reader of stdout went away (`vaebench table | head`)."""
+
+
+def say(text: str) -> None:
+    """print() for the command's output, which its reader may stop reading."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise _StdoutClosed from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,21 +238,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vaebench: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"vaebench {args.command}: interrupted; {RESUME_HINT}", file=sys.stderr)
+        print(f"vaebench {args.command}: interrupted; {stopped_hint(args.command)}", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"vaebench {args.command}: terminated (SIGTERM); {RESUME_HINT}", file=sys.stderr)
+        print(f"vaebench {args.command}: terminated (SIGTERM); {stopped_hint(args.command)}", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except BrokenPipeError:
-        # The reader of stdout went away (`vaebench table | head`): what it wanted was printed.
+    except _StdoutClosed:  # what the reader wanted was printed; Python's exit must not flush into the closed pipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
 
 
-RESUME_HINT = ("its MLflow run ended KILLED and nothing half-written was kept; re-run the same command "
-               "(or dvc repro) to go on: training resumes after its last finished epoch")
+def stopped_hint(command: str) -> str:
+    """What an interrupted command left, and how to go on."""
+    kept = "nothing half-written was kept"
+    if command == "train":
+        return (f"its MLflow run ended KILLED and {kept}; re-run the same command (or dvc repro) to resume "
+                "after the last finished epoch")
+    if command == "tune":
+        return (f"the running trials' MLflow runs ended KILLED; re-run the same command (or dvc repro) to go "
+                "on: finished trials are kept, interrupted ones run again")
+    if command == "evaluate":
+        return f"its MLflow run ended KILLED and {kept}; re-run the same command (or dvc repro)"
+    return f"{kept}; re-run the same command (or dvc repro)"
 
 
 if __name__ == "__main__":

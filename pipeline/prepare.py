@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import shutil
@@ -31,7 +32,7 @@ def ensure_raw_files(root: str, download: bool) -> None:
         try:
             for name in missing:
                 download_file(name, Path(scratch))
-        except (OSError, RuntimeError, data.DataError) as error:  # urllib's errors are OSErrors
+        except (OSError, RuntimeError) as error:  # torchvision raises RuntimeError on too many redirects
             raise data.DataError(
                 f"MNIST files missing: {expected}, and downloading them failed ({type(error).__name__}: {error}); "
                 f"copy the four .gz files there, or point data.root (or {DATA_ROOT_ENV}) at a folder holding MNIST/raw"
@@ -55,14 +56,15 @@ def download_file(name: str, folder: Path) -> None:
 
     errors = []
     for mirror in mirrors():
+        (folder / name).unlink(missing_ok=True)  # download_url would keep a part left by the last mirror
         try:
             download_url(mirror + name, folder, filename=name)
-        except OSError as error:
+        except (OSError, http.client.HTTPException) as error:  # urllib's errors are OSErrors
             errors.append(f"{mirror}: {getattr(error, 'reason', None) or error}")
             continue
-        if sha256_of(folder / name) != data.MNIST_SHA256[name]:
-            raise data.DataError(f"{mirror}{name} does not match the published SHA-256 of {name}")
-        return
+        if sha256_of(folder / name) == data.MNIST_SHA256[name]:
+            return
+        errors.append(f"{mirror}: the file does not match its published SHA-256")
     raise OSError(f"no mirror served {name} ({'; '.join(errors)})")
 
 

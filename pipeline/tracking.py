@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sqlite3
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,17 +43,27 @@ def check_store() -> None:
     store copied or moved with its checkout is pointed at the checkout's own artifact folder."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
+        # MLflow's own HTTP client (its TLS and credential settings), without its minutes of retries; any
+        # HTTP response, an error status included, shows the server is there.
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
+
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_SECONDS) as response:
-                response.read()
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", None) or error
+            http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0,
+                         timeout=HEALTH_TIMEOUT_SECONDS, raise_on_status=False)
+        except (MlflowException, OSError) as error:
+            reason = str(error).split("\n")[0]
+            if "Caused by" in reason:  # urllib3's chain: keep its innermost message
+                reason = re.sub(r"[\"']\)+$", "", reason.rsplit(": ", 1)[-1])
             raise TrackingError(
                 f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer ({reason}); start it, "
                 "or unset MLFLOW_TRACKING_URI to log to the local mlflow.db"
             ) from None
     elif not os.environ.get("MLFLOW_TRACKING_URI") and DEFAULT_STORE.is_file():
-        relocate_local_store()
+        try:
+            relocate_local_store()
+        except sqlite3.Error as error:
+            raise TrackingError(f"{DEFAULT_STORE} is not a readable MLflow store ({error}); move it aside to start a new one") from None
 
 
 def relocate_local_store() -> None:
@@ -186,7 +195,10 @@ def recorded_run(run_file: Path, stage: str) -> str:
     """The id of the run a train stage recorded in `run_file`, after checking the tracking store has it."""
     if not run_file.is_file():
         raise ArtifactError(f"{run_file} is missing; train the cell first: dvc repro {stage}")
-    run_id = read_json(run_file)["run_id"]
+    try:
+        run_id = read_json(run_file)["run_id"]
+    except (ValueError, KeyError, TypeError):
+        raise ArtifactError(f"{run_file} is not a run record; retrain the cell: dvc repro -f {stage}") from None
     local_store_gone = not os.environ.get("MLFLOW_TRACKING_URI") and not DEFAULT_STORE.is_file()
     if local_store_gone or not run_exists(run_id):
         raise TrackingError(
@@ -245,6 +257,8 @@ def load_logged_model(run_id: str, device: str = "cpu"):
     mlflow.set_tracking_uri(tracking_uri())
     folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_ARTIFACT))
     cell = dict(read_json(folder / CELL_FILE))
+    cell.pop("init_from", None)  # what a fine-tuned model started from does not change its network
+    cell["device"] = "cpu"  # where it trained does not matter here
     model = build_model(parse_cell(cell.pop("name"), cell, {}))
     weights = folder / WEIGHTS_FILE
     restore_weights(model, load_torch_file(weights, f"train@<the cell of run {run_id}>", device), weights, "train")

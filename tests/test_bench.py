@@ -5,6 +5,7 @@ import math
 import pytest
 
 from pipeline.bench import in_fresh_process, run_bench, table, training_step_flops, write_results
+from pipeline.errors import VaebenchError
 
 
 def test_flop_count_of_the_mlp_matches_the_layer_sizes(tiny_study):
@@ -45,5 +46,5 @@ def test_cells_the_bench_cannot_measure_are_refused_before_any_measurement(tiny_
 
 
 def test_a_measurement_process_that_dies_raises_instead_of_hanging():
-    with pytest.raises(RuntimeError, match="the benchmark process for sqrt exited with code 1 without a result"):
+    with pytest.raises(VaebenchError, match="the benchmark process for sqrt exited with code 1 without a result"):
         in_fresh_process(math.sqrt, -1.0)

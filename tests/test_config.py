@@ -4,6 +4,7 @@ import sys
 import pytest
 import yaml
 
+from pipeline import cli
 from pipeline.config import ConfigError, load_study, parse_study, parse_study_text
 
 from conftest import REPO, TINY_STUDY
@@ -156,14 +157,14 @@ def run_cli(*args, cwd):
         ({"contraction_weight": 0.5}, "contraction_weight is a setting of family cae, not of vae"),
     ],
 )
-def test_cli_rejects_bad_input_with_one_line_before_training(tmp_path, change, message):
-    params = tmp_path / "params.yaml"
+def test_cli_rejects_bad_input_with_one_line_before_training(workdir, capsys, change, message):
+    # In-process (the command line itself is run in a subprocess by the next test).
+    params = workdir / "params.yaml"
     params.write_text(yaml.safe_dump(with_cell(**change)))
-    result = run_cli("--params", str(params), "train", "linear-z2-b1-s0", cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    assert cli.main(["--params", str(params), "train", "linear-z2-b1-s0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vaebench: error: ") and message in lines[0]
-    assert not (tmp_path / "results").exists()
+    assert sorted(path.name for path in workdir.iterdir()) == ["params.yaml"]
 
 
 def test_cli_rejects_an_unreadable_params_file_and_an_unknown_cell(tmp_path):

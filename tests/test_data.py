@@ -100,7 +100,9 @@ def test_download_writes_only_the_missing_checked_file(tiny_study, workdir, monk
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        monkeypatch.setattr(pipeline.prepare, "mirrors", lambda: [f"http://127.0.0.1:{server.server_address[1]}/"])
+        # The first mirror refuses the connection; the second serves the files.
+        monkeypatch.setattr(pipeline.prepare, "mirrors",
+                            lambda: ["http://127.0.0.1:9/", f"http://127.0.0.1:{server.server_address[1]}/"])
         root = workdir / "three-of-four"
         copy_raw(root)
         (data.raw_dir(root) / "t10k-labels-idx1-ubyte.gz").unlink()

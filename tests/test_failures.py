@@ -109,6 +109,17 @@ def test_a_damaged_file_is_named_with_the_stage_that_rewrites_it(tmp_path, damag
         load_torch_file(tmp_path / "missing.pt", "classifier")
 
 
+def test_a_fine_tuned_cuda_cell_model_loads_back_on_this_machine(tiny_study, workdir):
+    from pipeline.models import build_model
+
+    cell = dataclasses.replace(tiny_study.cell("gan-linear-z2-ft-s0"), device="cuda")
+    model = build_model(cell)
+    with tracking.cell_run(tiny_study, cell, stage="finetune@" + cell.name) as run:
+        tracking.log_model(model, cell)
+    loaded = tracking.load_logged_model(run.info.run_id)
+    assert all(torch.equal(loaded.state_dict()[key], value) for key, value in model.state_dict().items())
+
+
 def test_the_mlflow_model_is_weights_and_cell_and_loads_back(prepared):
     train_cell(prepared, AE)
     run_id = read_json(train_dir(prepared.study, AE) / RUN_FILE)["run_id"]
@@ -129,6 +140,21 @@ def test_an_unreachable_tracking_server_is_one_line_before_any_work(tmp_path):
     assert f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer" in line
     assert "unset MLFLOW_TRACKING_URI" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_server_that_answers_with_an_error_status_is_reachable(tmp_path, monkeypatch):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))  # /health: 404
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
+        tracking.check_store()
+    finally:
+        server.shutdown()
 
 
 def test_a_tracking_server_that_never_answers_times_out(monkeypatch):
@@ -262,6 +288,13 @@ def test_sigterm_and_sigkill_mid_training_resume_to_the_uninterrupted_result(pre
     assert steps == set(range(1, 21))
     assert [run.info.status for run in runs_of(config.study, CELL)] == ["FINISHED"]
     assert not checkpoint.exists()
+
+
+def test_a_table_piped_into_head_ends_quietly(tmp_path):
+    # `true` exits at once, long before the table is printed: every write meets a closed pipe.
+    shell = f"'{sys.executable}' -m pipeline --params '{TINY_STUDY}' table | true; exit ${{PIPESTATUS[0]}}"
+    result = subprocess.run(["bash", "-c", shell], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stderr == ""
 
 
 def test_training_piped_into_head_finishes(prepared):
