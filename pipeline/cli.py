@@ -220,9 +220,23 @@ class _QuietOnClosedPipe(logging.StreamHandler):
 
     def handleError(self, record):
         if isinstance(sys.exc_info()[1], BrokenPipeError):
-            self.setStream(open(os.devnull, "w"))
+            _to_devnull(self.stream)
         else:
             super().handleError(record)
+
+
+def _to_devnull(stream) -> None:
+    """Point a stream whose reader went away at /dev/null, so that every later write (other loggers', the
+    flush at exit) succeeds instead of failing the process."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+def _flush_or_silence(stream) -> None:
+    try:
+        stream.flush()
+    except BrokenPipeError:
+        _to_devnull(stream)
+        stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"vaebench {args.command}: terminated (SIGTERM); {stopped_hint(args.command)}", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except _StdoutClosed:  # what the reader wanted was printed; Python's exit must not flush into the closed pipe
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except _StdoutClosed:  # the reader has what it wanted
+        pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for stream in (sys.stdout, sys.stderr):  # Python's exit must not flush into a closed pipe
+            _flush_or_silence(stream)
     return 0
 
 

@@ -27,18 +27,9 @@ from pipeline.reporting.results import seed_groups
 from pipeline.train import MODEL_FILE, RUN_FILE, train_cell
 
 from conftest import TINY_STUDY
+from test_train import CELL, interrupt, with_cell
 
-CELL = "linear-z2-b1-s0"
 AE = "ae-linear-z2-s0"
-
-
-def with_cell(config, study=None, **changes):
-    cells = {**config.cells, CELL: dataclasses.replace(config.cells[CELL], **changes)}
-    return dataclasses.replace(config, study=study or config.study, cells=cells)
-
-
-def interrupt(epoch):
-    raise KeyboardInterrupt
 
 
 def one_cell_study(folder, epochs: int):
@@ -297,10 +288,11 @@ def test_a_table_piped_into_head_ends_quietly(tmp_path):
     assert result.returncode == 0 and result.stderr == ""
 
 
-def test_training_piped_into_head_finishes(prepared):
+@pytest.mark.parametrize("reader", ["head -n 1", "true"])  # reads one line, or exits before the first
+def test_training_piped_into_a_reader_that_stops_finishes(prepared, reader):
     folder = Path.cwd()
     params = one_cell_study(folder, epochs=5)
-    shell = f"'{sys.executable}' -m pipeline --params '{params}' train {CELL} 2>&1 | head -n 1; exit ${{PIPESTATUS[0]}}"
+    shell = f"'{sys.executable}' -m pipeline --params '{params}' train {CELL} 2>&1 | {reader}; exit ${{PIPESTATUS[0]}}"
     result = subprocess.run(["bash", "-c", shell], cwd=folder, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout
     config = load_study(params)
