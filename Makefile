@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup study test ui tune
+.PHONY: setup study test ui tune server server-stop dashboard
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,7 @@ study: setup
 	dvc repro
 
 test: setup
+	bash tests/system_packages.sh
 	pytest
 
 # `make tune` adds studies/tune/default.yaml to params.yaml's tune: block, then runs (or resumes) stage tune@default.
@@ -34,3 +35,19 @@ tune: setup
 # The MLflow UI on the study's local store, bound to loopback only.
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# A shared MLflow tracking server on PostgreSQL (a private cluster under .vaebench/server unless POSTGRES=URL),
+# on loopback unless HOST=0.0.0.0; clients set MLFLOW_TRACKING_URI=http://HOST:PORT. See README "Past one machine".
+HOST ?= 127.0.0.1
+PORT ?= 5000
+POSTGRES ?=
+server: setup
+	vaebench server start --host $(HOST) --port $(PORT) $(if $(POSTGRES),--postgres $(POSTGRES))
+
+server-stop: setup
+	vaebench server stop
+
+# optuna-dashboard on the tuning storage (VAEBENCH_OPTUNA_STORAGE, else the local optuna.db), loopback only.
+OPTUNA_STORAGE ?= $(or $(VAEBENCH_OPTUNA_STORAGE),sqlite:///$(CURDIR)/optuna.db)
+dashboard: setup
+	optuna-dashboard $(OPTUNA_STORAGE) --host 127.0.0.1 --port 8080

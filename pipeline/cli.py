@@ -66,6 +66,31 @@ def cmd_tune(args) -> None:
     tune(load_study(args.params), space, str(args.space), str(args.params), storage=args.storage, workers=args.workers)
 
 
+def cmd_server(args) -> None:
+    from pipeline import server
+
+    if args.action == "start":
+        state = server.start(args.host, args.port, args.postgres, args.artifacts, args.allowed_hosts)
+        store = "a private PostgreSQL cluster in " + state["postgres_dir"] if state["postgres_dir"] else state["backend_store"]
+        say(f"MLflow tracking server at {state['url']} (PID {state['mlflow_pid']}), runs in {store}, artifacts in "
+            f"{state['artifacts']}\nclients: export MLFLOW_TRACKING_URI={state['url']}; stop: vaebench server stop")
+    elif args.action == "stop":
+        state = server.stop()
+        say(f"stopped the server at {state['url']}" if state else "no server of this checkout is running")
+    else:
+        state = server.read_state()
+        running = state is not None and server.alive(state["mlflow_pid"])
+        say(f"running at {state['url']} (PID {state['mlflow_pid']})" if running else "not running")
+
+
+def cmd_repro(args) -> None:
+    from pipeline.shards import parse_shard, repro_shard
+
+    index, count = parse_shard(args.shard)
+    cells = repro_shard(load_study(args.params), index, count, push=not args.no_push)
+    say(f"shard {index}/{count}: reproduced {len(cells)} cell(s){'' if args.no_push else ' and pushed them'}: {', '.join(cells)}")
+
+
 def cmd_enable_tune(args) -> None:
     """Add a search space to params.yaml's `tune:` block (keeping its comments), so DVC has a tune@NAME stage."""
     from ruamel.yaml import YAML
@@ -166,6 +191,16 @@ def say(text: str) -> None:
         raise _StdoutClosed from None
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaebench", description=__doc__)
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="study parameters (default: params.yaml)")
@@ -189,8 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", help="run (or resume) an Optuna tuning study from a search-space file")
     tune.add_argument("space", type=Path, help="for example studies/tune/default.yaml")
     tune.add_argument("--storage", help="Optuna storage URL (default: VAEBENCH_OPTUNA_STORAGE or sqlite:///optuna.db)")
-    tune.add_argument("--workers", type=int, help="worker processes sharing the study (default: the file's workers)")
+    tune.add_argument("--workers", type=positive_int, help="worker processes sharing the study (default: the file's workers)")
     tune.set_defaults(run=cmd_tune)
+    serve = commands.add_parser("server", help="a shared MLflow tracking server on PostgreSQL (start/stop/status)")
+    serve.add_argument("action", choices=("start", "stop", "status"))
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=positive_int, default=5000)
+    serve.add_argument("--postgres", help="an existing database, postgresql://USER[:PASSWORD]@HOST:PORT/DB (default: a "
+                                          "private cluster under .vaebench/server/postgres)")
+    serve.add_argument("--artifacts", type=Path, help="where the server keeps artifacts (default .vaebench/server/artifacts)")
+    serve.add_argument("--allowed-hosts", help="Host headers the server accepts besides localhost and private IPs")
+    serve.set_defaults(run=cmd_server)
+    repro = commands.add_parser("repro", help="reproduce share I of N of the study's cells and push them to the default DVC remote")
+    repro.add_argument("--shard", help=f"I/N with I = 0..N-1 (default: from a Slurm job array, SLURM_ARRAY_TASK_ID)")
+    repro.add_argument("--no-push", action="store_true", help="reproduce only")
+    repro.set_defaults(run=cmd_repro)
     enable = commands.add_parser("enable-tune", help="add a search space to params.yaml as DVC stage tune@NAME")
     enable.add_argument("space", type=Path)
     enable.set_defaults(run=cmd_enable_tune)

@@ -8,6 +8,7 @@ import re
 import sqlite3
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +31,8 @@ ARTIFACT_ROOT = Path("mlartifacts")
 ROLE_TAG = "vaebench.role"
 STUDY_TAG = "vaebench.study"
 CELL_TAG = "vaebench.cell"
+PARENT_TAG = "vaebench.parent_run"  # experiment tag: the study's parent run
+PARENT_WAIT_SECONDS = 30
 
 
 def tracking_uri() -> str:
@@ -90,30 +93,52 @@ def experiment_name(study: str) -> str:
 
 
 def study_experiment(client: MlflowClient, study: str) -> str:
+    """The study's experiment, created on first use together with the study's parent run."""
     name = experiment_name(study)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     # A local store keeps artifacts beside it; a server decides its own artifact location.
     location = (ARTIFACT_ROOT / name).resolve().as_uri() if tracking_uri().startswith("sqlite:") else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        experiment_id = client.create_experiment(name, artifact_location=location)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # another shard created it a moment ago
+    # Only the process whose create_experiment succeeded (the store's unique name decides) creates the
+    # parent, so shards starting together on several machines never make two.
+    parent = client.create_run(experiment_id, run_name=study, tags={ROLE_TAG: "study", STUDY_TAG: study, **source_tags()})
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    client.set_experiment_tag(experiment_id, PARENT_TAG, parent.info.run_id)
+    return experiment_id
 
 
 def study_parent_run(client: MlflowClient, experiment_id: str, study: str) -> str:
-    """The study's parent run, created on first use; every cell's run hangs under it."""
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{ROLE_TAG}` = 'study'",
-        order_by=["attributes.start_time ASC"],
-        max_results=1,
-    )
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(
-        experiment_id, run_name=study, tags={ROLE_TAG: "study", STUDY_TAG: study, **source_tags()}
-    )
+    """The study's parent run, which every cell's run hangs under: the one named in the experiment's tag,
+    else (its creator has not tagged it yet, or a store from before the tag) the first parent run, waiting
+    a little for the process that is creating it."""
+    deadline = time.monotonic() + PARENT_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        parent = client.get_experiment(experiment_id).tags.get(PARENT_TAG)
+        if parent:
+            return parent
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'",
+                                   order_by=["attributes.start_time ASC"], max_results=1)
+        if found:
+            return found[0].info.run_id
+        time.sleep(0.5)
+    # The process that created the experiment died before creating the parent run.
+    run = client.create_run(experiment_id, run_name=study, tags={ROLE_TAG: "study", STUDY_TAG: study, **source_tags()})
     client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_experiment_tag(experiment_id, PARENT_TAG, run.info.run_id)
     return run.info.run_id
+
+
+def ensure_study(config: StudyConfig) -> str:
+    """The study's experiment and parent run, created now if missing; the parent's id."""
+    client = MlflowClient(tracking_uri())
+    return study_parent_run(client, study_experiment(client, config.study), config.study)
 
 
 def source_tags() -> dict[str, str]:
@@ -318,19 +343,16 @@ def trial_run(config: StudyConfig, tune_name: str, number: int, parent_id: str):
         yield run
 
 
-def fail_orphaned_trial_runs(config: StudyConfig, tune_name: str, numbers: list[int]) -> None:
-    """Mark FAILED the MLflow runs of trials whose worker was killed (Optuna has marked those trials FAIL)."""
-    if not numbers:
-        return
+def end_killed_trial_run(run_id: str) -> None:
+    """The MLflow run of a trial whose worker was killed (Optuna has marked the trial FAIL) ends FAILED; one
+    killed after its run ended but before Optuna heard of it keeps its status and is tagged FAIL too."""
     client = MlflowClient(tracking_uri())
-    experiment_id = study_experiment(client, config.study)
-    for number in numbers:
-        for run in client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`vaebench.tune` = '{tune_name}' and tags.`optuna.trial` = '{number}' and attributes.status = 'RUNNING'",
-        ):
-            client.set_tag(run.info.run_id, "optuna.state", "FAIL")
-            client.set_terminated(run.info.run_id, "FAILED")
+    if not _run_exists(client, run_id):
+        return
+    client.set_tag(run_id, "optuna.state", "FAIL")
+    client.set_tag(run_id, "vaebench.ended", "its worker stopped sending heartbeats; Optuna marked the trial FAIL")
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "FAILED")
 
 
 def log_trial_params(sampled: dict, cell: dict) -> None:
@@ -349,26 +371,26 @@ def log_objective(values: dict) -> None:
     mlflow.log_metrics({f"objective_{key}": value for key, value in values.items()})
 
 
-def log_tune_results(parent_id: str, summary: dict, folder: Path, best_checkpoint: Path) -> None:
-    """The best trial's params and model, and the tuning report, on the tuning parent run."""
-    from pipeline.config import parse_cell
-    from pipeline.models import build_model
-
+def log_tune_results(parent_id: str, summary: dict, folder: Path, best_run_id: str | None, step: int) -> None:
+    """The best trial's params, values and model (copied from its trial run), and the tuning report, on the
+    tuning parent run. A resumed study may find a better trial: the best_* metrics get a new step (the
+    number of trials so far), and the tags and the model are replaced."""
     client = MlflowClient(tracking_uri())
     best = summary["best"][0]
-    # Tags, not params: a resumed study may find a better trial, and MLflow params cannot change.
-    tags = {f"best.{key}": str(value) for key, value in best["params"].items()} | {"vaebench.best_trial": str(best["number"])}
+    # Tags, not params: MLflow params cannot change.
+    tags = {f"best.{key}": str(value) for key, value in best["params"].items()}
+    tags |= {"vaebench.best_trial": str(best["number"]), "vaebench.best_run": best_run_id or ""}
+    now = int(time.time() * 1000)
     client.log_batch(
         parent_id,
         tags=[mlflow.entities.RunTag(key, value) for key, value in tags.items()],
-        metrics=[mlflow.entities.Metric(f"best_{key}", value, 0, 0) for key, value in zip(summary["metrics"], best["values"])],
+        metrics=[mlflow.entities.Metric(f"best_{key}", value, now, step) for key, value in zip(summary["metrics"], best["values"])],
     )
     client.log_artifacts(parent_id, str(folder), artifact_path="tune")
-    if best_checkpoint.is_file():
-        saved = load_torch_file(best_checkpoint, "tune")
-        cell = dict(saved["cell"])
-        best_cell = parse_cell(cell.pop("name"), cell, {})
-        model = build_model(best_cell)
-        restore_weights(model, saved["state_dict"], best_checkpoint, "tune")
-        with mlflow.start_run(run_id=parent_id):
-            log_model(model, best_cell)
+    if best_run_id and _run_exists(client, best_run_id):
+        with tempfile.TemporaryDirectory() as scratch:
+            model = client.download_artifacts(best_run_id, MODEL_ARTIFACT, scratch)
+            client.log_artifacts(parent_id, model, artifact_path=MODEL_ARTIFACT)
+    else:
+        log.warning("the best trial's MLflow run %s is not in the tracking store; its model is not on the tuning run",
+                    best_run_id)

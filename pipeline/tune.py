@@ -1,9 +1,12 @@
 """Stage `tune`: search a cell's hyperparameters with Optuna, every trial an MLflow run.
 
-The Optuna study lives in RDB storage (SQLite in the repository by default, any database URL with
---storage or VAEBENCH_OPTUNA_STORAGE), so it resumes after a crash and several workers, on one machine
-or several, share it. Workers reserve trials under a lock, so the study ends with exactly `n_trials`
-trials that completed or were pruned; a trial that raises is marked FAIL and replaced.
+The Optuna study lives in RDB storage (SQLite in the repository by default; any database URL, such as a
+shared PostgreSQL, with --storage or VAEBENCH_OPTUNA_STORAGE), so it resumes after a crash, and workers
+on one machine or several share it. Each worker runs Optuna's own loop (`study.optimize`) until the study
+holds `n_trials` trials that completed or were pruned; a trial that raises is marked FAIL and does not
+count. A running trial records heartbeats: the trial of a killed worker is marked FAIL once its heartbeat
+is older than the grace period, and queued again with the same parameters. Workers that start trials at
+the same moment can overshoot `n_trials` by at most workers - 1.
 """
 
 from __future__ import annotations
@@ -11,70 +14,65 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import threading
+import socket
+import time
 import warnings
-from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import optuna
 import torch
 import yaml
-from filelock import FileLock
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
 
 from pipeline import engine, tracking
 from pipeline.config import PARAMS_FILE, StudyConfig, cell_as_dict, load_study
 from pipeline.data import images_to_tensor, load_prepared
-from pipeline.errors import VaebenchError
-from pipeline.outputs import PREPARED_FILE, save_torch_file, staged_dir, write_json
+from pipeline.errors import TrackingError, VaebenchError
+from pipeline.outputs import PREPARED_FILE, staged_dir, write_json
 from pipeline.tuning.search_space import TuneSpace, check_space_fits, load_space, make_pruner, make_sampler, with_values
 
 log = logging.getLogger(__name__)
 STORAGE_ENV = "VAEBENCH_OPTUNA_STORAGE"
 DEFAULT_STORAGE = Path("optuna.db")
-WORK_DIR = Path(".vaebench") / "tune"
 REPORT_DIR = Path("reports") / "tune"
-# Trials that count toward n_trials: finished or reserved by a running worker. A FAIL does not count (it is
-# replaced), and queued WAITING trials count once a worker takes them.
-COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
-HEARTBEAT_SECONDS = 10
-GRACE_SECONDS = 30
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials n_trials asks for; a FAIL is replaced
+RUN_ID_ATTR = "mlflow_run_id"
 
 
 def storage_url(override: str | None = None) -> str:
     return override or os.environ.get(STORAGE_ENV) or f"sqlite:///{DEFAULT_STORAGE.resolve()}"
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """RDB storage with heartbeats: a later worker marks the trial of a killed worker FAIL (and queues it
-    again) instead of leaving it RUNNING forever."""
+def open_storage(url: str, space: TuneSpace) -> optuna.storages.RDBStorage:
+    """RDB storage with heartbeats: a worker marks the trial of a killed worker FAIL, ends its MLflow run
+    FAILED and queues the same parameters again."""
     with warnings.catch_warnings():  # heartbeats are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-        )
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=space.heartbeat_interval,
+                grace_period=space.grace_period,
+                heartbeat_stale_trial_callback=retry_stale_trial,
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
+            )
+        except Exception as error:  # SQLAlchemy's errors for a database that is not there or refuses us
+            if type(error).__module__.startswith(("sqlalchemy", "psycopg")):
+                reason = str(error).strip().splitlines()[0]
+                raise TrackingError(f"the Optuna storage {url} cannot be opened ({reason}); start the database or fix "
+                                    f"--storage / {STORAGE_ENV}") from None
+            raise
 
 
-@contextmanager
-def heartbeat(storage: optuna.storages.RDBStorage, trial: optuna.Trial):
-    """Record the trial's heartbeat while it runs (Study.optimize does this itself; ask-and-tell does not)."""
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(HEARTBEAT_SECONDS):
-            storage.record_heartbeat(trial._trial_id)
-
-    storage.record_heartbeat(trial._trial_id)
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """The trial's worker died: its MLflow run ends FAILED, and the same parameters run again."""
+    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    if run_id:
+        tracking.end_killed_trial_run(run_id)
+    log.warning("trial %d: its worker stopped sending heartbeats; marked FAIL and queued again", trial.number)
+    optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, trial)
 
 
 def study_name(space: TuneSpace) -> str:
@@ -86,11 +84,14 @@ def trial_cell(config: StudyConfig, space: TuneSpace, trial: optuna.Trial):
     return with_values(config.cell(space.base_cell), space.cell_values(sampled))
 
 
-def run_trial(config: StudyConfig, space: TuneSpace, trial: optuna.Trial, data: dict, parent_id: str):
-    """Train one sampled cell, reporting the validation objective after every epoch for pruning."""
+def run_trial(config: StudyConfig, space: TuneSpace, data: dict, parent_id: str, trial: optuna.Trial):
+    """The objective: train one sampled cell, reporting the validation objective after every epoch for
+    pruning; the trained model is logged on the trial's MLflow run, where any machine can fetch it."""
     cell = trial_cell(config, space, trial)
     training = engine.start_training(cell, data["train"].device)
     with tracking.trial_run(config, study_name(space), trial.number, parent_id) as run:
+        trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         tracking.log_trial_params(trial.params, cell_as_dict(cell))
         epoch = 0
         try:
@@ -106,72 +107,78 @@ def run_trial(config: StudyConfig, space: TuneSpace, trial: optuna.Trial, data: 
             raise
         except Exception as error:
             tracking.tag_trial_state("FAIL", epoch, error)
+            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:5000])
             raise
+        engine.finish_training(training, data["train"])
+        tracking.log_model(training.model, cell)
         tracking.tag_trial_state("COMPLETE", epoch)
         values = tuple(row[metric] for metric in space.metrics)
         tracking.log_objective(dict(zip(space.metrics, values)))
-        checkpoint = WORK_DIR / study_name(space) / f"trial-{trial.number}.pt"
-        engine.finish_training(training, data["train"])
-        save_torch_file({"cell": cell_as_dict(cell), "state_dict": training.model.state_dict(), "run_id": run.info.run_id}, checkpoint)
     return values if len(values) > 1 else values[0]
 
 
+class StopAfterFailures:
+    """Stop the loop once as many trials failed as were asked for: the search space, not chance, is wrong."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) >= self.limit:
+            study.stop()
+
+
+def counts(study: optuna.Study) -> dict[TrialState, int]:
+    states = [trial.state for trial in study.get_trials(deepcopy=False)]
+    return {state: states.count(state) for state in TrialState}
+
+
 def worker(params_file: str, space_file: str, url: str, parent_id: str, index: int, threads: int) -> None:
-    """Run trials until the study holds n_trials counted trials."""
+    """Run trials with Optuna's loop until the study holds n_trials counted trials, then wait for the
+    trials still running (on other workers, or left by a killed one, which fail after the grace period and
+    are queued again for this loop)."""
     logging.basicConfig(level=logging.INFO, format="[vaebench] %(message)s")
     torch.set_num_threads(threads)
     config, space = load_study(params_file), load_space(space_file)
-    storage = open_storage(url)
+    storage = open_storage(url, space)
     # A different seed per worker and per resumption, so no two samplers replay the same sequence.
     existing = len(optuna.load_study(study_name=study_name(space), storage=storage).trials)
-    sampler = make_sampler(space, seed_offset=1000 * index + existing)
-    study = optuna.load_study(study_name=study_name(space), storage=storage, sampler=sampler, pruner=make_pruner(space))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    failed = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
-    tracking.fail_orphaned_trial_runs(config, study_name(space), failed)
+    study = optuna.load_study(study_name=study_name(space), storage=storage, pruner=make_pruner(space),
+                              sampler=make_sampler(space, seed_offset=1000 * index + existing))
     device = engine.resolve_device(config.cell(space.base_cell).device)
     arrays = load_prepared(PREPARED_FILE)
     data = {"train": images_to_tensor(arrays["train_images"], device), "val": images_to_tensor(arrays["val_images"], device)}
-    lock = FileLock(str(WORK_DIR / f"{study_name(space)}.lock"))
+    objective = partial(run_trial, config, space, data, parent_id)
+    callbacks = [MaxTrialsCallback(space.n_trials, states=COUNTED), StopAfterFailures(space.n_trials)]
     while True:
-        with lock:
-            counted = len(study.get_trials(deepcopy=False, states=COUNTED))
-            if counted >= space.n_trials:
-                return
-            failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
-            if failed >= space.n_trials:
-                raise VaebenchError(
-                    f"{failed} trials of {space.name} failed (see their errors in MLflow or optuna); fix the search space"
-                )
-            with warnings.catch_warnings():  # "heartbeat is meant for Study.optimize": heartbeat() below covers it
-                warnings.simplefilter("ignore", UserWarning)
-                trial = study.ask()
-        try:
-            with heartbeat(storage, trial):
-                value = run_trial(config, space, trial, data, parent_id)
-        except optuna.TrialPruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            log.info("trial %d pruned", trial.number)
-            continue
-        except Exception as error:  # a failing trial must not stop the study
-            trial.set_user_attr("error", f"{type(error).__name__}: {error}")
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            log.warning("trial %d failed: %s: %s", trial.number, type(error).__name__, error)
-            continue
-        study.tell(trial, value)
-        log.info("trial %d: %s = %s  %s", trial.number, space.objective, value, trial.params)
+        found = counts(study)
+        if found[TrialState.FAIL] >= space.n_trials:
+            raise VaebenchError(f"{found[TrialState.FAIL]} trials of {space.name} failed (their errors are in MLflow "
+                                "and the Optuna study); fix the search space")
+        if found[TrialState.COMPLETE] + found[TrialState.PRUNED] < space.n_trials or found[TrialState.WAITING]:
+            study.optimize(objective, callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
+        elif found[TrialState.RUNNING]:
+            wait_for_running(study, space, found[TrialState.RUNNING])
+        else:
+            return
+
+
+def wait_for_running(study: optuna.Study, space: TuneSpace, running: int) -> None:
+    log.info("waiting for %d running trial(s): another worker's, or a killed worker's, failed after %d s without a "
+             "heartbeat", running, space.grace_period)
+    time.sleep(space.heartbeat_interval)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def tune(config: StudyConfig, space: TuneSpace, space_file: str, params_file: str = str(PARAMS_FILE),
          storage: str | None = None, workers: int | None = None) -> dict:
     workers = workers or space.workers
     url = storage_url(storage)
+    check_space_fits(space, config.cell(space.base_cell))  # every check before a study or a run exists
     tracking.check_store()
-    WORK_DIR.mkdir(parents=True, exist_ok=True)
-    check_space_fits(space, config.cell(space.base_cell))  # fails now, not in a worker, when they do not fit
-    optuna.create_study(study_name=study_name(space), storage=open_storage(url), directions=list(space.directions),
+    optuna.create_study(study_name=study_name(space), storage=open_storage(url, space), directions=list(space.directions),
                         load_if_exists=True)
     parent_id = tracking.tune_parent_run(config, study_name(space), space.source)
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
@@ -188,7 +195,7 @@ def tune(config: StudyConfig, space: TuneSpace, space_file: str, params_file: st
             process.join()
         if any(process.exitcode != 0 for process in processes):
             raise VaebenchError(f"a tuning worker exited with an error; re-run to resume study {space.name}")
-    study = optuna.load_study(study_name=study_name(space), storage=open_storage(url))
+    study = optuna.load_study(study_name=study_name(space), storage=open_storage(url, space))
     return export_results(config, space, study, parent_id)
 
 
@@ -222,6 +229,6 @@ def export_results(config: StudyConfig, space: TuneSpace, study: optuna.Study, p
             f"#   vaebench use-study {final / 'best_study.yaml'} && dvc repro\n" + yaml.safe_dump(study_file, sort_keys=False)
         )
         plot_study(study, space, folder)
-    tracking.log_tune_results(parent_id, summary, final, WORK_DIR / study.study_name / f"trial-{best[0].number}.pt")
+    tracking.log_tune_results(parent_id, summary, final, best[0].user_attrs.get(RUN_ID_ATTR), len(study.trials))
     log.info("tuning %s: %s; best %s", space.name, summary["trials"], summary["best"][0])
     return summary

@@ -9,6 +9,24 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 TINY_STUDY = REPO / "studies" / "tiny.yaml"
 
 
+# What a clone of the repository needs to run the pipeline (no results, stores or environment).
+REPO_FILES = ["pipeline", "studies", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+
+
+def copy_repo(root: Path, params: Path) -> Path:
+    """A fresh clone of the repository's code in `root`, with `params` as its params.yaml."""
+    import shutil
+    import subprocess
+
+    for name in REPO_FILES:
+        source, target = REPO / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
+    shutil.copyfile(params, root / "params.yaml")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
+
+
 STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "VAEBENCH_OPTUNA_STORAGE", "VAEBENCH_DATA_ROOT")
 
 
@@ -46,3 +64,36 @@ def prepared(tiny_study):
 
     prepare(tiny_study)
     return tiny_study
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster (initdb/pg_ctl) on a free loopback port, stopped by PID at the end."""
+    import os
+    import shutil
+    import signal
+    import tempfile
+
+    from pipeline.server import PrivateCluster, free_port
+
+    # Not under pytest's private temporary folder: as root, the cluster runs as the postgres user.
+    folder = Path(tempfile.mkdtemp(prefix="vaebench-pg-"))
+    folder.chmod(0o755)
+    cluster = PrivateCluster(folder / "cluster", free_port())
+    cluster.start()
+    pid = cluster.pid
+    yield cluster
+    cluster.stop()
+    try:
+        os.kill(pid, signal.SIGKILL)  # pg_ctl stop has normally ended it already
+    except ProcessLookupError:
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres, request):
+    """A fresh database of the session's cluster, for one test."""
+    import re
+
+    return postgres.create_database(re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:60])

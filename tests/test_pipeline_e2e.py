@@ -11,9 +11,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import REPO, SHARED_DATA, TINY_STUDY
+from conftest import SHARED_DATA, TINY_STUDY, copy_repo
 
-COPIED = ["pipeline", "studies", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
 VAE_CELLS = ["linear-z2-b1-s0", "conv-z2-b1-s0"]
 ENCODER_CELLS = [*VAE_CELLS, "ae-linear-z2-s0", "dae-linear-z2-s0", "cae-conv-z2-s0", "vaegan-linear-z2-s0"]
 BOUND_CELLS = [*VAE_CELLS, "vaegan-linear-z2-s0"]
@@ -30,14 +29,7 @@ BEFORE_REFACTOR = json.loads((Path(__file__).parent / "reference" / "tiny_vae_me
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repo")
-    for name in COPIED:
-        source, target = REPO / name, root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
-    shutil.copyfile(TINY_STUDY, root / "params.yaml")
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    return root
+    return copy_repo(tmp_path_factory.mktemp("repo"), TINY_STUDY)
 
 
 def run(repo, *command):

@@ -1,8 +1,11 @@
+import json
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -28,8 +31,12 @@ def write_space(folder, **changes):
 
 
 def trials(space):
-    study = optuna.load_study(study_name=study_name(space), storage=open_storage(storage_url()))
-    return study.get_trials(deepcopy=False)
+    return new_or_existing_study(space).get_trials(deepcopy=False)
+
+
+def new_or_existing_study(space):
+    return optuna.create_study(study_name=study_name(space), storage=open_storage(storage_url(), space),
+                               directions=list(space.directions), load_if_exists=True)
 
 
 @pytest.mark.parametrize(
@@ -43,11 +50,34 @@ def trials(space):
         ({"space": {"batch_size": {"type": "categorical", "choices": []}}}, "needs a non-empty list of choices"),
         ({"objective": "fid"}, "unknown objective 'fid'"),
         ({"objective": "rate_distortion"}, "cannot prune multi-objective studies"),
+        ({"space": {"latent_dim": {"type": "int", "low": 0.5, "high": 4, "log": True}}}, "int parameters need integer low and high"),
+        ({"space": {"latent_dim": {"type": "int", "low": 2, "high": 8, "step": 0}}}, "step must be an integer > 0, got 0"),
+        ({"space": {"lr": {"type": "float", "low": 0.1, "high": 0.2, "stp": 0.1}}}, "a float parameter takes high, log, low, step, type, not stp"),
+        ({"sampler": "tpe"}, "sampler must be a mapping such as {name: tpe, seed: 0}, got 'tpe'"),
+        ({"sampler": {"name": "tpe", "sed": 1}}, "sampler takes name and seed only, got 'sed'"),
+        ({"pruner": {"name": "median", "patience": 3}}, "unknown option 'patience' of pruner median; it takes n_startup_trials"),
+        ({"pruner": {"name": "median", "n_startup_trials": -1}}, "pruner median: Number of startup trials cannot be negative"),
+        ({"fixed": {"epochs": 2, "lr": 0.1}}, "lr is both fixed and searched"),
+        ({"heartbeat": {"interval": 10, "grace": 5}}, "heartbeat.grace (5 s) must exceed heartbeat.interval (10 s)"),
+        ({"workers": 0}, "workers must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_search_spaces_fail_with_one_clear_message(changes, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_space(space_raw(**changes))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"fixed": {"epochs": 0}}, "the fixed values do not make a valid cell"),
+        ({"space": {"latent_dim": {"type": "int", "low": 0, "high": 4}}}, "latent_dim = 0 is in the space but not a valid cell"),
+        ({"space": {"batch_size": {"type": "categorical", "choices": [64, -1]}}}, "batch_size = -1 is in the space but not a valid cell"),
+    ],
+)
+def test_values_no_cell_accepts_fail_before_any_trial(tiny_study, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        check_space_fits(parse_space(space_raw(**changes)), tiny_study.cell("linear-z2-b1-s0"))
 
 
 def test_family_settings_are_tunable_on_a_cell_of_that_family_only(tiny_study):
@@ -82,14 +112,25 @@ def test_a_family_setting_is_searched_and_lands_in_the_best_cell(prepared, workd
     assert best_cell["contraction_weight"] == summary["best"][0]["params"]["contraction_weight"]
 
 
-def test_cli_rejects_a_bad_space_before_any_trial(tmp_path):
-    path = write_space(tmp_path, space={"lr": {"type": "float", "low": -1, "high": 1, "log": True}})
+@pytest.mark.parametrize(
+    "changes, options, message",
+    [
+        ({"space": {"lr": {"type": "float", "low": -1, "high": 1, "log": True}}}, [], "a log scale needs low > 0"),
+        ({"pruner": {"name": "median", "patience": 3}}, [], "unknown option 'patience' of pruner median"),
+        ({"space": {"latent_dim": {"type": "int", "low": 0, "high": 4}}}, [], "latent_dim = 0 is in the space but not a valid cell"),
+        ({}, ["--workers", "-1"], "argument --workers: must be an integer >= 1, got '-1'"),
+        ({}, ["--workers", "0"], "argument --workers: must be an integer >= 1, got '0'"),
+    ],
+)
+def test_cli_rejects_a_bad_space_or_option_before_any_study_or_run(workdir, changes, options, message):
+    path = write_space(workdir, **changes)
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "--params", str(REPO / "studies" / "tiny.yaml"), "tune", str(path)],
-        cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-m", "pipeline", "--params", str(REPO / "studies" / "tiny.yaml"), "tune", str(path), *options],
+        cwd=workdir, capture_output=True, text=True,
     )
-    assert result.returncode == 2 and "a log scale needs low > 0" in result.stderr
-    assert not (tmp_path / "optuna.db").exists()
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2  # argparse adds its usage line
+    assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()
 
 
 def test_tiny_study_completes_and_every_trial_is_an_mlflow_child(prepared, workdir):
@@ -122,18 +163,49 @@ def test_resumed_study_keeps_its_trials_and_adds_new_numbers(prepared, workdir):
     assert after[:2] == first and [n for n, _ in after] == [0, 1, 2, 3]
 
 
-def test_two_concurrent_workers_make_exactly_the_requested_trials(prepared, workdir):
+def test_a_resumed_study_whose_new_trial_is_best_moves_the_best_model(prepared, workdir):
+    space = {"lr": {"type": "float", "low": 1e-6, "high": 0.01, "log": True}}
+    path = write_space(workdir, n_trials=2, pruner={"name": "none"}, space=space)
+    study = new_or_existing_study(load_space(path))
+    for lr in (1e-6, 2e-6):  # barely move from their initialisation
+        study.enqueue_trial({"lr": lr})
+    first = tune(prepared, load_space(path), str(path), str(REPO / "studies" / "tiny.yaml"))
+    study.enqueue_trial({"lr": 0.01})
+    path = write_space(workdir, n_trials=3, pruner={"name": "none"}, space=space)
+    second = tune(prepared, load_space(path), str(path), str(REPO / "studies" / "tiny.yaml"))
+    assert first["best"][0]["number"] in (0, 1) and second["best"][0]["number"] == 2
+    assert second["best"][0]["values"][0] < first["best"][0]["values"][0]
+    client = MlflowClient()
+    parent = client.search_runs([client.get_experiment_by_name("vaebench-tiny").experiment_id],
+                                filter_string="tags.`vaebench.role` = 'tune'")
+    assert len(parent) == 1
+    parent = parent[0]
+    assert parent.data.tags["vaebench.best_trial"] == "2"
+    history = client.get_metric_history(parent.info.run_id, "best_val_elbo")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
+        [first["best"][0]["values"][0], second["best"][0]["values"][0]])
+    best_run = parent.data.tags["vaebench.best_run"]
+    assert client.get_run(best_run).data.tags["optuna.trial"] == "2"
+    on_parent = torch.load(client.download_artifacts(parent.info.run_id, "model/state_dict.pt", str(workdir)), weights_only=True)
+    (workdir / "best").mkdir()
+    on_trial = torch.load(client.download_artifacts(best_run, "model/state_dict.pt", str(workdir / "best")), weights_only=True)
+    assert on_parent.keys() == on_trial.keys() and all(torch.equal(on_parent[k], on_trial[k]) for k in on_parent)
+
+
+def test_two_concurrent_workers_make_the_requested_trials_overshooting_by_at_most_one(prepared, workdir):
     path = write_space(workdir, n_trials=5)
     tune(prepared, load_space(path), str(path), str(REPO / "studies" / "tiny.yaml"), workers=2)
     found = trials(load_space(path))
-    assert len(found) == 5 and sorted(t.number for t in found) == [0, 1, 2, 3, 4]
+    assert 5 <= len(found) <= 5 + (2 - 1)  # two workers may start a trial at the same moment
+    assert sorted(t.number for t in found) == list(range(len(found)))
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in found)
+    assert len({t.user_attrs["worker"] for t in found}) == 2
 
 
 def test_a_raising_trial_fails_and_the_study_goes_on(prepared, workdir):
     space = {"lr": {"type": "categorical", "choices": [1e9, 0.001]}}
     path = write_space(workdir, n_trials=3, pruner={"name": "none"}, space=space)
-    study = optuna.create_study(study_name=study_name(load_space(path)), storage=open_storage(storage_url()))
+    study = new_or_existing_study(load_space(path))
     for lr in (1e9, 0.001, 0.001, 0.001):  # the first diverges
         study.enqueue_trial({"lr": lr})
     tune(prepared, load_space(path), str(path), str(REPO / "studies" / "tiny.yaml"))
@@ -149,10 +221,49 @@ def test_a_clearly_worse_trial_is_pruned(prepared, workdir):
         space={"lr": {"type": "float", "low": 1e-6, "high": 0.01, "log": True}},
     )
     space = load_space(path)
-    study = optuna.create_study(study_name=study_name(space), storage=open_storage(storage_url()))
+    study = new_or_existing_study(space)
     for lr in (0.005, 0.006, 0.007, 1e-6):  # the last one barely moves from its initialisation
         study.enqueue_trial({"lr": lr})
     tune(prepared, space, str(path), str(REPO / "studies" / "tiny.yaml"))
     states = {t.params["lr"]: t.state for t in trials(space)}
     assert states[1e-6] == optuna.trial.TrialState.PRUNED
     assert [states[lr] for lr in (0.005, 0.006, 0.007)] == [optuna.trial.TrialState.COMPLETE] * 3
+
+
+def test_a_killed_worker_s_trial_fails_and_is_retried_when_the_study_is_rerun_at_once(prepared, workdir):
+    """Re-running within the grace period used to count the dead RUNNING trial and stop."""
+    path = write_space(workdir, n_trials=3, pruner={"name": "none"}, heartbeat={"interval": 1, "grace": 3},
+                       fixed={"epochs": 30})
+    space = load_space(path)
+    command = [sys.executable, "-m", "pipeline", "--params", str(REPO / "studies" / "tiny.yaml"), "tune", str(path)]
+    first = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = None
+    while killed is None and first.poll() is None:
+        try:
+            study = optuna.load_study(study_name=study_name(space), storage=storage_url())
+        except KeyError:  # the worker has not created it yet
+            study = None
+        running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING
+                   and 2 <= len(t.intermediate_values) <= 20] if study else []  # mid-training, not at its end
+        killed = running[0].number if running else None
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    assert killed is not None, "the worker finished before it could be killed mid-trial"
+    rerun = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    found = {t.number: t for t in trials(space)}
+    assert found[killed].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in found.values() if t.system_attrs.get("failed_trial") == killed]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert retries[0].params == found[killed].params
+    assert not [t for t in found.values() if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
+    assert len([t for t in found.values() if t.state == optuna.trial.TrialState.COMPLETE]) >= 3
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("vaebench-tiny").experiment_id],
+                              filter_string="tags.`vaebench.role` = 'trial'")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    by_trial = {r.data.tags["optuna.trial"]: r for r in runs}
+    assert by_trial[str(killed)].info.status == "FAILED" and by_trial[str(killed)].data.tags["optuna.state"] == "FAIL"
+    summary = json.loads((workdir / "reports" / "tune" / "tiny" / "summary.json").read_text())
+    assert summary["trials"]["FAIL"] == 1 and "RUNNING" not in summary["trials"]

@@ -4,6 +4,7 @@ validated before any trial runs."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import yaml
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from pipeline.config import (
     CELL_DEFAULT_KEYS,
@@ -36,6 +38,8 @@ REGULARISERS = ("noise_std", "mask_prob", "contraction_weight")  # settings whos
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 TYPES = ("int", "float", "categorical")
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 30
 # `hidden: 600` means one hidden layer of 600; `channels: 32` means (32, 64). A family's own settings are
 # tunable on a base cell of that family; the family itself is the base cell's.
 COMMON_TUNABLE = tuple(k for k in CELL_OWN_KEYS + CELL_DEFAULT_KEYS if k not in ("device", "family"))
@@ -47,20 +51,24 @@ def tunable() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Param:
+    """One searched setting: its name and the Optuna distribution it is drawn from."""
+
     name: str
-    type: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple = ()
+    distribution: BaseDistribution
 
     def suggest(self, trial: optuna.Trial):
-        if self.type == "categorical":
-            return trial.suggest_categorical(self.name, list(self.choices))
-        if self.type == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+        d = self.distribution
+        if isinstance(d, CategoricalDistribution):
+            return trial.suggest_categorical(self.name, list(d.choices))
+        if isinstance(d, IntDistribution):
+            return trial.suggest_int(self.name, d.low, d.high, step=d.step, log=d.log)
+        return trial.suggest_float(self.name, d.low, d.high, step=d.step, log=d.log)
+
+    def extremes(self) -> list:
+        """The values a trial can draw that are most likely to be invalid for the cell: every choice, or
+        both bounds."""
+        d = self.distribution
+        return list(d.choices) if isinstance(d, CategoricalDistribution) else [d.low, d.high]
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,8 @@ class TuneSpace:
     pruner: str
     pruner_options: dict
     workers: int
+    heartbeat_interval: int  # seconds between a running trial's heartbeats in the Optuna storage
+    grace_period: int  # a RUNNING trial whose last heartbeat is older is a killed worker's: FAIL, then retried
     fixed: dict
     params: tuple[Param, ...]
     source: dict  # the file as read, for hashing and records
@@ -88,9 +98,9 @@ class TuneSpace:
 
     @property
     def fingerprint(self) -> str:
-        """Changes with what is searched (a new space is a new Optuna study), not with n_trials or workers,
+        """Changes with what is searched (a new space is a new Optuna study), not with n_trials, workers or heartbeat,
         so raising n_trials resumes the same study."""
-        searched = {k: v for k, v in self.source.items() if k not in ("n_trials", "workers")}
+        searched = {k: v for k, v in self.source.items() if k not in ("n_trials", "workers", "heartbeat")}
         return hashlib.sha256(json.dumps(searched, sort_keys=True).encode()).hexdigest()[:8]
 
     def cell_values(self, sampled: dict) -> dict:
@@ -117,7 +127,7 @@ def load_space(path: Path | str) -> TuneSpace:
 
 
 def parse_space(raw: dict, where: str = "search space") -> TuneSpace:
-    allowed = ("name", "n_trials", "base_cell", "objective", "sampler", "pruner", "workers", "fixed", "space")
+    allowed = ("name", "n_trials", "base_cell", "objective", "sampler", "pruner", "workers", "heartbeat", "fixed", "space")
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(allowed)}")
@@ -125,68 +135,110 @@ def parse_space(raw: dict, where: str = "search space") -> TuneSpace:
         if key not in raw:
             raise ConfigError(f"{where}: {key} is missing")
     name = check_name(raw["name"], f"{where}: name")
-    n_trials = raw["n_trials"]
-    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
-        raise ConfigError(f"{where}: n_trials must be an integer >= 1, got {n_trials!r}")
+    n_trials = _positive_int(raw["n_trials"], f"{where}: n_trials")
     objective = raw.get("objective", "val_elbo")
     if objective not in OBJECTIVES:
         raise ConfigError(f"{where}: unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    sampler = dict(raw.get("sampler") or {"name": "tpe"})
+    sampler = _mapping(raw.get("sampler", {"name": "tpe"}), f"{where}: sampler", "{name: tpe, seed: 0}")
     if sampler.get("name") not in SAMPLERS:
         raise ConfigError(f"{where}: unknown sampler {sampler.get('name')!r}; choose one of {', '.join(SAMPLERS)}")
-    pruner = dict(raw.get("pruner") or {"name": "median"})
+    if set(sampler) - {"name", "seed"}:
+        raise ConfigError(f"{where}: sampler takes name and seed only, got {sorted(set(sampler) - {'name', 'seed'})[0]!r}")
+    seed = sampler.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"{where}: sampler seed must be an integer >= 0, got {seed!r}")
+    pruner = _mapping(raw.get("pruner", {"name": "median"}), f"{where}: pruner", "{name: median}")
     pruner_name = pruner.pop("name", None)
     if pruner_name not in PRUNERS:
         raise ConfigError(f"{where}: unknown pruner {pruner_name!r}; choose one of {', '.join(PRUNERS)}")
     if len(OBJECTIVES[objective][1]) > 1 and pruner_name != "none":
         raise ConfigError(f"{where}: Optuna cannot prune multi-objective studies; set pruner: {{name: none}}")
-    workers = raw.get("workers", 1)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"{where}: workers must be an integer >= 1, got {workers!r}")
-    fixed = raw.get("fixed") or {}
+    build_pruner(pruner_name, pruner, where)  # its options are checked now, not in the first trial
+    workers = _positive_int(raw.get("workers", 1), f"{where}: workers")
+    heartbeat = _mapping(raw.get("heartbeat", {}), f"{where}: heartbeat", "{interval: 10, grace: 30}")
+    if set(heartbeat) - {"interval", "grace"}:
+        raise ConfigError(f"{where}: heartbeat takes interval and grace (seconds), got {sorted(heartbeat)}")
+    interval = _positive_int(heartbeat.get("interval", HEARTBEAT_SECONDS), f"{where}: heartbeat.interval")
+    grace = _positive_int(heartbeat.get("grace", GRACE_SECONDS), f"{where}: heartbeat.grace")
+    if grace <= interval:
+        raise ConfigError(f"{where}: heartbeat.grace ({grace} s) must exceed heartbeat.interval ({interval} s)")
+    fixed = _mapping(raw.get("fixed") or {}, f"{where}: fixed", "{epochs: 10}")
     space = raw["space"]
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"{where}: space must be a non-empty mapping of parameter: {{type, low, high, ...}}")
     for key in [*fixed, *space]:
         if key not in tunable():
             raise ConfigError(f"{where}: unknown parameter {key!r}; tunable parameters are {', '.join(tunable())}")
+    both = sorted(set(fixed) & set(space))
+    if both:
+        raise ConfigError(f"{where}: {both[0]} is both fixed and searched; keep one")
     return TuneSpace(
         name=name,
         n_trials=n_trials,
         base_cell=str(raw["base_cell"]),
         objective=objective,
         sampler=sampler["name"],
-        seed=int(sampler.get("seed", 0)),
+        seed=seed,
         pruner=pruner_name,
         pruner_options=pruner,
         workers=workers,
+        heartbeat_interval=interval,
+        grace_period=grace,
         fixed=dict(fixed),
         params=tuple(_parse_param(key, spec, f"{where}: space.{key}") for key, spec in space.items()),
         source=raw,
     )
 
 
+def _positive_int(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _mapping(value: object, where: str, example: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping such as {example}, got {value!r}")
+    return dict(value)
+
+
 def _parse_param(name: str, spec: object, where: str) -> Param:
     if not isinstance(spec, dict) or spec.get("type") not in TYPES:
         raise ConfigError(f"{where} needs type: one of {', '.join(TYPES)}")
-    if spec["type"] == "categorical":
+    kind = spec["type"]
+    allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log", "step"}
+    if set(spec) - allowed:
+        raise ConfigError(f"{where}: a {kind} parameter takes {', '.join(sorted(allowed))}, not {sorted(set(spec) - allowed)[0]}")
+    if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{where}: a categorical parameter needs a non-empty list of choices")
-        return Param(name, "categorical", choices=tuple(choices))
-    try:
-        low, high = float(spec["low"]), float(spec["high"])
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"{where}: {spec['type']} parameters need numeric low and high") from None
-    log = bool(spec.get("log", False))
+        if not all(choice is None or isinstance(choice, (bool, int, float, str)) for choice in choices):
+            raise ConfigError(f"{where}: choices must be numbers, strings or booleans")
+        return Param(name, CategoricalDistribution(choices))
+    number = (int,) if kind == "int" else (int, float)
+    bounds = [spec.get("low"), spec.get("high")]
+    if not all(isinstance(bound, number) and not isinstance(bound, bool) for bound in bounds):
+        raise ConfigError(f"{where}: {kind} parameters need {'integer' if kind == 'int' else 'numeric'} low and high, got {bounds}")
+    low, high = bounds
     if not (math.isfinite(low) and math.isfinite(high)) or low > high:
         raise ConfigError(f"{where}: low ({low:g}) must not exceed high ({high:g})")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}: log must be true or false, got {log!r}")
     if log and low <= 0:
         raise ConfigError(f"{where}: a log scale needs low > 0, got {low:g}")
     step = spec.get("step")
     if step is not None and log:
         raise ConfigError(f"{where}: step and log cannot be combined")
-    return Param(name, spec["type"], low=low, high=high, log=log, step=float(step) if step is not None else None)
+    if step is not None and (not isinstance(step, number) or isinstance(step, bool) or step <= 0):
+        raise ConfigError(f"{where}: step must be a{'n integer' if kind == 'int' else ' number'} > 0, got {step!r}")
+    try:
+        if kind == "int":
+            return Param(name, IntDistribution(low, high, log=log, step=step or 1))
+        return Param(name, FloatDistribution(float(low), float(high), log=log, step=step))
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def make_sampler(space: TuneSpace, seed_offset: int) -> optuna.samplers.BaseSampler:
@@ -196,12 +248,22 @@ def make_sampler(space: TuneSpace, seed_offset: int) -> optuna.samplers.BaseSamp
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5)
 
 
+def build_pruner(name: str, options: dict, where: str = "search space") -> optuna.pruners.BasePruner:
+    classes = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+    if name == "median":
+        options = {"n_startup_trials": 4, "n_warmup_steps": 2, **options}
+    accepted = [key for key in inspect.signature(classes[name]).parameters if key != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"{where}: unknown option {unknown[0]!r} of pruner {name}; it takes {', '.join(accepted) or 'none'}")
+    try:
+        return classes[name](**options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: pruner {name}: {error}") from None
+
+
 def make_pruner(space: TuneSpace) -> optuna.pruners.BasePruner:
-    if space.pruner == "median":
-        return optuna.pruners.MedianPruner(**{"n_startup_trials": 4, "n_warmup_steps": 2, **space.pruner_options})
-    if space.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(**space.pruner_options)
-    return optuna.pruners.NopPruner()
+    return build_pruner(space.pruner, space.pruner_options, space.name)
 
 
 def check_space_fits(space: TuneSpace, base: CellConfig) -> None:
@@ -226,7 +288,17 @@ def check_space_fits(space: TuneSpace, base: CellConfig) -> None:
             f"search space {space.name}: objective {space.objective} needs a KL term, which family {base.family} "
             f"(base cell {base.name}) has not; use val_recon or val_loss"
         )
-    with_values(base, space.cell_values({}))
+    try:
+        with_values(base, space.cell_values({}))
+    except ConfigError as error:
+        raise ConfigError(f"search space {space.name}: the fixed values do not make a valid cell: {error}") from None
+    for param in space.params:  # a value a trial may draw that no cell accepts fails now, not in every trial
+        for value in param.extremes():
+            try:
+                with_values(base, space.cell_values({param.name: value}))
+            except ConfigError as error:
+                raise ConfigError(f"search space {space.name}: {param.name} = {value!r} is in the space but not a valid "
+                                  f"cell: {error}") from None
     weakened = [p.name for p in space.params if p.name in REGULARISERS] if space.objective in ("val_loss", "val_recon") else []
     if weakened:
         log.warning(

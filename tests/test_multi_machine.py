@@ -1,0 +1,181 @@
+"""A study and a tuning study on several "machines": separate clones that share only a real PostgreSQL, an
+MLflow tracking server started with `vaebench server` and a DVC remote folder."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import REPO, SHARED_DATA, TINY_STUDY, copy_repo
+from pipeline.server import free_port
+
+SHARD_CELLS = {0: ["linear-z2-b1-s0", "gan-linear-z2-ft-s0"], 1: ["ae-linear-z2-s0"]}
+TRAIN_STAGES = ["train@linear-z2-b1-s0", "finetune@gan-linear-z2-ft-s0", "train@ae-linear-z2-s0"]
+EVALUATE_STAGES = ["evaluate@linear-z2-b1-s0", "evaluate-finetuned@gan-linear-z2-ft-s0", "evaluate@ae-linear-z2-s0"]
+
+
+def environment(**extra):
+    env = {name: value for name, value in os.environ.items() if name not in ("MLFLOW_TRACKING_URI", "VAEBENCH_OPTUNA_STORAGE")}
+    return {
+        **env,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "VAEBENCH_DATA_ROOT": str(SHARED_DATA),
+        "DVC_NO_ANALYTICS": "1",
+        **extra,
+    }
+
+
+def run(folder, *command, **extra):
+    result = subprocess.run(command, cwd=folder, env=environment(**extra), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def server(postgres, tmp_path_factory):
+    """`vaebench server start` on the test cluster's database, on a free loopback port; stopped at the end."""
+    folder = tmp_path_factory.mktemp("server")
+    database = postgres.create_database("mlflow_multi_machine")
+    port = free_port()
+    output = run(folder, sys.executable, "-m", "pipeline", "server", "start", "--postgres", database,
+                 "--port", str(port), "--artifacts", str(folder / "artifacts"))
+    assert f"http://127.0.0.1:{port}" in output
+    yield f"http://127.0.0.1:{port}"
+    state = yaml.safe_load((folder / ".vaebench/server/state.json").read_text())
+    run(folder, sys.executable, "-m", "pipeline", "server", "stop")
+    with pytest.raises(ProcessLookupError):
+        os.killpg(state["mlflow_pid"], 0)  # the server and its workers are gone
+
+
+def mini_study(folder: Path) -> Path:
+    """The tiny study cut to two cells and a generator fine-tuned from one of them."""
+    study = yaml.safe_load(TINY_STUDY.read_text())
+    study["study"] = "mini"
+    study["cells"] = {name: study["cells"][name] for name in ("linear-z2-b1-s0", "ae-linear-z2-s0")}
+    path = folder / "mini.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_a_study_sharded_over_two_clones_is_restored_whole_by_a_third(tmp_path, server):
+    remote = tmp_path / "dvc-remote"
+    remote.mkdir()
+    params = mini_study(tmp_path)
+    clones = [copy_repo(tmp_path / f"machine-{i}", params) for i in range(3)]
+    for clone in clones:
+        run(clone, "dvc", "remote", "add", "-d", "shared", str(remote))
+    logs = [clone / "shard.log" for clone in clones[:2]]
+    shards = [
+        subprocess.Popen([sys.executable, "-m", "pipeline", "repro", "--shard", f"{i}/2"], cwd=clones[i],
+                         env=environment(MLFLOW_TRACKING_URI=server), stdout=logs[i].open("w"), stderr=subprocess.STDOUT)
+        for i in (0, 1)
+    ]
+    codes = [shard.wait(timeout=900) for shard in shards]
+    assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+    for index, cells in SHARD_CELLS.items():  # each machine trained its share and nothing else
+        trained = sorted(p.name for p in (clones[index] / "results/mini/train").iterdir())
+        assert trained == sorted(cells)
+
+    reproduced = run(clones[2], "dvc", "repro", "--pull", MLFLOW_TRACKING_URI=server)
+    for stage in [*TRAIN_STAGES, *EVALUATE_STAGES, "prepare", "classifier"]:
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in reproduced, reproduced
+    assert "Running stage 'report'" in reproduced
+    assert "Running stage 'train" not in reproduced and "Running stage 'finetune" not in reproduced
+    assert "Data and pipelines are up to date" in run(clones[2], "dvc", "status")
+    assert (clones[2] / "reports/mini/report.md").is_file()
+
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name("vaebench-mini")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("vaebench.role") == "study"]
+    cells = [r for r in runs if r.data.tags.get("vaebench.role") == "cell"]
+    assert len(parents) == 1
+    assert sorted(r.data.tags["vaebench.cell"] for r in cells) == sorted(c for share in SHARD_CELLS.values() for c in share)
+    assert {r.data.tags["mlflow.parentRunId"] for r in cells} == {parents[0].info.run_id}
+    assert {r.info.status for r in cells} == {"FINISHED"}
+    assert all("test_fid_mnist_cnn" in r.data.metrics for r in cells)  # evaluated on its shard's machine
+    assert "report/report.md" in [f.path for f in client.list_artifacts(parents[0].info.run_id, "report")]
+    print(f"\ncells trained per machine {dict((i, len(c)) for i, c in SHARD_CELLS.items())}, 0 on the third; "
+          f"runs per status {dict((s, [r.info.status for r in runs].count(s)) for s in {r.info.status for r in runs})}")
+
+
+def tuning_space(clone: Path) -> Path:
+    space = yaml.safe_load((REPO / "studies/tune/tiny.yaml").read_text())
+    space.update(n_trials=6, pruner={"name": "none"}, heartbeat={"interval": 1, "grace": 3}, fixed={"epochs": 15})
+    path = clone / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def test_two_tuning_workers_on_two_clones_share_postgres_and_survive_a_killed_one(tmp_path, server, postgres):
+    from pipeline.tuning.search_space import load_space
+    from pipeline.tune import study_name
+
+    storage = postgres.create_database("optuna_two_workers")
+    clones = [copy_repo(tmp_path / f"machine-{i}", TINY_STUDY) for i in range(3)]
+    spaces = [tuning_space(clone) for clone in clones]
+    for clone in clones[:2]:
+        run(clone, sys.executable, "-m", "pipeline", "prepare")
+    env = environment(MLFLOW_TRACKING_URI=server, VAEBENCH_OPTUNA_STORAGE=storage)
+    logs = [clone / "tune.log" for clone in clones[:2]]  # files, not pipes: a full pipe would stall a worker
+    workers = [subprocess.Popen([sys.executable, "-m", "pipeline", "tune", str(spaces[i])], cwd=clones[i], env=env,
+                                stdout=logs[i].open("w"), stderr=subprocess.STDOUT) for i in (0, 1)]
+    name = study_name(load_space(spaces[0]))
+    victim = f":{workers[1].pid}"
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and workers[1].poll() is None and time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        except KeyError:  # not created yet
+            trials = []
+        others_done = any(t.state.is_finished() and not t.user_attrs.get("worker", "").endswith(victim) for t in trials)
+        mid_trial = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and 2 <= len(t.intermediate_values) <= 10
+                     and t.user_attrs.get("worker", "").endswith(victim)]
+        if others_done and mid_trial:
+            killed = mid_trial[0].number
+            workers[1].send_signal(signal.SIGKILL)
+        time.sleep(0.05)
+    workers[1].wait()
+    workers[0].wait(timeout=600)
+    assert killed is not None, f"worker 1 was never caught mid-trial: {logs[1].read_text()[-3000:]}"
+    assert workers[0].returncode == 0, logs[0].read_text()[-3000:]
+
+    trials = {t.number: t for t in optuna.load_study(study_name=name, storage=storage).get_trials()}
+    states = [t.state.name for t in trials.values()]
+    assert trials[killed].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in trials.values() if t.system_attrs.get("failed_trial") == killed]
+    assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert retried[0].params == trials[killed].params
+    assert "RUNNING" not in states and "WAITING" not in states
+    # n_trials counted trials; the retry of the killed one and one concurrent start may add one each
+    assert 6 <= states.count("COMPLETE") <= 6 + 1 + 1
+    per_worker = [t.user_attrs["worker"] for t in trials.values()]
+    assert len(set(per_worker)) == 2  # both machines ran trials
+
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name("vaebench-tiny")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`vaebench.role` = 'trial'")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    killed_run = [r for r in runs if r.data.tags["optuna.trial"] == str(killed)]
+    assert [r.info.status for r in killed_run] == ["FAILED"]
+    parent = client.search_runs([experiment.experiment_id], filter_string="tags.`vaebench.role` = 'tune'")
+    assert len(parent) == 1
+    best_run = parent[0].data.tags["vaebench.best_run"]
+
+    loaded = run(clones[2], sys.executable, "-c",
+                 "import sys, torch; from pipeline.tracking import load_logged_model; "
+                 "model = load_logged_model(sys.argv[1]); "
+                 "print('decoded', tuple(model.decode(torch.zeros(1, model.latent_dim)).shape))", best_run,
+                 MLFLOW_TRACKING_URI=server)
+    assert "decoded (1, 1, 28, 28)" in loaded
+    print(f"\ntrials per state {dict((s, states.count(s)) for s in set(states))}; killed trial {killed}, retried as "
+          f"{retried[0].number}; trials per worker {dict((w, per_worker.count(w)) for w in set(per_worker))}; "
+          f"trial runs per status {dict((s, [r.info.status for r in runs].count(s)) for s in {r.info.status for r in runs})}")
