@@ -137,8 +137,10 @@ class PrivateCluster:
 
     def stop(self) -> None:
         if (self.folder / "postmaster.pid").is_file():
-            subprocess.run(_as_cluster_owner(["pg_ctl", "-D", str(self.folder), "-m", "fast", "-w", "stop"]),
-                           capture_output=True, text=True)
+            result = subprocess.run(_as_cluster_owner(["pg_ctl", "-D", str(self.folder), "-m", "fast", "-w", "stop"]),
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                raise TrackingError(f"pg_ctl could not stop PostgreSQL in {self.folder}: {result.stderr.strip()}")
 
 
 def check_database(url: str) -> None:
@@ -163,13 +165,17 @@ def read_state() -> dict | None:
 
 
 def alive(pid: int) -> bool:
+    """Whether the process runs (an exited process not yet reaped by its parent does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def start(host: str = "127.0.0.1", port: int = 5000, postgres: str | None = None, artifacts: Path | None = None,
@@ -276,5 +282,15 @@ def stop() -> dict | None:
     _end_group(state["mlflow_pid"])
     if state.get("postgres_dir"):
         PrivateCluster(Path(state["postgres_dir"]), 0).stop()
+        _wait_gone(state["postgres_pid"])
     STATE_FILE.unlink()
     return state
+
+
+def _wait_gone(pid: int) -> None:
+    """pg_ctl returns once the pid file is gone, a moment before the process itself."""
+    deadline = time.monotonic() + STOP_SECONDS
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)

@@ -68,7 +68,7 @@ def dvc(*arguments: str) -> None:
 
 def check_remote() -> None:
     default = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], capture_output=True, text=True)
-    if not default.stdout.strip():
+    if default.returncode != 0:  # "No default remote set"
         raise ConfigError("shards share their outputs through the default DVC remote, and there is none; add one that "
                           "every machine reaches: dvc remote add -d shared /shared/vaebench-cache (or s3://..., ssh://...)")
 

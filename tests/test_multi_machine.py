@@ -14,7 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import REPO, SHARED_DATA, TINY_STUDY, copy_repo
-from pipeline.server import free_port
+from pipeline.server import alive, free_port
 
 SHARD_CELLS = {0: ["linear-z2-b1-s0", "gan-linear-z2-ft-s0"], 1: ["ae-linear-z2-s0"]}
 TRAIN_STAGES = ["train@linear-z2-b1-s0", "finetune@gan-linear-z2-ft-s0", "train@ae-linear-z2-s0"]
@@ -179,3 +179,121 @@ def test_two_tuning_workers_on_two_clones_share_postgres_and_survive_a_killed_on
     print(f"\ntrials per state {dict((s, states.count(s)) for s in set(states))}; killed trial {killed}, retried as "
           f"{retried[0].number}; trials per worker {dict((w, per_worker.count(w)) for w in set(per_worker))}; "
           f"trial runs per status {dict((s, [r.info.status for r in runs].count(s)) for s in {r.info.status for r in runs})}")
+
+
+def test_server_with_a_private_cluster_starts_logs_and_stops_what_it_started(tmp_path):
+    """`vaebench server start` without --postgres: initdb/pg_ctl under .vaebench/server/postgres."""
+    import tempfile
+    import urllib.request
+
+    # A folder the postgres user can reach (pytest's temporary folders are private to root).
+    checkout = Path(tempfile.mkdtemp(prefix="vaebench-server-"))
+    checkout.chmod(0o755)
+    try:
+        port = free_port()
+        started = run(checkout, sys.executable, "-m", "pipeline", "server", "start", "--port", str(port))
+        assert "a private PostgreSQL cluster in" in started and f"http://127.0.0.1:{port}" in started
+        state = yaml.safe_load((checkout / ".vaebench/server/state.json").read_text())
+        assert state["backend_store"].startswith("postgresql://") and (checkout / ".vaebench/server/postgres/PG_VERSION").is_file()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+            assert answer.status == 200
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        run_id = client.create_run(client.create_experiment("check")).info.run_id
+        client.log_metric(run_id, "x", 1.5)
+        client.log_text(run_id, "through the server", "note.txt")  # artifacts are served by the server
+        assert client.get_run(run_id).data.metrics["x"] == 1.5
+        assert list((checkout / ".vaebench/server/artifacts").rglob("note.txt"))
+        assert "running at" in run(checkout, sys.executable, "-m", "pipeline", "server", "status")
+        refused = subprocess.run([sys.executable, "-m", "pipeline", "server", "start", "--port", str(port)], cwd=checkout,
+                                 env=environment(), capture_output=True, text=True)
+        assert refused.returncode == 1 and "already runs at" in refused.stderr
+        assert "stopped the server" in run(checkout, sys.executable, "-m", "pipeline", "server", "stop")
+        with pytest.raises(ProcessLookupError):
+            os.killpg(state["mlflow_pid"], 0)
+        assert not alive(state["postgres_pid"])
+        assert "not running" in run(checkout, sys.executable, "-m", "pipeline", "server", "status")
+    finally:
+        run(checkout, sys.executable, "-m", "pipeline", "server", "stop")
+        subprocess.run(["rm", "-rf", str(checkout)])
+
+
+def test_optuna_dashboard_serves_the_tuning_storage_on_loopback(tmp_path):
+    import urllib.request
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="seen-by-the-dashboard", storage=storage)
+    port = free_port()
+    dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), storage, "--host", "127.0.0.1",
+                                  "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as answer:
+                    body = answer.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and dashboard.poll() is None, "optuna-dashboard did not answer"
+                time.sleep(0.3)
+        assert "seen-by-the-dashboard" in body
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=20)
+
+
+@pytest.mark.parametrize(
+    "shard, environ, expected",
+    [
+        ("1/3", {}, (1, 3)),
+        (None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "2"}, (3, 4)),
+        (None, {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"}, (0, 2)),
+    ],
+)
+def test_the_share_comes_from_the_command_line_or_a_slurm_array(shard, environ, expected):
+    from pipeline.shards import parse_shard
+
+    assert parse_shard(shard, environ) == expected
+
+
+@pytest.mark.parametrize("shard, environ, message", [
+    ("3/3", {}, "--shard must be I/N with 0 <= I < N, got '3/3'"),
+    ("a/b", {}, "--shard must be I/N"),
+    (None, {}, "say which share to run: --shard I/N"),
+])
+def test_a_bad_share_is_one_clear_error(shard, environ, message):
+    from pipeline.config import ConfigError
+    from pipeline.shards import parse_shard
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        parse_shard(shard, environ)
+
+
+def test_shares_hold_every_cell_once_with_fine_tuned_cells_beside_their_source(tiny_study):
+    from pipeline.shards import shard_cells
+
+    for count in (1, 2, 3, 9):
+        shares = [shard_cells(tiny_study, index, count) for index in range(count)]
+        assert sorted(c for share in shares for c in share) == sorted(tiny_study.cells)
+        holder = [i for i, share in enumerate(shares) if "linear-z2-b1-s0" in share]
+        assert [i for i, share in enumerate(shares) if "gan-linear-z2-ft-s0" in share] == holder
+
+
+def test_a_shard_refuses_to_start_without_a_tracking_server_or_a_remote(tmp_path):
+    clone = copy_repo(tmp_path / "clone", mini_study(tmp_path))
+    command = [sys.executable, "-m", "pipeline", "repro", "--shard", "0/2"]
+    local = subprocess.run(command, cwd=clone, env=environment(), capture_output=True, text=True)
+    assert local.returncode == 2 and "must log to one tracking server: set MLFLOW_TRACKING_URI" in local.stderr
+    no_remote = subprocess.run(command, cwd=clone, env=environment(MLFLOW_TRACKING_URI="http://127.0.0.1:9"),
+                               capture_output=True, text=True)
+    assert no_remote.returncode == 2 and "dvc remote add -d shared" in no_remote.stderr
+    assert not (clone / "results").exists() and not (clone / "mlflow.db").exists()
+
+
+def test_an_unreachable_optuna_storage_is_one_line_before_any_run(tmp_path):
+    from pipeline.errors import TrackingError
+    from pipeline.tuning.search_space import load_space
+    from pipeline.tune import open_storage
+
+    space = load_space(REPO / "studies/tune/tiny.yaml")
+    with pytest.raises(TrackingError, match=r"the Optuna storage postgresql://nobody@127.0.0.1:9/optuna cannot be opened"):
+        open_storage(f"postgresql://nobody@127.0.0.1:{9}/optuna", space)

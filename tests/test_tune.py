@@ -163,7 +163,11 @@ def test_resumed_study_keeps_its_trials_and_adds_new_numbers(prepared, workdir):
     assert after[:2] == first and [n for n, _ in after] == [0, 1, 2, 3]
 
 
-def test_a_resumed_study_whose_new_trial_is_best_moves_the_best_model(prepared, workdir):
+@pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
+def test_a_resumed_study_whose_new_trial_is_best_moves_the_best_model(prepared, workdir, storage, request, monkeypatch):
+    """Resuming used to crash for good once the best trial changed (best_* metrics logged at step 0)."""
+    if storage == "postgresql":
+        monkeypatch.setenv("VAEBENCH_OPTUNA_STORAGE", request.getfixturevalue("postgres_url"))
     space = {"lr": {"type": "float", "low": 1e-6, "high": 0.01, "log": True}}
     path = write_space(workdir, n_trials=2, pruner={"name": "none"}, space=space)
     study = new_or_existing_study(load_space(path))
