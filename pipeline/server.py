@@ -42,15 +42,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def postgres_tool(name: str) -> str:
     """A PostgreSQL program: on PATH, or where Debian's packages put it (not on PATH)."""
     found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
@@ -65,20 +56,44 @@ def postgres_tool(name: str) -> str:
 def _as_cluster_owner(command: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: as root, run its tools as the `postgres` user."""
     command = [postgres_tool(command[0]), *command[1:]]
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("runuser") is None or not _postgres_user_exists():
+        raise ConfigError("as root, PostgreSQL must run as the user postgres, and this machine has no such user (or no "
+                          "runuser); install PostgreSQL's package (it creates the user), run as another user, or give "
+                          "an existing database with --postgres URL")
+    return ["runuser", "-u", "postgres", "--", *command]
+
+
+def _postgres_user_exists() -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return False
+    return True
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no message"
 
 
 @dataclass
 class PrivateCluster:
-    """A PostgreSQL cluster in a folder of its own, on a loopback TCP port, with trust authentication for
-    local connections only (it listens on 127.0.0.1 alone)."""
+    """A PostgreSQL cluster in a folder of its own, listening on 127.0.0.1 only, where the superuser logs in
+    with a random password kept in a file only its owner reads (so other users of the machine cannot)."""
 
     folder: Path
     port: int
 
     @property
-    def url(self) -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{DATABASE}"
+    def password_file(self) -> Path:
+        return self.folder.parent / "postgres.password"
+
+    def url(self, database: str = DATABASE) -> str:
+        return f"postgresql://{SUPERUSER}:{self.password_file.read_text().strip()}@127.0.0.1:{self.port}/{database}"
 
     @property
     def pid(self) -> int:
@@ -87,6 +102,9 @@ class PrivateCluster:
     def start(self) -> None:
         if not (self.folder / "PG_VERSION").is_file():
             self._init()
+        elif not self.password_file.is_file():
+            raise ConfigError(f"{self.password_file} is missing, so the cluster in {self.folder} cannot be logged into; "
+                              f"delete {self.folder} to start a new one")
         log_file = self.folder.parent / "postgres.log"
         log_file.touch()
         if os.geteuid() == 0:
@@ -98,49 +116,66 @@ class PrivateCluster:
         )
         if result.returncode != 0:
             tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
-            raise TrackingError(f"PostgreSQL in {self.folder} did not start: {' / '.join(tail) or result.stderr.strip()}")
-        self._create_database()
+            raise TrackingError(f"PostgreSQL in {self.folder} did not start: {' / '.join(tail) or _last_line(result.stderr)}")
+        self.create_database(DATABASE)
 
     def _init(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            shutil.chown(self.folder, "postgres", "postgres")
-            reachable = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-w", str(self.folder)]).returncode == 0
-            if not reachable:
-                raise ConfigError(
-                    f"the postgres user cannot reach {self.folder} (a folder above it is private); run from a checkout "
-                    "other users can read, or give an existing database with --postgres URL"
-                )
-        result = subprocess.run(
-            _as_cluster_owner(["initdb", "-D", str(self.folder), "-A", "trust", "-U", SUPERUSER, "-E", "UTF8", "--no-sync"]),
-            capture_output=True, text=True,
-        )
-        if result.returncode != 0:
-            raise TrackingError(f"initdb of {self.folder} failed: {result.stderr.strip().splitlines()[-1]}")
+        import secrets
 
-    def _create_database(self) -> None:
-        self.create_database(DATABASE)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        password = secrets.token_urlsafe(24)
+        self.password_file.touch(mode=0o600)
+        self.password_file.write_text(password + "\n")
+        # initdb reads the password from a file its user can read; it is deleted at once.
+        initdb_password = self.folder.parent / "initdb.password"
+        initdb_password.touch(mode=0o600)
+        initdb_password.write_text(password + "\n")
+        try:
+            if os.geteuid() == 0:
+                _as_cluster_owner(["initdb"])  # the user postgres exists
+                shutil.chown(self.folder, "postgres", "postgres")
+                shutil.chown(initdb_password, "postgres", "postgres")
+                reachable = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-w", str(self.folder)]).returncode == 0
+                if not reachable:
+                    raise ConfigError(
+                        f"the postgres user cannot reach {self.folder} (a folder above it is private); run from a checkout "
+                        "other users can read, or give an existing database with --postgres URL"
+                    )
+            result = subprocess.run(
+                _as_cluster_owner(["initdb", "-D", str(self.folder), "--auth=scram-sha-256", f"--pwfile={initdb_password}",
+                                   "-U", SUPERUSER, "-E", "UTF8", "--no-sync"]),
+                capture_output=True, text=True,
+            )
+        finally:
+            initdb_password.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise TrackingError(f"initdb of {self.folder} failed: {_last_line(result.stderr)}")
 
     def create_database(self, name: str) -> str:
         """A database of this cluster (created if missing), as a URL."""
         import psycopg
 
-        connection = psycopg.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, dbname="postgres", autocommit=True)
+        password = self.password_file.read_text().strip()
         try:
-            with connection.cursor() as cursor:
+            connection = psycopg.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, password=password,
+                                         dbname="postgres", autocommit=True)
+            with connection, connection.cursor() as cursor:
                 cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
                 if cursor.fetchone() is None:
                     cursor.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            connection.close()
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{name}"
+        except psycopg.Error as error:
+            raise TrackingError(f"cannot create database {name} in the cluster {self.folder}: {_last_line(str(error))}") from None
+        return self.url(name)
 
     def stop(self) -> None:
-        if (self.folder / "postmaster.pid").is_file():
-            result = subprocess.run(_as_cluster_owner(["pg_ctl", "-D", str(self.folder), "-m", "fast", "-w", "stop"]),
-                                    capture_output=True, text=True)
-            if result.returncode != 0:
-                raise TrackingError(f"pg_ctl could not stop PostgreSQL in {self.folder}: {result.stderr.strip()}")
+        if not (self.folder / "postmaster.pid").is_file():
+            return
+        pid = self.pid
+        result = subprocess.run(_as_cluster_owner(["pg_ctl", "-D", str(self.folder), "-m", "fast", "-w", "stop"]),
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise TrackingError(f"pg_ctl could not stop PostgreSQL in {self.folder}: {_last_line(result.stderr)}")
+        wait_gone(pid)
 
 
 def check_database(url: str) -> None:
@@ -152,7 +187,8 @@ def check_database(url: str) -> None:
             pass
     except sqlalchemy.exc.SQLAlchemyError as error:
         reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
-        raise TrackingError(f"the PostgreSQL database {url} cannot be reached ({reason}); start it or fix --postgres") from None
+        raise TrackingError(f"the PostgreSQL database {hide_password(url)} cannot be reached ({reason}); start it or fix "
+                            "--postgres") from None
 
 
 def read_state() -> dict | None:
@@ -184,22 +220,23 @@ def start(host: str = "127.0.0.1", port: int = 5000, postgres: str | None = None
     if state and alive(state["mlflow_pid"]):
         raise VaebenchError(f"this checkout's server already runs at {state['url']} (PID {state['mlflow_pid']}); "
                             "stop it first: vaebench server stop")
-    if port_in_use(host, port):
-        raise ConfigError(f"port {port} on {host} is in use; choose another with --port")
+    check_address(host, port)
     SERVER_DIR.mkdir(parents=True, exist_ok=True)
-    cluster = None
-    if postgres is None:
-        cluster = PrivateCluster((SERVER_DIR / "postgres").resolve(), free_port())
-        cluster.start()
-        postgres = cluster.url
+    cluster = process = None
     try:
+        if postgres is None:
+            cluster = PrivateCluster((SERVER_DIR / "postgres").resolve(), free_port())
+            cluster.start()
+            postgres = cluster.url()
         check_database(postgres)
         artifacts = (artifacts or SERVER_DIR / "artifacts").resolve()
         artifacts.mkdir(parents=True, exist_ok=True)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         process = _start_mlflow(host, port, postgres, artifacts, allowed_hosts)
         _wait_until_answering(process, url)
-    except BaseException:
+    except BaseException:  # nothing this command started outlives its failure
+        if process is not None:
+            _end_group(process.pid)
         if cluster is not None:
             cluster.stop()
         raise
@@ -208,7 +245,7 @@ def start(host: str = "127.0.0.1", port: int = 5000, postgres: str | None = None
         "host": host,
         "port": port,
         "mlflow_pid": process.pid,
-        "backend_store": postgres,
+        "backend_store": hide_password(postgres),
         "artifacts": str(artifacts),
         "postgres_dir": str(cluster.folder) if cluster else None,
         "postgres_pid": cluster.pid if cluster else None,
@@ -217,15 +254,43 @@ def start(host: str = "127.0.0.1", port: int = 5000, postgres: str | None = None
     return state
 
 
+def hide_password(url: str) -> str:
+    import sqlalchemy
+
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def check_address(host: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be between 1 and 65535, got {port}")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ConfigError(f"--host {host} is not an address of this machine ({error.strerror})") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host") from None
+
+
 def _start_mlflow(host: str, port: int, postgres: str, artifacts: Path, allowed_hosts: str | None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres, "--artifacts-destination",
-               str(artifacts), "--host", host, "--port", str(port), "--workers", "2"]
+    command = [sys.executable, "-m", "mlflow", "server", "--artifacts-destination", str(artifacts), "--host", host,
+               "--port", str(port), "--workers", "2"]
     if allowed_hosts:
-        command += ["--allowed-hosts", allowed_hosts]
-    log_file = open(SERVER_DIR / "mlflow.log", "ab")
-    # A session of its own: the server's worker processes form one group that stop() ends together.
-    return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        # MLflow replaces its defaults (localhost, private addresses) with the list given: keep them, and accept
+        # each name given with and without the port.
+        from mlflow.server.security_utils import get_default_allowed_hosts
+
+        names = [name.strip() for name in allowed_hosts.split(",") if name.strip()]
+        command += ["--allowed-hosts", ",".join([*get_default_allowed_hosts(), *names, *(f"{n}:{port}" for n in names)])]
+    # The store's URL (with its password) goes through the environment, not the command line `ps` shows.
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_BACKEND_STORE_URI": postgres}
+    with open(SERVER_DIR / "mlflow.log", "ab") as log_file:
+        # A session of its own: the server's worker processes form one group that stop() ends together.
+        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
 
 
 def _wait_until_answering(process: subprocess.Popen, url: str) -> None:
@@ -282,13 +347,13 @@ def stop() -> dict | None:
     _end_group(state["mlflow_pid"])
     if state.get("postgres_dir"):
         PrivateCluster(Path(state["postgres_dir"]), 0).stop()
-        _wait_gone(state["postgres_pid"])
     STATE_FILE.unlink()
     return state
 
 
-def _wait_gone(pid: int) -> None:
-    """pg_ctl returns once the pid file is gone, a moment before the process itself."""
+def wait_gone(pid: int) -> None:
+    """Wait for a process to exit (pg_ctl returns once the pid file is gone, a moment before the process
+    itself); SIGKILL it after STOP_SECONDS."""
     deadline = time.monotonic() + STOP_SECONDS
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)

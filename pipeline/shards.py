@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 ARRAY_INDEX = "SLURM_ARRAY_TASK_ID"
 ARRAY_COUNT = "SLURM_ARRAY_TASK_COUNT"
 ARRAY_MIN = "SLURM_ARRAY_TASK_MIN"
+ARRAY_STEP = "SLURM_ARRAY_TASK_STEP"
 
 
 def parse_shard(text: str | None, environ: dict = os.environ) -> tuple[int, int]:
@@ -35,11 +36,15 @@ def parse_shard(text: str | None, environ: dict = os.environ) -> tuple[int, int]
             raise ConfigError(f"say which share to run: --shard I/N (I = 0..N-1), or run inside a Slurm job array "
                               f"({ARRAY_INDEX} and {ARRAY_COUNT} are not set)")
         try:
-            index = int(environ[ARRAY_INDEX]) - int(environ.get(ARRAY_MIN, "0"))
+            offset = int(environ[ARRAY_INDEX]) - int(environ.get(ARRAY_MIN, "0"))
+            step = int(environ.get(ARRAY_STEP, "1"))
             count = int(environ[ARRAY_COUNT])
         except ValueError:
-            raise ConfigError(f"{ARRAY_INDEX}/{ARRAY_COUNT} are not integers") from None
-        text = f"{index}/{count}"
+            raise ConfigError(f"{ARRAY_INDEX}, {ARRAY_MIN}, {ARRAY_STEP} and {ARRAY_COUNT} must be integers") from None
+        if step < 1 or offset % step or not 0 <= offset // step < count:
+            raise ConfigError(f"the Slurm array task {environ[ARRAY_INDEX]} is not one of {count} evenly spaced tasks "
+                              f"(--array=MIN-MAX[:STEP] without gaps); give --shard I/N instead")
+        text = f"{offset // step}/{count}"
     match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
     if not match or int(match[2]) < 1 or int(match[1]) >= int(match[2]):
         raise ConfigError(f"--shard must be I/N with 0 <= I < N, got {text!r}")

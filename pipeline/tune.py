@@ -11,6 +11,7 @@ the same moment can overshoot `n_trials` by at most workers - 1.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import multiprocessing
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 import optuna
 import torch
 import yaml
+from mlflow.exceptions import MlflowException
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
@@ -39,6 +41,9 @@ DEFAULT_STORAGE = Path("optuna.db")
 REPORT_DIR = Path("reports") / "tune"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials n_trials asks for; a FAIL is replaced
 RUN_ID_ATTR = "mlflow_run_id"
+WORKER_ATTR = "worker"  # host:pid of the worker that runs the trial
+PARENT_ATTR = "mlflow_parent_run"  # study user attribute: the tuning parent run
+PARENT_WAIT_SECONDS = 30
 
 
 def storage_url(override: str | None = None) -> str:
@@ -67,12 +72,21 @@ def open_storage(url: str, space: TuneSpace) -> optuna.storages.RDBStorage:
 
 
 def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """The trial's worker died: its MLflow run ends FAILED, and the same parameters run again."""
+    """The trial's worker died (Optuna has marked it FAIL): the same parameters run again, and its MLflow
+    run ends FAILED."""
+    optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, trial)
+    log.warning("trial %d: its worker stopped sending heartbeats; marked FAIL and queued again", trial.number)
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if run_id:
-        tracking.end_killed_trial_run(run_id)
-    log.warning("trial %d: its worker stopped sending heartbeats; marked FAIL and queued again", trial.number)
-    optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, trial)
+        try:
+            tracking.end_killed_trial_run(run_id)
+        except (MlflowException, OSError) as error:
+            log.warning("trial %d: could not end its MLflow run %s (%s)", trial.number, run_id, error)
+
+
+class TrialFailed(Exception):
+    """A trial's own error (a diverging or invalid sampled cell): the trial is FAIL and the study goes on.
+    An error of the tracking store is not one: it stops the worker."""
 
 
 def study_name(space: TuneSpace) -> str:
@@ -87,11 +101,21 @@ def trial_cell(config: StudyConfig, space: TuneSpace, trial: optuna.Trial):
 def run_trial(config: StudyConfig, space: TuneSpace, data: dict, parent_id: str, trial: optuna.Trial):
     """The objective: train one sampled cell, reporting the validation objective after every epoch for
     pruning; the trained model is logged on the trial's MLflow run, where any machine can fetch it."""
+    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")  # also: the trial has started
+    try:
+        return train_trial(config, space, data, parent_id, trial)
+    except (optuna.TrialPruned, MlflowException, TrackingError):
+        raise
+    except Exception as error:
+        trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:5000])
+        raise TrialFailed(f"{type(error).__name__}: {error}") from error
+
+
+def train_trial(config: StudyConfig, space: TuneSpace, data: dict, parent_id: str, trial: optuna.Trial):
     cell = trial_cell(config, space, trial)
     training = engine.start_training(cell, data["train"].device)
     with tracking.trial_run(config, study_name(space), trial.number, parent_id) as run:
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         tracking.log_trial_params(trial.params, cell_as_dict(cell))
         epoch = 0
         try:
@@ -107,7 +131,6 @@ def run_trial(config: StudyConfig, space: TuneSpace, data: dict, parent_id: str,
             raise
         except Exception as error:
             tracking.tag_trial_state("FAIL", epoch, error)
-            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:5000])
             raise
         engine.finish_training(training, data["train"])
         tracking.log_model(training.model, cell)
@@ -118,13 +141,17 @@ def run_trial(config: StudyConfig, space: TuneSpace, data: dict, parent_id: str,
 
 
 class StopAfterFailures:
-    """Stop the loop once as many trials failed as were asked for: the search space, not chance, is wrong."""
+    """Stop this worker's loop once as many of its trials failed as were asked for: the search space, not
+    chance, is wrong. Failures of earlier runs and of killed workers do not count."""
 
     def __init__(self, limit: int):
         self.limit = limit
+        self.failed = 0
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) >= self.limit:
+        if trial.state == TrialState.FAIL and "error" in trial.user_attrs:
+            self.failed += 1
+        if self.failed >= self.limit:
             study.stop()
 
 
@@ -149,14 +176,15 @@ def worker(params_file: str, space_file: str, url: str, parent_id: str, index: i
     arrays = load_prepared(PREPARED_FILE)
     data = {"train": images_to_tensor(arrays["train_images"], device), "val": images_to_tensor(arrays["val_images"], device)}
     objective = partial(run_trial, config, space, data, parent_id)
-    callbacks = [MaxTrialsCallback(space.n_trials, states=COUNTED), StopAfterFailures(space.n_trials)]
+    failures = StopAfterFailures(space.n_trials)
+    callbacks = [MaxTrialsCallback(space.n_trials, states=COUNTED), failures]
     while True:
         found = counts(study)
-        if found[TrialState.FAIL] >= space.n_trials:
-            raise VaebenchError(f"{found[TrialState.FAIL]} trials of {space.name} failed (their errors are in MLflow "
-                                "and the Optuna study); fix the search space")
         if found[TrialState.COMPLETE] + found[TrialState.PRUNED] < space.n_trials or found[TrialState.WAITING]:
-            study.optimize(objective, callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
+            study.optimize(objective, callbacks=callbacks, catch=(TrialFailed,), gc_after_trial=False)
+            if failures.failed >= space.n_trials:
+                raise VaebenchError(f"{failures.failed} trials of {space.name} failed here (their errors are in MLflow "
+                                    "and in the Optuna trials' user attribute 'error'); fix the search space")
         elif found[TrialState.RUNNING]:
             wait_for_running(study, space, found[TrialState.RUNNING])
         else:
@@ -164,12 +192,21 @@ def worker(params_file: str, space_file: str, url: str, parent_id: str, index: i
 
 
 def wait_for_running(study: optuna.Study, space: TuneSpace, running: int) -> None:
+    """Wait one heartbeat interval for trials running elsewhere; fail those of killed workers (no heartbeat
+    for the grace period, or killed before their first one) and queue them again."""
     log.info("waiting for %d running trial(s): another worker's, or a killed worker's, failed after %d s without a "
              "heartbeat", running, space.grace_period)
     time.sleep(space.heartbeat_interval)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    # Optuna judges only trials with a heartbeat; a worker killed between taking a trial and starting it
+    # (the objective's first line sets WORKER_ATTR) leaves one without.
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=space.grace_period)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if WORKER_ATTR not in trial.user_attrs and trial.datetime_start is not None and trial.datetime_start < cutoff:
+            study.tell(trial.number, state=TrialState.FAIL)
+            retry_stale_trial(study, study.get_trials(deepcopy=False)[trial.number])
 
 
 def tune(config: StudyConfig, space: TuneSpace, space_file: str, params_file: str = str(PARAMS_FILE),
@@ -178,9 +215,7 @@ def tune(config: StudyConfig, space: TuneSpace, space_file: str, params_file: st
     url = storage_url(storage)
     check_space_fits(space, config.cell(space.base_cell))  # every check before a study or a run exists
     tracking.check_store()
-    optuna.create_study(study_name=study_name(space), storage=open_storage(url, space), directions=list(space.directions),
-                        load_if_exists=True)
-    parent_id = tracking.tune_parent_run(config, study_name(space), space.source)
+    parent_id = tune_parent_run(config, space, open_storage(url, space))
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     log.info("tuning %s: %d trials in total, %d worker(s), storage %s", space.name, space.n_trials, workers, url)
     if workers == 1:
@@ -197,6 +232,30 @@ def tune(config: StudyConfig, space: TuneSpace, space_file: str, params_file: st
             raise VaebenchError(f"a tuning worker exited with an error; re-run to resume study {space.name}")
     study = optuna.load_study(study_name=study_name(space), storage=open_storage(url, space))
     return export_results(config, space, study, parent_id)
+
+
+def tune_parent_run(config: StudyConfig, space: TuneSpace, storage: optuna.storages.RDBStorage) -> str:
+    """The tuning study's MLflow parent run, named in the Optuna study's user attributes. Only the worker
+    whose create_study succeeds (the storage's unique study name decides) creates it, so workers that start
+    together on several machines never make two."""
+    try:
+        study = optuna.create_study(study_name=study_name(space), storage=storage, directions=list(space.directions))
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name(space), storage=storage)
+    else:
+        parent_id = tracking.tune_parent_run(config, study_name(space), space.source)
+        study.set_user_attr(PARENT_ATTR, parent_id)
+        return parent_id
+    # Its creator sets the attribute before any trial starts: wait while the study has none.
+    deadline = time.monotonic() + PARENT_WAIT_SECONDS
+    while PARENT_ATTR not in study.user_attrs and not study.trials and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if PARENT_ATTR in study.user_attrs:
+        return study.user_attrs[PARENT_ATTR]
+    # A study from before the attribute, or its creator died: find or create the run by its tags.
+    parent_id = tracking.tune_parent_run(config, study_name(space), space.source)
+    study.set_user_attr(PARENT_ATTR, parent_id)
+    return parent_id
 
 
 def export_results(config: StudyConfig, space: TuneSpace, study: optuna.Study, parent_id: str) -> dict:

@@ -42,8 +42,12 @@ def no_real_stores():
 
 @pytest.fixture(autouse=True)
 def private_tracking_store(tmp_path, monkeypatch):
-    """Each test logs to an MLflow store in its own folder."""
+    """Each test logs to an MLflow store in its own folder (MLflow's process-wide URI too, which an earlier
+    test's mlflow.set_tracking_uri would otherwise leave pointing at that test's store)."""
+    import mlflow
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 @pytest.fixture
@@ -69,12 +73,10 @@ def prepared(tiny_study):
 @pytest.fixture(scope="session")
 def postgres():
     """A throwaway PostgreSQL cluster (initdb/pg_ctl) on a free loopback port, stopped by PID at the end."""
-    import os
     import shutil
-    import signal
     import tempfile
 
-    from pipeline.server import PrivateCluster, free_port
+    from pipeline.server import PrivateCluster, alive, free_port
 
     # Not under pytest's private temporary folder: as root, the cluster runs as the postgres user.
     folder = Path(tempfile.mkdtemp(prefix="vaebench-pg-"))
@@ -84,10 +86,7 @@ def postgres():
     pid = cluster.pid
     yield cluster
     cluster.stop()
-    try:
-        os.kill(pid, signal.SIGKILL)  # pg_ctl stop has normally ended it already
-    except ProcessLookupError:
-        pass
+    assert not alive(pid)
     shutil.rmtree(folder, ignore_errors=True)
 
 

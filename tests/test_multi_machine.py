@@ -247,6 +247,8 @@ def test_optuna_dashboard_serves_the_tuning_storage_on_loopback(tmp_path):
         ("1/3", {}, (1, 3)),
         (None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "2"}, (3, 4)),
         (None, {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"}, (0, 2)),
+        (None, {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0",
+                "SLURM_ARRAY_TASK_STEP": "2"}, (3, 4)),
     ],
 )
 def test_the_share_comes_from_the_command_line_or_a_slurm_array(shard, environ, expected):
@@ -259,6 +261,8 @@ def test_the_share_comes_from_the_command_line_or_a_slurm_array(shard, environ, 
     ("3/3", {}, "--shard must be I/N with 0 <= I < N, got '3/3'"),
     ("a/b", {}, "--shard must be I/N"),
     (None, {}, "say which share to run: --shard I/N"),
+    (None, {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_STEP": "2"},
+     "the Slurm array task 3 is not one of 4 evenly spaced tasks"),
 ])
 def test_a_bad_share_is_one_clear_error(shard, environ, message):
     from pipeline.config import ConfigError

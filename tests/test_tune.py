@@ -236,13 +236,15 @@ def test_a_clearly_worse_trial_is_pruned(prepared, workdir):
 
 def test_a_killed_worker_s_trial_fails_and_is_retried_when_the_study_is_rerun_at_once(prepared, workdir):
     """Re-running within the grace period used to count the dead RUNNING trial and stop."""
-    path = write_space(workdir, n_trials=3, pruner={"name": "none"}, heartbeat={"interval": 1, "grace": 3},
+    # A grace period longer than the re-run's start-up, so that it finds the dead trial still RUNNING.
+    path = write_space(workdir, n_trials=3, pruner={"name": "none"}, heartbeat={"interval": 1, "grace": 20},
                        fixed={"epochs": 30})
     space = load_space(path)
     command = [sys.executable, "-m", "pipeline", "--params", str(REPO / "studies" / "tiny.yaml"), "tune", str(path)]
     first = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed = None
-    while killed is None and first.poll() is None:
+    deadline = time.monotonic() + 300
+    while killed is None and first.poll() is None and time.monotonic() < deadline:
         try:
             study = optuna.load_study(study_name=study_name(space), storage=storage_url())
         except KeyError:  # the worker has not created it yet
@@ -256,6 +258,7 @@ def test_a_killed_worker_s_trial_fails_and_is_retried_when_the_study_is_rerun_at
     assert killed is not None, "the worker finished before it could be killed mid-trial"
     rerun = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
+    assert "waiting for 1 running trial(s)" in rerun.stderr  # it found the dead trial RUNNING, within the grace
     found = {t.number: t for t in trials(space)}
     assert found[killed].state == optuna.trial.TrialState.FAIL
     retries = [t for t in found.values() if t.system_attrs.get("failed_trial") == killed]
