@@ -55,14 +55,16 @@ def postgres_tool(name: str) -> str:
 
 def _as_cluster_owner(command: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: as root, run its tools as the `postgres` user."""
-    command = [postgres_tool(command[0]), *command[1:]]
+    if command[0] in ("initdb", "pg_ctl"):
+        command = [postgres_tool(command[0]), *command[1:]]
     if os.geteuid() != 0:
         return command
-    if shutil.which("runuser") is None or not _postgres_user_exists():
+    runuser = shutil.which("runuser", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")  # often off a user's PATH
+    if runuser is None or not _postgres_user_exists():
         raise ConfigError("as root, PostgreSQL must run as the user postgres, and this machine has no such user (or no "
                           "runuser); install PostgreSQL's package (it creates the user), run as another user, or give "
                           "an existing database with --postgres URL")
-    return ["runuser", "-u", "postgres", "--", *command]
+    return [runuser, "-u", "postgres", "--", *command]
 
 
 def _postgres_user_exists() -> bool:
@@ -132,10 +134,10 @@ class PrivateCluster:
         initdb_password.write_text(password + "\n")
         try:
             if os.geteuid() == 0:
-                _as_cluster_owner(["initdb"])  # the user postgres exists
+                _as_cluster_owner(["initdb"])  # fails with one line when the user postgres or runuser is missing
                 shutil.chown(self.folder, "postgres", "postgres")
                 shutil.chown(initdb_password, "postgres", "postgres")
-                reachable = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-w", str(self.folder)]).returncode == 0
+                reachable = subprocess.run(_as_cluster_owner(["test", "-w", str(self.folder)])).returncode == 0
                 if not reachable:
                     raise ConfigError(
                         f"the postgres user cannot reach {self.folder} (a folder above it is private); run from a checkout "

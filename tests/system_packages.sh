@@ -2,6 +2,7 @@
 # System packages the tests need beyond Python's: PostgreSQL's initdb and pg_ctl, for the real database
 # server of the multi-machine tests. Installed with apt-get when run as root, else asked for.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"  # useradd, and PostgreSQL's tools on some systems
 have_postgres() { command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
 if ! have_postgres; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
