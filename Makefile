@@ -50,4 +50,6 @@ server-stop: setup
 # optuna-dashboard on the tuning storage (VAEBENCH_OPTUNA_STORAGE, else the local optuna.db), loopback only.
 OPTUNA_STORAGE ?= $(or $(VAEBENCH_OPTUNA_STORAGE),sqlite:///$(CURDIR)/optuna.db)
 dashboard: setup
+	@if [ "$(OPTUNA_STORAGE)" = "sqlite:///$(CURDIR)/optuna.db" ] && [ ! -s optuna.db ]; then \
+		echo "no tuning study yet: optuna.db is missing; run make tune first, or set VAEBENCH_OPTUNA_STORAGE" >&2; exit 1; fi
 	optuna-dashboard $(OPTUNA_STORAGE) --host 127.0.0.1 --port 8080
