@@ -77,6 +77,11 @@ def _postgres_user_exists() -> bool:
     return True
 
 
+def _log_tail(path: Path) -> str:
+    """A log's last three lines, on one line."""
+    return " / ".join(path.read_text(errors="replace").strip().splitlines()[-3:])
+
+
 def _last_line(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[-1] if lines else "no message"
@@ -117,8 +122,7 @@ class PrivateCluster:
             capture_output=True, text=True,
         )
         if result.returncode != 0:
-            tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
-            raise TrackingError(f"PostgreSQL in {self.folder} did not start: {' / '.join(tail) or _last_line(result.stderr)}")
+            raise TrackingError(f"PostgreSQL in {self.folder} did not start: {_log_tail(log_file) or _last_line(result.stderr)}")
         self.create_database(DATABASE)
 
     def _init(self) -> None:
@@ -302,8 +306,7 @@ def _wait_until_answering(process: subprocess.Popen, url: str) -> None:
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            tail = (SERVER_DIR / "mlflow.log").read_text(errors="replace").strip().splitlines()[-3:]
-            raise TrackingError(f"mlflow server exited with code {process.returncode}: {' / '.join(tail)} "
+            raise TrackingError(f"mlflow server exited with code {process.returncode}: {_log_tail(SERVER_DIR / 'mlflow.log')} "
                                 f"(full log: {SERVER_DIR / 'mlflow.log'})")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):

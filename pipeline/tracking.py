@@ -108,10 +108,16 @@ def study_experiment(client: MlflowClient, study: str) -> str:
         return client.get_experiment_by_name(name).experiment_id  # another shard created it a moment ago
     # Only the process whose create_experiment succeeded (the store's unique name decides) creates the
     # parent, so shards starting together on several machines never make two.
-    parent = client.create_run(experiment_id, run_name=study, tags={ROLE_TAG: "study", STUDY_TAG: study, **source_tags()})
-    client.set_terminated(parent.info.run_id, "FINISHED")
-    client.set_experiment_tag(experiment_id, PARENT_TAG, parent.info.run_id)
+    _create_parent_run(client, experiment_id, study)
     return experiment_id
+
+
+def _create_parent_run(client: MlflowClient, experiment_id: str, study: str) -> str:
+    """The study's parent run, named in the experiment's tag."""
+    run = client.create_run(experiment_id, run_name=study, tags={ROLE_TAG: "study", STUDY_TAG: study, **source_tags()})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_experiment_tag(experiment_id, PARENT_TAG, run.info.run_id)
+    return run.info.run_id
 
 
 def study_parent_run(client: MlflowClient, experiment_id: str, study: str) -> str:
@@ -128,11 +134,7 @@ def study_parent_run(client: MlflowClient, experiment_id: str, study: str) -> st
         if found:
             return found[0].info.run_id
         time.sleep(0.5)
-    # The process that created the experiment died before creating the parent run.
-    run = client.create_run(experiment_id, run_name=study, tags={ROLE_TAG: "study", STUDY_TAG: study, **source_tags()})
-    client.set_terminated(run.info.run_id, "FINISHED")
-    client.set_experiment_tag(experiment_id, PARENT_TAG, run.info.run_id)
-    return run.info.run_id
+    return _create_parent_run(client, experiment_id, study)  # its creator died before creating it
 
 
 def ensure_study(config: StudyConfig) -> str:

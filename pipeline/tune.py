@@ -242,17 +242,14 @@ def tune_parent_run(config: StudyConfig, space: TuneSpace, storage: optuna.stora
         study = optuna.create_study(study_name=study_name(space), storage=storage, directions=list(space.directions))
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=study_name(space), storage=storage)
-    else:
-        parent_id = tracking.tune_parent_run(config, study_name(space), space.source)
-        study.set_user_attr(PARENT_ATTR, parent_id)
-        return parent_id
-    # Its creator sets the attribute before any trial starts: wait while the study has none.
-    deadline = time.monotonic() + PARENT_WAIT_SECONDS
-    while PARENT_ATTR not in study.user_attrs and not study.trials and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if PARENT_ATTR in study.user_attrs:
-        return study.user_attrs[PARENT_ATTR]
-    # A study from before the attribute, or its creator died: find or create the run by its tags.
+        # Its creator sets the attribute before any trial starts: wait while the study has none.
+        deadline = time.monotonic() + PARENT_WAIT_SECONDS
+        while PARENT_ATTR not in study.user_attrs and not study.trials and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if PARENT_ATTR in study.user_attrs:
+            return study.user_attrs[PARENT_ATTR]
+    # This worker created the study; or the study predates the attribute, or its creator died: find or
+    # create the run by its tags.
     parent_id = tracking.tune_parent_run(config, study_name(space), space.source)
     study.set_user_attr(PARENT_ATTR, parent_id)
     return parent_id
