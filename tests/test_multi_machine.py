@@ -109,7 +109,7 @@ def test_a_study_sharded_over_two_clones_is_restored_whole_by_a_third(tmp_path, 
 
 def tuning_space(clone: Path) -> Path:
     space = yaml.safe_load((REPO / "studies/tune/tiny.yaml").read_text())
-    space.update(n_trials=4, pruner={"name": "none"}, heartbeat={"interval": 1, "grace": 3}, fixed={"epochs": 10})
+    space.update(n_trials=6, pruner={"name": "none"}, heartbeat={"interval": 1, "grace": 3}, fixed={"epochs": 10})
     path = clone / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     return path
@@ -138,7 +138,7 @@ def test_two_tuning_workers_on_two_clones_share_postgres_and_survive_a_killed_on
         except KeyError:  # not created yet
             trials = []
         others_done = any(t.state.is_finished() and not t.user_attrs.get("worker", "").endswith(victim) for t in trials)
-        mid_trial = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and 2 <= len(t.intermediate_values) <= 7
+        mid_trial = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and 1 <= len(t.intermediate_values) <= 8
                      and t.user_attrs.get("worker", "").endswith(victim)]
         if others_done and mid_trial:
             killed = mid_trial[0].number
@@ -157,9 +157,9 @@ def test_two_tuning_workers_on_two_clones_share_postgres_and_survive_a_killed_on
     assert retried[0].params == trials[killed].params
     assert "RUNNING" not in states and "WAITING" not in states
     # n_trials counted trials; the retry of the killed one and one concurrent start may add one each
-    assert 4 <= states.count("COMPLETE") <= 4 + 1 + 1
+    assert 6 <= states.count("COMPLETE") <= 6 + 1 + 1, states
     per_worker = [t.user_attrs["worker"] for t in trials.values()]
-    assert len(set(per_worker)) == 2  # both machines ran trials
+    assert len(set(per_worker)) == 2, per_worker  # both machines ran trials
 
     client = MlflowClient(server)
     experiment = client.get_experiment_by_name("vaebench-tiny")
