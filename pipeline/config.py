@@ -93,6 +93,11 @@ class SampleQualityConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    log_system_metrics: bool = False  # MLflow's CPU, memory (and GPU) sampling on each training run
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     seed: int
     digits: int  # test digits shown in the reconstruction figure
@@ -116,6 +121,7 @@ class StudyConfig:
     sample_quality: SampleQualityConfig
     report: ReportConfig
     tune: dict[str, str]  # enabled tuning studies: name -> search-space file (DVC stages tune@name)
+    tracking: TrackingConfig = TrackingConfig()
     # `cells` holds the `cells:` block, then the `finetuned:` block (cells with init_from).
 
     def cell(self, name: str) -> CellConfig:
@@ -171,7 +177,9 @@ def parse_study_text(text: str, source: str) -> StudyConfig:
 
 def parse_study(raw: dict, source: str = "params") -> StudyConfig:
     _only_keys(
-        raw, ("study", "data", "train", "cells", "finetuned", "evaluate", "classifier", "sample_quality", "report", "tune"), source
+        raw,
+        ("study", "data", "train", "cells", "finetuned", "evaluate", "classifier", "sample_quality", "report", "tune", "tracking"),
+        source,
     )
     study = check_name(_required(raw, "study", source), f"{source}: study")
     data = _parse_data(_section(raw, "data", source))
@@ -201,6 +209,7 @@ def parse_study(raw: dict, source: str = "params") -> StudyConfig:
         sample_quality=_parse_sample_quality(_section(raw, "sample_quality", source)),
         report=_parse_report(_section(raw, "report", source)),
         tune=_parse_tune(raw.get("tune") or {}, source),
+        tracking=_parse_tracking(raw.get("tracking") or {}),
     )
 
 
@@ -408,6 +417,13 @@ def _parse_report(raw: dict) -> ReportConfig:
         dpi=integer(raw.get("dpi", 300), f"{where}.dpi", low=50),
         collapse_share=_collapse_share(raw.get("collapse_share", 0.2), f"{where}.collapse_share"),
     )
+
+
+def _parse_tracking(raw: object) -> TrackingConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"tracking must be a mapping, got {type(raw).__name__}")
+    _only_keys(raw, [f.name for f in dataclasses.fields(TrackingConfig)], "tracking")
+    return TrackingConfig(log_system_metrics=boolean(raw.get("log_system_metrics", False), "tracking.log_system_metrics"))
 
 
 def _collapse_share(value: object, what: str) -> float:

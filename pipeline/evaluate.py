@@ -30,9 +30,11 @@ from pipeline.models.losses import kl_per_dim, reconstruction_nats, squared_erro
 from pipeline.errors import VaebenchError
 from pipeline.outputs import (
     PREPARED_FILE,
+    PREPARED_SUMMARY,
     evaluate_dir,
     evaluate_stage,
     non_finite,
+    read_json,
     staged_dir,
     train_dir,
     train_stage,
@@ -159,8 +161,12 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
             images_dir = out / "images"
             images_dir.mkdir()
             save_figures(model, test_images, settings.n_images, settings.seed, images_dir)
-        tracking.log_test_metrics(metrics)
-        tracking.log_test_metrics({f"sample_class_share_{d}": share for d, share in enumerate(class_shares["samples"])})
+        tracking.log_settings({f"evaluate.{key}": value for key, value in vars(settings).items()}
+                              | {f"sample_quality.{key}": value for key, value in vars(config.sample_quality).items()})
+        test_set = tracking.prepared_dataset(read_json(PREPARED_SUMMARY), PREPARED_FILE)
+        tracking.log_dataset(test_set, context="testing")
+        tracking.log_test_metrics(metrics, test_set)
+        tracking.log_test_metrics({f"sample_class_share_{d}": share for d, share in enumerate(class_shares["samples"])}, test_set)
         tracking.log_artifacts(evaluate_dir(config.study, cell.name) / "images", artifact_path="images")
     reconstruction = f"recon {metrics['recon']:.2f} nats/image (MSE {metrics['recon_mse']:.4f}), " if "recon" in metrics else ""
     bound = f"elbo {metrics['elbo']:.2f} nats/image, " if "elbo" in metrics else ""

@@ -20,9 +20,19 @@ if TYPE_CHECKING:
 RESULTS = Path("results")
 PREPARED_DIR = RESULTS / "prepare"
 PREPARED_FILE = PREPARED_DIR / "mnist.npz"
+PREPARED_SUMMARY = PREPARED_DIR / "summary.json"  # split sizes and seed, the raw files' SHA-256
 CLASSIFIER_DIR = RESULTS / "classifier"
 # Resume checkpoints live outside the stage outputs, because DVC deletes a stage's outputs before running it.
 RESUME_DIR = Path(".vaebench") / "resume"
+REPOSITORY_ROOT_ENV = "DVC_ROOT"
+
+
+def repository_root() -> Path:
+    """The repository the study belongs to, where its local stores (mlflow.db, optuna.db) live. DVC gives
+    every stage command DVC_ROOT; for `dvc exp run --temp` or `--queue` it names the repository the
+    experiment was started from, not the temporary workspace the stage runs in, whose files are thrown away.
+    Outside DVC, the working directory."""
+    return Path(os.environ.get(REPOSITORY_ROOT_ENV) or ".").resolve()
 
 
 def train_dir(study: str, cell: str) -> Path:

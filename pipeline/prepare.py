@@ -13,12 +13,12 @@ import numpy as np
 
 from pipeline import data
 from pipeline.config import DATA_ROOT_ENV, StudyConfig
-from pipeline.outputs import PREPARED_DIR, PREPARED_FILE, sha256_of, staged_dir, write_json
+from pipeline.outputs import PREPARED_DIR, PREPARED_FILE, PREPARED_SUMMARY, repository_root, sha256_of, staged_dir, write_json
 
 log = logging.getLogger(__name__)
 
 
-def ensure_raw_files(root: str, download: bool) -> None:
+def ensure_raw_files(root: Path, download: bool) -> None:
     """Download the missing files when asked to, or fail naming what is expected where. The data folder
     receives only whole files that downloaded and match their published checksums."""
     missing = data.missing_files(root)
@@ -70,10 +70,11 @@ def download_file(name: str, folder: Path) -> None:
 
 def prepare(config: StudyConfig) -> dict:
     settings = config.data
-    ensure_raw_files(settings.root, settings.download)
-    data.verify_checksums(settings.root)
+    root = repository_root() / settings.root  # a relative data.root is relative to the repository, as documented
+    ensure_raw_files(root, settings.download)
+    data.verify_checksums(root)
     arrays = data.split(
-        data.load_raw(settings.root),
+        data.load_raw(root),
         settings.train_size,
         settings.val_size,
         settings.test_size,
@@ -86,6 +87,6 @@ def prepare(config: StudyConfig) -> dict:
             "split_seed": settings.split_seed,
             "sha256": data.MNIST_SHA256,
         }
-        write_json(scratch / "summary.json", summary)
+        write_json(scratch / PREPARED_SUMMARY.name, summary)
     log.info("prepared %s", summary["images"])
     return summary

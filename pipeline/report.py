@@ -22,6 +22,7 @@ from pipeline.outputs import PREPARED_FILE, evaluate_dir, evaluate_stage, read_j
 from pipeline.reporting import figures
 from pipeline.reporting.findings import study_findings
 from pipeline.reporting.results import (
+    best_cells,
     cell_table,
     markdown_class_share_table,
     markdown_family_table,
@@ -332,8 +333,9 @@ def build_report(config: StudyConfig) -> Path:
         (folder / "report.html").write_text(to_html(blocks, folder))
         for name in evaluated["cell"]:
             cell_figures(config, name, folder / "cells" / name, test)
-    run_folders = {read_json(train_dir(config.study, name) / RUN_FILE)["run_id"]: final / "cells" / name for name in evaluated["cell"]}
-    tracking.log_report(config, final, run_folders)
+    run_ids = {name: read_json(train_dir(config.study, name) / RUN_FILE)["run_id"] for name in evaluated["cell"]}
+    tracking.log_report(config, final, {run_ids[name]: final / "cells" / name for name in evaluated["cell"]})
+    tracking.log_study_results(config, best_cells(evaluated), run_ids, len(evaluated))
     log.info("report: %s", final / "report.html")
     return final
 

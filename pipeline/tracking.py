@@ -18,26 +18,34 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import CellConfig, StudyConfig, cell_as_dict
 from pipeline.errors import ArtifactError, Terminated, TrackingError
-from pipeline.outputs import load_torch_file, read_json, restore_weights, write_json
+from pipeline.outputs import load_torch_file, read_json, repository_root, restore_weights, write_json
 
 log = logging.getLogger(__name__)
 
 # The study runs offline: MLflow's usage telemetry would only try, and fail, to reach the network.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-DEFAULT_STORE = Path("mlflow.db")
 HEALTH_TIMEOUT_SECONDS = 5
-ARTIFACT_ROOT = Path("mlartifacts")
 ROLE_TAG = "vaebench.role"
 STUDY_TAG = "vaebench.study"
 CELL_TAG = "vaebench.cell"
+GROUP_TAG = "vaebench.group"  # the cell's group of seeds: the UI's group-by on it averages the seeds
 PARENT_TAG = "vaebench.parent_run"  # experiment tag: the study's parent run
 PARENT_WAIT_SECONDS = 30
 
 
+def local_store() -> Path:
+    return repository_root() / "mlflow.db"
+
+
+def artifact_root() -> Path:
+    """Where a local store keeps its artifacts."""
+    return repository_root() / "mlartifacts"
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI when set (a tracking server), else the SQLite store in the repository."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE.resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{local_store()}"
 
 
 def check_store() -> None:
@@ -62,23 +70,23 @@ def check_store() -> None:
                 f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer ({reason}); start it, "
                 "or unset MLFLOW_TRACKING_URI to log to the local mlflow.db"
             ) from None
-    elif not os.environ.get("MLFLOW_TRACKING_URI") and DEFAULT_STORE.is_file():
+    elif not os.environ.get("MLFLOW_TRACKING_URI") and local_store().is_file():
         try:
             relocate_local_store()
         except sqlite3.Error as error:
-            raise TrackingError(f"{DEFAULT_STORE} is not a readable MLflow store ({error}); move it aside to start a new one") from None
+            raise TrackingError(f"{local_store()} is not a readable MLflow store ({error}); move it aside to start a new one") from None
 
 
 def relocate_local_store() -> None:
     """MLflow records absolute artifact locations, so the mlflow.db of a copied (or moved) checkout names
     the original's mlartifacts/ folder, and logging would write there. Point the study experiments, their
     runs and models at this checkout's mlartifacts/ (a copy of the checkout holds the same files)."""
-    here = ARTIFACT_ROOT.resolve().as_uri()
-    with sqlite3.connect(DEFAULT_STORE) as db:
+    here = artifact_root().as_uri()
+    with sqlite3.connect(local_store()) as db:
         locations = [row[0] for row in db.execute("SELECT artifact_location FROM experiments WHERE name LIKE 'vaebench-%'")]
         elsewhere = {location.rsplit("/", 1)[0] for location in locations if location.rsplit("/", 1)[0] != here}
         for root in elsewhere:
-            if not root.endswith(f"/{ARTIFACT_ROOT.name}"):
+            if not root.endswith(f"/{artifact_root().name}"):
                 continue  # not a location this pipeline chose
             for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location")):
                 db.execute(
@@ -99,7 +107,7 @@ def study_experiment(client: MlflowClient, study: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     # A local store keeps artifacts beside it; a server decides its own artifact location.
-    location = (ARTIFACT_ROOT / name).resolve().as_uri() if tracking_uri().startswith("sqlite:") else None
+    location = (artifact_root() / name).as_uri() if tracking_uri().startswith("sqlite:") else None
     try:
         experiment_id = client.create_experiment(name, artifact_location=location)
     except MlflowException as error:
@@ -154,8 +162,9 @@ def source_tags() -> dict[str, str]:
 
 
 @contextmanager
-def cell_run(config: StudyConfig, cell: CellConfig, stage: str, run_id: str | None = None):
+def cell_run(config: StudyConfig, cell: CellConfig, stage: str, run_id: str | None = None, system_metrics: bool = False):
     """An active MLflow run for one cell: `run_id` continues an earlier run, else a new child run starts.
+    `system_metrics` samples CPU, memory (and GPU) use while the block runs.
 
     The run ends FINISHED when the block completes, KILLED when interrupted (Ctrl-C, SIGTERM) and FAILED
     when it raises, never RUNNING. Runs of the same cell left RUNNING by a killed process end KILLED.
@@ -165,18 +174,21 @@ def cell_run(config: StudyConfig, cell: CellConfig, stage: str, run_id: str | No
     experiment_id = study_experiment(client, config.study)
     parent_id = study_parent_run(client, experiment_id, config.study)
     end_orphaned_runs(client, experiment_id, cell.name, keep=run_id)
+    from pipeline.reporting.results import seed_groups
+
     tags = {
         "mlflow.parentRunId": parent_id,
         ROLE_TAG: "cell",
         STUDY_TAG: config.study,
         CELL_TAG: cell.name,
+        GROUP_TAG: seed_groups(config)[cell.name],
         "vaebench.dvc_stage": stage,
         **source_tags(),
     }
     if run_id is None:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=cell.name, tags=tags)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=cell.name, tags=tags, log_system_metrics=system_metrics)
     else:
-        run = mlflow.start_run(run_id=run_id)
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
         mlflow.set_tags(tags)
     with ending(run):
         yield run
@@ -226,7 +238,7 @@ def recorded_run(run_file: Path, stage: str) -> str:
         run_id = read_json(run_file)["run_id"]
     except (ValueError, KeyError, TypeError):
         raise ArtifactError(f"{run_file} is not a run record; retrain the cell: dvc repro -f {stage}") from None
-    local_store_gone = not os.environ.get("MLFLOW_TRACKING_URI") and not DEFAULT_STORE.is_file()
+    local_store_gone = not os.environ.get("MLFLOW_TRACKING_URI") and not local_store().is_file()
     if local_store_gone or not run_exists(run_id):
         raise TrackingError(
             f"the MLflow run {run_id} recorded in {run_file} is not in the tracking store {tracking_uri()} "
@@ -242,21 +254,62 @@ def _run_exists(client: MlflowClient, run_id: str) -> bool:
         return False
 
 
-def log_cell_params(config: StudyConfig, cell: CellConfig) -> None:
+def log_cell_params(config: StudyConfig, cell: CellConfig, prepared: dict) -> None:
+    """The cell's settings and the prepared data's split (from the prepare stage's summary)."""
     params = {f"cell.{key}": value for key, value in cell_as_dict(cell).items()}
-    params |= {f"data.{key}": value for key, value in vars(config.data).items()}
-    params |= {f"evaluate.{key}": value for key, value in vars(config.evaluate).items()}
-    params |= {f"sample_quality.{key}": value for key, value in vars(config.sample_quality).items()}
+    params |= {f"data.{split}_size": count for split, count in prepared["images"].items()}
+    params["data.split_seed"] = prepared["split_seed"]
     params["study"] = config.study
     mlflow.log_params(params)
+
+
+def log_settings(settings: dict[str, object]) -> None:
+    """Params of the active run. MLflow params cannot change: a value that differs from the one logged
+    before (the cell evaluated again with other settings) goes to a tag `current.<param>` instead."""
+    logged = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({key: value for key, value in settings.items() if key not in logged})
+    changed = {f"current.{key}": str(value) for key, value in settings.items() if key in logged and logged[key] != str(value)}
+    if changed:
+        mlflow.set_tags(changed)
+
+
+def prepared_dataset(prepared: dict, source: Path):
+    """The prepared MNIST splits as an MLflow dataset: named by their sizes, with a digest of the raw files'
+    checksums, the split sizes and seed (the same digest means the same images in the same splits)."""
+    import hashlib
+    import json
+
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    sizes = prepared["images"]
+    digest = hashlib.sha256(json.dumps(prepared, sort_keys=True).encode()).hexdigest()[:16]
+    name = f"mnist-{sizes['train']}-{sizes['val']}-{sizes['test']}"
+    return MetaDataset(LocalArtifactDatasetSource(str(source.resolve())), name=name, digest=digest)
+
+
+def log_dataset(dataset, context: str) -> None:
+    mlflow.log_input(dataset, context=context)
 
 
 def log_epoch(row: dict) -> None:
     mlflow.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=row["epoch"])
 
 
-def log_test_metrics(metrics: dict) -> None:
-    mlflow.log_metrics({f"test_{key}": value for key, value in metrics.items()})
+def log_test_metrics(metrics: dict, dataset=None) -> None:
+    """On the active run, and linked to the run's logged decoder model (MLflow's logged-model metrics)."""
+    model_id = logged_model_id(mlflow.active_run().info.run_id, "decoder")
+    mlflow.log_metrics({f"test_{key}": value for key, value in metrics.items()}, model_id=model_id, dataset=dataset)
+
+
+def logged_model_id(run_id: str, name: str) -> str | None:
+    """The latest model named `name` that the run logged (a cell trained again logs it again)."""
+    run = MlflowClient().get_run(run_id)
+    found = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+        order_by=[{"field_name": "creation_time", "ascending": False}], max_results=1, output_format="list",
+    )
+    return found[0].model_id if found else None
 
 
 MODEL_ARTIFACT = "model"
@@ -274,6 +327,28 @@ def log_model(model, cell: CellConfig) -> None:
         torch.save({key: value.cpu() for key, value in model.state_dict().items()}, folder / WEIGHTS_FILE)
         write_json(folder / CELL_FILE, cell_as_dict(cell))
         mlflow.log_artifacts(str(folder), artifact_path=MODEL_ARTIFACT)
+
+
+def log_networks(model, cell: CellConfig) -> None:
+    """The decoder (z to images) and, where the family has one, the encoder (images to codes) as MLflow
+    PyTorch models: exported with torch.export (MLflow's pt2 format, no pickle), with a signature and an
+    input example, needing torch alone (`mlflow.pytorch.load_model(uri)` works without this package)."""
+    from importlib.metadata import version
+
+    import torch
+    from mlflow.models import infer_signature
+
+    from pipeline.models.serving import serving_networks
+
+    requirements = [f"torch=={version('torch')}"]
+    for name, (network, example) in serving_networks(model).items():
+        with torch.no_grad():
+            output = network(example)
+        mlflow.pytorch.log_model(
+            network, name=name, serialization_format="pt2", input_example=example.numpy(),
+            signature=infer_signature(example.numpy(), output.numpy()), pip_requirements=requirements,
+            tags={CELL_TAG: cell.name},
+        )
 
 
 def load_logged_model(run_id: str, device: str = "cpu"):
@@ -310,6 +385,44 @@ def log_report(config: StudyConfig, folder: Path, cell_folders: dict[str, Path])
         else:
             log.warning("report: the MLflow run %s of %s is not in the tracking store; its figures are only in %s",
                         run_id, cell_folder.name, cell_folder)
+
+
+def registered_model_name(study: str) -> str:
+    return f"vaebench-{study}-decoder"
+
+
+def log_study_results(config: StudyConfig, best: list[tuple[str, str, str, float]], run_ids: dict[str, str], evaluated: int) -> None:
+    """The study's numbers on its parent run (how many cells are evaluated, each headline metric's best value
+    and, as a tag, its cell), with its end time set now so that the UI's duration spans the study. The best
+    cell's decoder on each headline metric is registered under vaebench-<study>-decoder with the alias
+    best-<metric>, which moves when another cell becomes the best. `best`: (metric, alias, cell, value) rows."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    parent_id = study_parent_run(client, study_experiment(client, config.study), config.study)
+    now = int(time.time() * 1000)
+    metrics = {"cells_evaluated": float(evaluated)} | {f"best_{metric}": value for metric, _, _, value in best}
+    client.log_batch(
+        parent_id,
+        metrics=[mlflow.entities.Metric(key, value, now, 0) for key, value in metrics.items()],
+        tags=[mlflow.entities.RunTag(f"vaebench.best_{metric}", cell) for metric, _, cell, _ in best],
+    )
+    for _, alias, cell, _ in best:
+        register_best(client, registered_model_name(config.study), alias, run_ids[cell], cell)
+    client.set_terminated(parent_id, "FINISHED", end_time=now)
+
+
+def register_best(client: MlflowClient, name: str, alias: str, run_id: str, cell: str) -> None:
+    """Point `alias` at the cell's logged decoder, registering it as a new version the first time."""
+    model_id = logged_model_id(run_id, "decoder")
+    if model_id is None:
+        log.warning("report: the run %s of %s logged no decoder model; the alias %s of %s is left as it is", run_id, cell, alias, name)
+        return
+    source = f"models:/{model_id}"
+    version = next((v for v in client.search_model_versions(f"name = '{name}'") if v.source == source), None)
+    if version is None:
+        version = mlflow.register_model(source, name, tags={CELL_TAG: cell})
+    client.set_registered_model_alias(name, alias, version.version)
+    log.info("report: %s@%s is version %s (%s)", name, alias, version.version, cell)
 
 
 def tune_parent_run(config: StudyConfig, tune_name: str, space: dict) -> str:

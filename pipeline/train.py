@@ -17,7 +17,9 @@ from pipeline.models import Autoencoder, build_model
 from pipeline.errors import ArtifactError
 from pipeline.outputs import (
     PREPARED_FILE,
+    PREPARED_SUMMARY,
     load_torch_file,
+    read_json,
     restore_weights,
     resume_file,
     sha256_of,
@@ -61,9 +63,12 @@ def train_cell(
         log.warning("%s: the MLflow run %s of the resumed epochs is not in the tracking store; logging them again "
                     "to a new run", cell.name, run_id)
         run_id = None
-    with tracking.cell_run(config, cell, stage=train_stage(cell), run_id=run_id) as run:
+    prepared = read_json(PREPARED_SUMMARY)
+    system_metrics = config.tracking.log_system_metrics
+    with tracking.cell_run(config, cell, stage=train_stage(cell), run_id=run_id, system_metrics=system_metrics) as run:
         if run_id is None:
-            tracking.log_cell_params(config, cell)
+            tracking.log_cell_params(config, cell, prepared)
+            tracking.log_dataset(tracking.prepared_dataset(prepared, PREPARED_FILE), context="training")
             for row in training.history:
                 tracking.log_epoch(row)
         for row in engine.epochs(training, train_images, val_images, probe):
@@ -81,6 +86,7 @@ def train_cell(
             write_json(out / "config.json", {"study": config.study, "cell": cell_as_dict(cell)})
             write_json(out / RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
         tracking.log_model(training.model, cell)
+        tracking.log_networks(training.model, cell)
     checkpoint.unlink(missing_ok=True)
     return training.history
 

@@ -32,12 +32,11 @@ from pipeline import engine, tracking
 from pipeline.config import PARAMS_FILE, StudyConfig, cell_as_dict, load_study
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.errors import TrackingError, VaebenchError
-from pipeline.outputs import PREPARED_FILE, staged_dir, write_json
+from pipeline.outputs import PREPARED_FILE, repository_root, staged_dir, write_json
 from pipeline.tuning.search_space import TuneSpace, check_space_fits, load_space, make_pruner, make_sampler, with_values
 
 log = logging.getLogger(__name__)
 STORAGE_ENV = "VAEBENCH_OPTUNA_STORAGE"
-DEFAULT_STORAGE = Path("optuna.db")
 REPORT_DIR = Path("reports") / "tune"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials n_trials asks for; a FAIL is replaced
 RUN_ID_ATTR = "mlflow_run_id"
@@ -47,7 +46,7 @@ PARENT_WAIT_SECONDS = 30
 
 
 def storage_url(override: str | None = None) -> str:
-    return override or os.environ.get(STORAGE_ENV) or f"sqlite:///{DEFAULT_STORAGE.resolve()}"
+    return override or os.environ.get(STORAGE_ENV) or f"sqlite:///{repository_root() / 'optuna.db'}"
 
 
 def open_storage(url: str, space: TuneSpace) -> optuna.storages.RDBStorage:

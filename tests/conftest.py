@@ -27,7 +27,7 @@ def copy_repo(root: Path, params: Path) -> Path:
     return root
 
 
-STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "VAEBENCH_OPTUNA_STORAGE", "VAEBENCH_DATA_ROOT")
+STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "VAEBENCH_OPTUNA_STORAGE", "VAEBENCH_DATA_ROOT", "DVC_ROOT")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,16 +1,19 @@
 """`dvc repro` of the tiny study in a temporary copy of the repository, checked through DVC and MLflow."""
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
+from browser import browser_page, mlflow_ui, screenshot_when_rendered
 from conftest import SHARED_DATA, TINY_STUDY, copy_repo
 
 VAE_CELLS = ["linear-z2-b1-s0", "conv-z2-b1-s0"]
@@ -179,3 +182,144 @@ def test_editing_cells_reruns_only_those_cells_and_the_cells_fine_tuned_from_the
     assert "up to date" in run(repo, "dvc", "status")
     assert sorted(source_artifacts.rglob("*")) == before
     assert len(list((repo / "mlartifacts").rglob("model/state_dict.pt"))) > len(list(source_artifacts.rglob("model/state_dict.pt")))
+
+
+def test_dvc_plots_show_draws_the_curves_from_every_cell_history(repo, reproduced, tmp_path):
+    run(repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots" / "index.html").read_text()
+    for cell in CELLS:  # each cell's validation loss per epoch, read from its history.json
+        history = json.loads((repo / f"results/tiny/train/{cell}/history.json").read_text())
+        assert f"validation loss per epoch of {cell}" in page
+        assert f'"val_loss": {json.dumps(history[0]["val_loss"])}' in page
+    # the report's loss curves as an image, which the page shows without the network
+    assert (tmp_path / "plots" / "static" / "workspace_reports_tiny_loss_curves.png").stat().st_size > 0
+
+
+def test_metrics_and_curves_are_committed_with_git_not_cached(repo, reproduced):
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "-v", "--stdin"], cwd=repo, text=True, capture_output=True,
+                             input="\n".join([*(f"results/tiny/evaluate/{c}/metrics.json" for c in CELLS),
+                                              *(f"results/tiny/train/{c}/history.json" for c in CELLS),
+                                              "results/classifier/metrics.json"]))
+    patterns = [line.split("\t")[0].split(":")[-1] for line in ignored.stdout.splitlines()]
+    assert len(patterns) == 2 * len(CELLS) + 1 and all(pattern.startswith("!") for pattern in patterns), ignored.stdout
+    assert "results/tiny/train/linear-z2-b1-s0/model.pt" in run(repo, "git", "check-ignore", "results/tiny/train/linear-z2-b1-s0/model.pt")
+
+
+def test_dvc_exp_run_in_a_temporary_workspace_reruns_one_cell_and_logs_to_the_repository_store(repo, reproduced, tmp_path):
+    repo = Path(shutil.copytree(repo, tmp_path / "copy", symlinks=True))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    run(repo, *git, "add", "-A")
+    run(repo, *git, "commit", "-q", "-m", "the tiny study")
+    runs_before = {r.info.run_id for r in study_runs(repo)}
+
+    output = run(repo, "dvc", "exp", "run", "--temp", "-n", "ae-z3", "-S", "cells.ae-linear-z2-s0.latent_dim=3")
+    ran = sorted(line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage"))
+    assert ran == ["evaluate@ae-linear-z2-s0", "report", "train@ae-linear-z2-s0"]
+    new = [r for r in study_runs(repo) if r.info.run_id not in runs_before]
+    assert [(r.info.run_name, r.data.params["cell.latent_dim"], r.info.status) for r in new] == [("ae-linear-z2-s0", "3", "FINISHED")]
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))  # nothing logged into the throw-away workspace
+
+    diff = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD", "ae-z3", "--json"))
+    changed = {path for path, metrics in diff.items() if metrics}
+    assert "results/tiny/evaluate/ae-linear-z2-s0/metrics.json" in changed
+    assert "results/tiny/evaluate/linear-z2-b1-s0/metrics.json" not in changed
+    shown = json.loads(run(repo, "dvc", "exp", "show", "--json"))
+    experiments = [exp for baseline in shown for exp in baseline.get("experiments") or []]
+    assert any(exp.get("name") == "ae-z3" for exp in experiments)
+
+
+def test_logged_decoder_loads_and_decodes_in_a_process_without_the_package(repo, reproduced, tmp_path):
+    import torch
+
+    from pipeline.models import build_model
+    from pipeline.config import parse_cell
+
+    cell = "linear-z2-b1-s0"
+    run_id = json.loads((repo / f"results/tiny/train/{cell}/mlflow_run.json").read_text())["run_id"]
+    client = mlflow_client(repo)
+    experiment = client.get_experiment_by_name("vaebench-tiny").experiment_id
+    models = {m.name: m for m in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")}
+    assert set(models) == {"decoder", "encoder"}
+    assert {"test_elbo", "test_fid_mnist_cnn"} <= {m.key for m in models["decoder"].metrics}  # metrics linked to the model
+    z = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+    torch.save(z, tmp_path / "z.pt")
+    script = f"""
+import importlib.abc, sys
+class NoPipeline(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "pipeline":
+            raise ImportError("this process must not import " + name)
+sys.meta_path.insert(0, NoPipeline())
+import mlflow, torch
+mlflow.set_tracking_uri({f"sqlite:///{repo / 'mlflow.db'}"!r})
+decoder = mlflow.pytorch.load_model("models:/{models['decoder'].model_id}")
+torch.save(decoder(torch.load({str(tmp_path / 'z.pt')!r})), {str(tmp_path / 'images.pt')!r})
+print(mlflow.models.get_model_info("models:/{models['decoder'].model_id}").signature.inputs.to_dict())
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "(-1, 2)" in result.stdout  # the signature: a batch of 2-D codes
+    images = torch.load(tmp_path / "images.pt", weights_only=True)
+    saved = torch.load(repo / f"results/tiny/train/{cell}/model.pt", weights_only=True)
+    model = build_model(parse_cell(cell, {k: v for k, v in saved["cell"].items() if k != "name"}, {}))
+    model.load_state_dict(saved["state_dict"])
+    assert images.shape == (5, 1, 28, 28)
+    assert torch.allclose(images, torch.sigmoid(model.eval().decode(z)), atol=1e-6)
+
+
+def test_registry_aliases_name_the_best_cells_and_the_parent_run_holds_the_study_numbers(repo, reproduced):
+    client = mlflow_client(repo)
+    metrics = {cell: json.loads((repo / f"results/tiny/evaluate/{cell}/metrics.json").read_text()) for cell in CELLS}
+    scored = lambda key: {cell: m[key] for cell, m in metrics.items() if key in m}  # noqa: E731
+    expected = {"best-elbo": max(scored("elbo").items(), key=lambda kv: kv[1]),
+                "best-nll": min(scored("iw_nll").items(), key=lambda kv: kv[1]),
+                "best-fid": min(scored("fid_mnist_cnn").items(), key=lambda kv: kv[1])}
+    for alias, (cell, _) in expected.items():
+        version = client.get_model_version_by_alias("vaebench-tiny-decoder", alias)
+        assert version.tags["vaebench.cell"] == cell, alias
+        run_id = json.loads((repo / f"results/tiny/train/{cell}/mlflow_run.json").read_text())["run_id"]
+        assert version.run_id == run_id
+    parent = next(r for r in study_runs(repo) if r.data.tags.get("vaebench.role") == "study")
+    assert parent.data.metrics["cells_evaluated"] == len(CELLS)
+    assert parent.data.metrics["best_elbo"] == pytest.approx(expected["best-elbo"][1])
+    assert parent.data.tags["vaebench.best_fid_mnist_cnn"] == expected["best-fid"][0]
+    assert parent.info.end_time - parent.info.start_time > 1000  # spans the study, not the moment it was created
+    assert any(a.path == "report/report.md" for a in client.list_artifacts(parent.info.run_id, "report"))
+
+
+def test_cell_runs_carry_their_group_and_the_prepared_data_set(repo, reproduced):
+    prepared = json.loads((repo / "results/prepare/summary.json").read_text())
+    for child in (r for r in study_runs(repo) if r.data.tags.get("vaebench.role") == "cell"):
+        assert child.data.tags["vaebench.group"] == child.info.run_name.removesuffix("-s0")
+        (data_input,) = child.inputs.dataset_inputs
+        assert data_input.dataset.name == "mnist-500-100-200"
+        assert data_input.dataset.digest == hashlib.sha256(json.dumps(prepared, sort_keys=True).encode()).hexdigest()[:16]
+        assert child.data.params["data.train_size"] == "500" and child.data.params["evaluate.n_images"] == "16"
+
+
+def test_mlflow_ui_shows_the_study_and_the_registry(repo, reproduced, tmp_path):
+    """The real MLflow UI over the study's store, in headless Chromium: the study's run with every cell's run
+    under it, and the registry page with the best-elbo alias on its version."""
+    from playwright.sync_api import expect
+
+    model_name, alias = "vaebench-tiny-decoder", "best-elbo"
+    client = mlflow_client(repo)
+    experiment_id = client.get_experiment_by_name("vaebench-tiny").experiment_id
+    version = client.get_model_version_by_alias(model_name, alias).version
+    with mlflow_ui(repo) as url, browser_page() as page:
+        page.goto(f"{url}/#/experiments/{experiment_id}/runs")
+        # The runs table (ag-grid) gives each run a role=row element; the study's row is the one holding the
+        # link named exactly "tiny". Its only button is the nesting expander (an icon button with no label:
+        # hide and pin are checkbox inputs in labels, not buttons).
+        parent_row = page.get_by_role("row").filter(has=page.get_by_role("link", name="tiny", exact=True))
+        expect(parent_row).to_have_count(1, timeout=30_000)
+        # The cells hang under the study's run: collapsed, none of them is a row of its own yet.
+        expect(page.get_by_role("link", name=CELLS[0], exact=True)).to_have_count(0)
+        parent_row.get_by_role("button").click()
+        screenshot_when_rendered(page, ["tiny", *CELLS], tmp_path / "mlflow_experiment.png")
+
+        page.goto(f"{url}/#/models/{urllib.parse.quote(model_name)}")
+        # The versions table: the row of the aliased version shows the alias as a tag "@ best-elbo".
+        version_row = page.get_by_role("row").filter(has=page.get_by_role("link", name=f"Version {version}", exact=True))
+        expect(version_row).to_contain_text(f"@ {alias}", timeout=30_000)
+        screenshot_when_rendered(page, [model_name, f"Version {version}"], tmp_path / "mlflow_registry.png")

@@ -57,6 +57,21 @@ def seed_groups(config: StudyConfig) -> dict[str, str]:
     return groups
 
 
+# The study's headline metrics: the best cell on each gets a registry alias (tracking.log_study_results).
+HEADLINE_METRICS = [("elbo", "max", "best-elbo"), ("iw_nll", "min", "best-nll"), ("fid_mnist_cnn", "min", "best-fid")]
+
+
+def best_cells(evaluated: pd.DataFrame) -> list[tuple[str, str, str, float]]:
+    """(metric, alias, cell, value) of the best evaluated cell on each headline metric that some cell has."""
+    best = []
+    for metric, direction, alias in HEADLINE_METRICS:
+        scored = evaluated.dropna(subset=[metric])
+        if not scored.empty:
+            row = scored.loc[scored[metric].idxmax() if direction == "max" else scored[metric].idxmin()]
+            best.append((metric, alias, row["cell"], float(row[metric])))
+    return best
+
+
 def cell_table(config: StudyConfig) -> pd.DataFrame:
     """One row per cell with its test metrics; `status` is 'ok', or says what is missing. `beta` is the
     VAE's β (NaN for other families); `variant` labels the family's own settings."""
