@@ -43,6 +43,11 @@ def evaluate_dir(study: str, cell: str) -> Path:
     return RESULTS / study / "evaluate" / cell
 
 
+def study_metrics_file(study: str) -> Path:
+    """Every evaluated cell's test metrics, by cell: the report stage's DVC metrics file, committed to Git."""
+    return RESULTS / study / "metrics.json"
+
+
 def train_stage(cell: CellConfig) -> str:
     """The DVC stage that trains the cell (dvc.yaml): fine-tuned cells have their own."""
     return f"{'finetune' if cell.init_from else 'train'}@{cell.name}"

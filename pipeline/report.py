@@ -18,7 +18,16 @@ from pipeline.config import ConfigError, StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.errors import ArtifactError, VaebenchError
 from pipeline.models.dae import gaussian_noise, mask_pixels
-from pipeline.outputs import PREPARED_FILE, evaluate_dir, evaluate_stage, read_json, staged_dir, train_dir
+from pipeline.outputs import (
+    PREPARED_FILE,
+    evaluate_dir,
+    evaluate_stage,
+    read_json,
+    staged_dir,
+    study_metrics_file,
+    train_dir,
+    write_json,
+)
 from pipeline.reporting import figures
 from pipeline.reporting.findings import study_findings
 from pipeline.reporting.results import (
@@ -333,6 +342,8 @@ def build_report(config: StudyConfig) -> Path:
         (folder / "report.html").write_text(to_html(blocks, folder))
         for name in evaluated["cell"]:
             cell_figures(config, name, folder / "cells" / name, test)
+    write_json(study_metrics_file(config.study),
+               {name: read_json(evaluate_dir(config.study, name) / "metrics.json") for name in evaluated["cell"]})
     run_ids = {name: read_json(train_dir(config.study, name) / RUN_FILE)["run_id"] for name in evaluated["cell"]}
     tracking.log_report(config, final, {run_ids[name]: final / "cells" / name for name in evaluated["cell"]})
     tracking.log_study_results(config, best_cells(evaluated), run_ids, len(evaluated))

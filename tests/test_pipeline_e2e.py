@@ -195,14 +195,12 @@ def test_dvc_plots_show_draws_the_curves_from_every_cell_history(repo, reproduce
     assert (tmp_path / "plots" / "static" / "workspace_reports_tiny_loss_curves.png").stat().st_size > 0
 
 
-def test_metrics_and_curves_are_committed_with_git_not_cached(repo, reproduced):
-    ignored = subprocess.run(["git", "check-ignore", "--no-index", "-v", "--stdin"], cwd=repo, text=True, capture_output=True,
-                             input="\n".join([*(f"results/tiny/evaluate/{c}/metrics.json" for c in CELLS),
-                                              *(f"results/tiny/train/{c}/history.json" for c in CELLS),
-                                              "results/classifier/metrics.json"]))
-    patterns = [line.split("\t")[0].split(":")[-1] for line in ignored.stdout.splitlines()]
-    assert len(patterns) == 2 * len(CELLS) + 1 and all(pattern.startswith("!") for pattern in patterns), ignored.stdout
-    assert "results/tiny/train/linear-z2-b1-s0/model.pt" in run(repo, "git", "check-ignore", "results/tiny/train/linear-z2-b1-s0/model.pt")
+def test_the_study_metrics_are_committed_with_git_and_list_every_cell(repo, reproduced):
+    committed = json.loads((repo / "results/tiny/metrics.json").read_text())
+    assert committed == {cell: json.loads((repo / f"results/tiny/evaluate/{cell}/metrics.json").read_text()) for cell in CELLS}
+    assert run(repo, "git", "status", "--porcelain", "--untracked-files=all", "results").splitlines() == ["?? results/tiny/metrics.json"]
+    shown = json.loads(run(repo, "dvc", "metrics", "show", "--json"))
+    assert next(iter(shown.values()))["data"]["results/tiny/metrics.json"]["data"] == committed
 
 
 def test_dvc_exp_run_in_a_temporary_workspace_reruns_one_cell_and_logs_to_the_repository_store(repo, reproduced, tmp_path):
@@ -219,10 +217,10 @@ def test_dvc_exp_run_in_a_temporary_workspace_reruns_one_cell_and_logs_to_the_re
     assert [(r.info.run_name, r.data.params["cell.latent_dim"], r.info.status) for r in new] == [("ae-linear-z2-s0", "3", "FINISHED")]
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))  # nothing logged into the throw-away workspace
 
-    diff = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD", "ae-z3", "--json"))
-    changed = {path for path, metrics in diff.items() if metrics}
-    assert "results/tiny/evaluate/ae-linear-z2-s0/metrics.json" in changed
-    assert "results/tiny/evaluate/linear-z2-b1-s0/metrics.json" not in changed
+    diff = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD", "ae-z3", "--json"))["results/tiny/metrics.json"]
+    changed = {key.split(".")[0] for key in diff}
+    assert changed == {"ae-linear-z2-s0"}, diff
+    assert diff["ae-linear-z2-s0.recon"]["old"] != diff["ae-linear-z2-s0.recon"]["new"]
     shown = json.loads(run(repo, "dvc", "exp", "show", "--json"))
     experiments = [exp for baseline in shown for exp in baseline.get("experiments") or []]
     assert any(exp.get("name") == "ae-z3" for exp in experiments)
