@@ -163,8 +163,8 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
             save_figures(model, test_images, settings.n_images, settings.seed, images_dir)
         tracking.log_settings({f"evaluate.{key}": value for key, value in vars(settings).items()}
                               | {f"sample_quality.{key}": value for key, value in vars(config.sample_quality).items()})
+        # The run's input since training (MLflow keeps one input per data set and run); the metrics name it.
         test_set = tracking.prepared_dataset(read_json(PREPARED_SUMMARY), PREPARED_FILE)
-        tracking.log_dataset(test_set, context="testing")
         tracking.log_test_metrics(metrics, test_set)
         tracking.log_test_metrics({f"sample_class_share_{d}": share for d, share in enumerate(class_shares["samples"])}, test_set)
         tracking.log_artifacts(evaluate_dir(config.study, cell.name) / "images", artifact_path="images")

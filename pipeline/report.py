@@ -346,7 +346,7 @@ def build_report(config: StudyConfig) -> Path:
                {name: read_json(evaluate_dir(config.study, name) / "metrics.json") for name in evaluated["cell"]})
     run_ids = {name: read_json(train_dir(config.study, name) / RUN_FILE)["run_id"] for name in evaluated["cell"]}
     tracking.log_report(config, final, {run_ids[name]: final / "cells" / name for name in evaluated["cell"]})
-    tracking.log_study_results(config, best_cells(evaluated), run_ids, len(evaluated))
+    tracking.log_study_results(config, best_cells(evaluated), run_ids, dict(zip(evaluated["cell"], evaluated["group"])))
     log.info("report: %s", final / "report.html")
     return final
 

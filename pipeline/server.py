@@ -242,7 +242,7 @@ def start(host: str = "127.0.0.1", port: int = 5000, postgres: str | None = None
         _wait_until_answering(process, url)
     except BaseException:  # nothing this command started outlives its failure
         if process is not None:
-            _end_group(process.pid)
+            end_group(process.pid)
         if cluster is not None:
             cluster.stop()
         raise
@@ -313,11 +313,11 @@ def _wait_until_answering(process: subprocess.Popen, url: str) -> None:
                 return
         except (urllib.error.URLError, OSError):
             time.sleep(0.5)
-    _end_group(process.pid)
+    end_group(process.pid)
     raise TrackingError(f"mlflow server did not answer at {url} within {START_SECONDS} s; see {SERVER_DIR / 'mlflow.log'}")
 
 
-def _end_group(pid: int) -> None:
+def end_group(pid: int) -> None:
     """SIGTERM to the server's process group, SIGKILL to what is left after STOP_SECONDS."""
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -349,7 +349,7 @@ def stop() -> dict | None:
     state = read_state()
     if state is None:
         return None
-    _end_group(state["mlflow_pid"])
+    end_group(state["mlflow_pid"])
     if state.get("postgres_dir"):
         PrivateCluster(Path(state["postgres_dir"]), 0).stop()
     STATE_FILE.unlink()

@@ -29,7 +29,7 @@ HEALTH_TIMEOUT_SECONDS = 5
 ROLE_TAG = "vaebench.role"
 STUDY_TAG = "vaebench.study"
 CELL_TAG = "vaebench.cell"
-GROUP_TAG = "vaebench.group"  # the cell's group of seeds: the UI's group-by on it averages the seeds
+GROUP_TAG = "vaebench.group"  # the cell's group of seeds (set by the report, which reads every cell)
 PARENT_TAG = "vaebench.parent_run"  # experiment tag: the study's parent run
 PARENT_WAIT_SECONDS = 30
 
@@ -174,14 +174,11 @@ def cell_run(config: StudyConfig, cell: CellConfig, stage: str, run_id: str | No
     experiment_id = study_experiment(client, config.study)
     parent_id = study_parent_run(client, experiment_id, config.study)
     end_orphaned_runs(client, experiment_id, cell.name, keep=run_id)
-    from pipeline.reporting.results import seed_groups
-
     tags = {
         "mlflow.parentRunId": parent_id,
         ROLE_TAG: "cell",
         STUDY_TAG: config.study,
         CELL_TAG: cell.name,
-        GROUP_TAG: seed_groups(config)[cell.name],
         "vaebench.dvc_stage": stage,
         **source_tags(),
     }
@@ -266,11 +263,15 @@ def log_cell_params(config: StudyConfig, cell: CellConfig, prepared: dict) -> No
 def log_settings(settings: dict[str, object]) -> None:
     """Params of the active run. MLflow params cannot change: a value that differs from the one logged
     before (the cell evaluated again with other settings) goes to a tag `current.<param>` instead."""
-    logged = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
+    client = MlflowClient()
+    run = client.get_run(mlflow.active_run().info.run_id)
+    logged = run.data.params
     mlflow.log_params({key: value for key, value in settings.items() if key not in logged})
-    changed = {f"current.{key}": str(value) for key, value in settings.items() if key in logged and logged[key] != str(value)}
-    if changed:
-        mlflow.set_tags(changed)
+    for key, value in settings.items():
+        if key in logged and logged[key] != str(value):
+            mlflow.set_tag(f"current.{key}", str(value))
+        elif f"current.{key}" in run.data.tags:  # evaluated again with the value first logged
+            client.delete_tag(run.info.run_id, f"current.{key}")
 
 
 def prepared_dataset(prepared: dict, source: Path):
@@ -391,23 +392,30 @@ def registered_model_name(study: str) -> str:
     return f"vaebench-{study}-decoder"
 
 
-def log_study_results(config: StudyConfig, best: list[tuple[str, str, str, float]], run_ids: dict[str, str], evaluated: int) -> None:
+def log_study_results(config: StudyConfig, best: list[tuple[str, str, str, float]], run_ids: dict[str, str],
+                      groups: dict[str, str]) -> None:
     """The study's numbers on its parent run (how many cells are evaluated, each headline metric's best value
-    and, as a tag, its cell), with its end time set now so that the UI's duration spans the study. The best
+    and, as a tag, its cell), with its end time set now so that the UI's duration spans the study; each
+    evaluated cell's group of seeds as a tag of its run (the UI's group-by on it averages the seeds). The best
     cell's decoder on each headline metric is registered under vaebench-<study>-decoder with the alias
-    best-<metric>, which moves when another cell becomes the best. `best`: (metric, alias, cell, value) rows."""
+    best-<metric>, which moves when another cell becomes the best. `best`: (metric, alias, cell, value) rows;
+    `run_ids` and `groups` by evaluated cell."""
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     parent_id = study_parent_run(client, study_experiment(client, config.study), config.study)
+    runs = {cell: run_id for cell, run_id in run_ids.items() if _run_exists(client, run_id)}  # log_report warned of others
+    for cell, run_id in runs.items():
+        client.set_tag(run_id, GROUP_TAG, groups[cell])
     now = int(time.time() * 1000)
-    metrics = {"cells_evaluated": float(evaluated)} | {f"best_{metric}": value for metric, _, _, value in best}
+    metrics = {"cells_evaluated": float(len(run_ids))} | {f"best_{metric}": value for metric, _, _, value in best}
     client.log_batch(
         parent_id,
         metrics=[mlflow.entities.Metric(key, value, now, 0) for key, value in metrics.items()],
         tags=[mlflow.entities.RunTag(f"vaebench.best_{metric}", cell) for metric, _, cell, _ in best],
     )
     for _, alias, cell, _ in best:
-        register_best(client, registered_model_name(config.study), alias, run_ids[cell], cell)
+        if cell in runs:
+            register_best(client, registered_model_name(config.study), alias, runs[cell], cell)
     client.set_terminated(parent_id, "FINISHED", end_time=now)
 
 

@@ -269,10 +269,13 @@ def export_results(config: StudyConfig, space: TuneSpace, study: optuna.Study, p
     }
     best_cell = with_values(config.cell(space.base_cell), space.cell_values(best[0].params))
     cell_name = f"{space.name}-best"
+    # The study's other sections as they are (the tune stage declares each in dvc.yaml); its cells replaced
+    # by the best one, so no fine-tuned cell is left naming a cell that is not there.
     study_file = {
         **yaml.safe_load(PARAMS_FILE.read_text() if PARAMS_FILE.is_file() else "{}"),
         "study": f"tune-{space.name}",
         "cells": {cell_name: {k: v for k, v in cell_as_dict(best_cell).items() if k != "name"}},
+        "finetuned": {},
         "tune": {},
     }
     final = REPORT_DIR / space.name

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pipeline.server import alive, free_port
+from pipeline.server import alive, end_group, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the last four, Chromium keeps trying to reach Google's services, which a closed network refuses.
@@ -121,20 +120,14 @@ def _group_pids(group: int) -> list[int]:
 
 
 def _stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL to what is left after SERVER_STOP_SECONDS; then assert
-    that none of the processes the group had is left."""
+    """End the server's process group as `vaebench server stop` does, then assert that none of the processes
+    the group had is left."""
     pids = {process.pid, *_group_pids(process.pid)}
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+    end_group(process.pid)
+    process.wait(timeout=SERVER_STOP_SECONDS)  # reaps the leader, which would otherwise stay a zombie of this process
     deadline = time.monotonic() + SERVER_STOP_SECONDS
-    # poll() also reaps the leader, which would otherwise stay a zombie of this process.
-    while (process.poll() is None or _group_pids(process.pid)) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if process.poll() is None or _group_pids(process.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=5)
-        time.sleep(0.5)
     left = sorted(pid for pid in pids if alive(pid))
     assert not left, f"mlflow server processes {left} outlived the stop of their group {process.pid}"
 

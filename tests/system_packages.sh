@@ -4,26 +4,23 @@
 # Installed with apt-get when run as root, else asked for.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"  # useradd, and PostgreSQL's tools on some systems
-have_postgres() { command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
-if ! have_postgres; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "tests: installing PostgreSQL (apt-get install -y postgresql) for the multi-machine tests"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-  else
-    echo "tests: PostgreSQL's initdb and pg_ctl are missing; install PostgreSQL (Debian/Ubuntu: sudo apt-get install -y postgresql), then re-run make test" >&2
-    exit 1
-  fi
-fi
+have_postgresql() { command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
 have_chromium() { [ -x /usr/bin/chromium ] || command -v chromium >/dev/null; }
-if ! have_chromium; then
+
+# need PACKAGE WHAT: install the Debian package unless have_PACKAGE finds it.
+need() {
+  "have_$1" && return
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "tests: installing Chromium (apt-get install -y chromium) for the browser tests"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    echo "tests: installing $1 (apt-get install -y $1) for $2"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
   else
-    echo "tests: Chromium is missing; install it (Debian/Ubuntu: sudo apt-get install -y chromium), then re-run make test" >&2
+    echo "tests: $1 is missing, and $2 needs it; install it (Debian/Ubuntu: sudo apt-get install -y $1), then re-run make test" >&2
     exit 1
   fi
-fi
+}
+need postgresql "the multi-machine tests' database server (initdb, pg_ctl)"
+need chromium "the browser tests' headless browser"
+
 # As root, PostgreSQL runs as the postgres user (it refuses root); Debian's package creates that user.
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   echo "tests: creating the system user postgres, which PostgreSQL runs as when the tests run as root"

@@ -120,3 +120,22 @@ def test_not_an_idx_file_is_reported(tmp_path):
         handle.write(b"hello world, not idx")
     with pytest.raises(data.DataError, match="not an IDX file"):
         data.read_idx(bogus)
+
+
+def test_a_temporary_dvc_workspace_finds_the_stores_and_a_relative_data_root_in_the_repository(tiny_study, workdir, monkeypatch):
+    """`dvc exp run --temp` runs a stage in a throw-away folder under .dvc/tmp/exps and names the repository
+    in DVC_ROOT: the data and the stores are the repository's, the stage's outputs stay in the workspace."""
+    from pipeline import tracking, tune
+
+    repository = workdir / "repo"
+    workspace = repository / ".dvc" / "tmp" / "exps" / "tmp1234"
+    workspace.mkdir(parents=True)
+    copy_raw(repository / "data")
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("DVC_ROOT", str(repository))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    prepare(with_data(tiny_study, root="data"))
+    assert (workspace / PREPARED_FILE).is_file()
+    assert tracking.tracking_uri() == f"sqlite:///{repository / 'mlflow.db'}"
+    assert tracking.artifact_root() == repository / "mlartifacts"
+    assert tune.storage_url() == f"sqlite:///{repository / 'optuna.db'}"

@@ -143,7 +143,7 @@ def test_tiny_study_completes_and_every_trial_is_an_mlflow_child(prepared, workd
     folder = workdir / "reports" / "tune" / "tiny"
     assert {"summary.json", "trials.csv", "best_study.yaml", "optimization_history.png"} <= {p.name for p in folder.iterdir()}
     best_study = yaml.safe_load((folder / "best_study.yaml").read_text())
-    assert list(best_study["cells"]) == ["tiny-best"]
+    assert list(best_study["cells"]) == ["tiny-best"] and best_study["finetuned"] == {}
     assert best_study["cells"]["tiny-best"]["latent_dim"] == summary["best"][0]["params"]["latent_dim"]
     client = MlflowClient()
     experiment = client.get_experiment_by_name("vaebench-tiny")
