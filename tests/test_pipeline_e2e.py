@@ -209,11 +209,10 @@ def test_dvc_exp_run_of_one_cell_reruns_it_and_its_fine_tuned_cells_and_logs_to_
     assert any(exp.get("name") == "beta05" for exp in experiments)
 
 
-def test_logged_decoder_loads_and_decodes_in_a_process_without_the_package(repo, reproduced, tmp_path):
+def test_logged_decoder_loads_and_decodes_in_a_process_without_the_package(repo, reproduced, tmp_path, monkeypatch):
     import torch
 
-    from pipeline.models import build_model
-    from pipeline.config import parse_cell
+    from pipeline.tracking import load_logged_model
 
     cell = "linear-z2-b1-s0"
     run_id = json.loads((repo / f"results/tiny/train/{cell}/mlflow_run.json").read_text())["run_id"]
@@ -241,11 +240,11 @@ print(mlflow.models.get_model_info("models:/{models['decoder'].model_id}").signa
     assert result.returncode == 0, result.stderr
     assert "(-1, 2)" in result.stdout  # the signature: a batch of 2-D codes
     images = torch.load(tmp_path / "images.pt", weights_only=True)
-    saved = torch.load(repo / f"results/tiny/train/{cell}/model.pt", weights_only=True)
-    model = build_model(parse_cell(cell, {k: v for k, v in saved["cell"].items() if k != "name"}, {}))
-    model.load_state_dict(saved["state_dict"])
+    # the same run's weights rebuilt by this package (its model/ artifact), decoding the same z
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+    model = load_logged_model(run_id)
     assert images.shape == (5, 1, 28, 28)
-    assert torch.allclose(images, torch.sigmoid(model.eval().decode(z)), atol=1e-6)
+    assert torch.allclose(images, torch.sigmoid(model.decode(z)), atol=1e-6)
 
 
 def test_registry_aliases_name_the_best_cells_and_the_parent_run_holds_the_study_numbers(repo, reproduced):
