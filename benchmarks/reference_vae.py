@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,13 +54,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--train-images", type=int, default=60_000,
+                        help="train on the first N training images (vaebench bench: as many as the study's cell)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the study file naming the data root")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    config = load_study()
+    config = load_study(args.params)
     verify_checksums(config.data.root)
     root = torchvision_root(config.data.root)
     train = datasets.MNIST(root, train=True, transform=transforms.ToTensor())
+    if args.train_images < len(train):
+        train = torch.utils.data.Subset(train, range(args.train_images))
     test = datasets.MNIST(root, train=False, transform=transforms.ToTensor())
     train_loader = torch.utils.data.DataLoader(train, batch_size=128, shuffle=True)
     test_loader = torch.utils.data.DataLoader(test, batch_size=128, shuffle=False)

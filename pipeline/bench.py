@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
+import logging
 import multiprocessing
 import os
 import platform
+import re
 import resource
 import shutil
 import time
@@ -31,6 +34,8 @@ from pipeline.errors import VaebenchError
 from pipeline.engine import model_epoch, set_threads
 from pipeline.models import build_model
 from pipeline.outputs import PREPARED_FILE, write_json, write_text
+
+log = logging.getLogger(__name__)
 
 OUT_DIR = Path("reports") / "benchmarks"
 TORCHVISION_DIR = Path(".vaebench") / "torchvision"
@@ -211,62 +216,147 @@ def measure_stacked(cell, images: int, copies: int) -> float:
     return best_of(once)
 
 
-def train_split_indices(config: StudyConfig):
-    """The training images of the prepared split, as indices into torchvision's 60,000 (see data.split)."""
-    import numpy as np
-
-    order = np.random.default_rng(config.data.split_seed).permutation(60_000)
-    return np.sort(order[: config.data.train_size]).tolist()
+REFERENCE_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_vae.py"
 
 
-def ten_epochs(config: StudyConfig, cell_name: str, loop: str) -> dict:
-    """Train a cell for its epochs with the engine or the standard loop on the same training images,
-    then the test ELBO of the result (one z sample per image, seeded like the evaluate stage)."""
-    from torchvision import datasets, transforms
+def timed_process(command: list[str], cwd: Path, env: dict) -> tuple[float, str]:
+    """(wall seconds, stdout) of a whole process, start-up included; its output is shown if it fails."""
+    import subprocess
 
-    from pipeline.evaluate import reconstruction_metrics
-
-    set_threads()
-    cell = dataclasses.replace(config.cell(cell_name), device="cpu")
-    arrays = load_prepared(PREPARED_FILE)
-    torch.manual_seed(cell.seed)
-    model = build_model(cell)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cell.lr)
     started = time.perf_counter()
-    if loop == "engine":
-        images, generator = images_to_tensor(arrays["train_images"]), torch.Generator().manual_seed(cell.seed)
-        for _ in range(cell.epochs):
-            model_epoch(model, optimizer, images, cell.batch_size, generator)
-    else:
-        dataset = datasets.MNIST(torchvision_root(config.data.root), train=True, transform=transforms.ToTensor())
-        subset = torch.utils.data.Subset(dataset, train_split_indices(config))
-        loader = torch.utils.data.DataLoader(subset, batch_size=cell.batch_size, shuffle=True)
-        for _ in range(cell.epochs):
-            for x, _ in loader:
-                standard_step(model, optimizer, x, cell)
+    finished = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    torch.manual_seed(config.evaluate.seed)
-    metrics, _ = reconstruction_metrics(model.eval(), images_to_tensor(arrays["test_images"]), 1000)
-    return {"seconds": seconds, "test_elbo": metrics["elbo"]}
+    if finished.returncode != 0:
+        raise VaebenchError(f"{' '.join(command)} exited with code {finished.returncode}:\n{finished.stderr[-3000:]}")
+    return seconds, finished.stdout
+
+
+def run_metrics(store: str, study: str, cell: str) -> dict[str, float]:
+    """The latest metrics of a cell's run in an MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import experiment_name
+
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name(experiment_name(study))
+    runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{cell}'")
+    return runs[0].data.metrics if runs else {}
+
+
+def seconds_by_part(metrics: dict[str, float], stage: str) -> dict[str, float]:
+    prefix = f"{stage}_seconds_"
+    return {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
+
+
+def whole_process(config: StudyConfig, cell_name: str, params_file: Path) -> dict:
+    """The classic recipe (benchmarks/reference_vae.py) and `python -m pipeline train CELL` then
+    `evaluate CELL`, each timed as a whole process, start-up, data loading and logging included, on the
+    same number of training images and epochs, in a scratch folder with its own MLflow store (created
+    beforehand, as a study's first stage would have). Images per second and the test ELBO of each."""
+    import subprocess
+    import sys
+    import tempfile
+
+    cell = config.cell(cell_name)
+    repository = Path.cwd()
+    env = {**os.environ, "VAEBENCH_DATA_ROOT": str(Path(config.data.root).resolve()), "DVC_NO_ANALYTICS": "1"}
+    env.pop("DVC_ROOT", None)
+    reference_seconds, printed = timed_process(
+        [sys.executable, str(REFERENCE_SCRIPT), "--epochs", str(cell.epochs), "--train-images", str(config.data.train_size),
+         "--params", str(params_file.resolve())], repository, env,
+    )
+    reference_elbo = float(printed.strip().splitlines()[-1].split("test loss ")[1].split()[0])
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        (work / "results").mkdir()
+        for name in ("prepare", "classifier"):
+            if (repository / "results" / name).exists():
+                (work / "results" / name).symlink_to(repository / "results" / name)
+        shutil.copyfile(params_file, work / "params.yaml")
+        env["MLFLOW_TRACKING_URI"] = store = f"sqlite:///{work / 'mlflow.db'}"
+        subprocess.run([sys.executable, "-c", "import mlflow; mlflow.MlflowClient().search_experiments()"],
+                       env=env, check=True, capture_output=True)
+        import_seconds, _ = timed_process([sys.executable, "-c", "import pipeline.train"], work, env)
+        train_seconds, _ = timed_process([sys.executable, "-m", "pipeline", "train", cell_name], work, env)
+        evaluate_seconds, _ = timed_process([sys.executable, "-m", "pipeline", "evaluate", cell_name], work, env)
+        metrics = run_metrics(store, config.study, cell_name)
+        test_elbo = json.loads((work / "results" / config.study / "evaluate" / cell_name / "metrics.json").read_text())["elbo"]
+    images = cell.epochs * config.data.train_size
+    return {
+        "cell": cell_name,
+        "epochs": cell.epochs,
+        "train_images": config.data.train_size,
+        "reference": {"seconds": reference_seconds, "images_per_s": images / reference_seconds, "test_elbo": reference_elbo},
+        "train": {"seconds": train_seconds, "images_per_s": images / train_seconds, "import_seconds": import_seconds,
+                  "parts": seconds_by_part(metrics, "train")},
+        "evaluate": {"seconds": evaluate_seconds, "parts": seconds_by_part(metrics, "evaluate"), "test_elbo": test_elbo},
+        "train_over_reference": reference_seconds / train_seconds,
+        "test_elbo_difference": test_elbo - reference_elbo,
+    }
+
+
+STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 
 
 def study_wall_time(config: StudyConfig) -> dict:
-    """Seconds of `dvc repro` from clean: the committed repository cloned into a temporary folder (no
-    results, no DVC cache), reading the same MNIST files."""
-    import os
+    """`dvc repro` of the committed study from clean, in a temporary clone (no results, no DVC cache) reading
+    the same MNIST files: its wall time, each stage's (from the moment DVC starts it to the next stage's
+    start, process start-up included), each cell's train and evaluate time by part (from the clone's MLflow
+    store), and whether every output has the md5 the committed dvc.lock records (the same numbers). The
+    clone's dvc.lock and study metrics are kept in reports/benchmarks/study/."""
     import subprocess
     import tempfile
+
+    import yaml
 
     with tempfile.TemporaryDirectory() as scratch:
         clone = Path(scratch) / "repo"
         subprocess.run(["git", "clone", "--quiet", str(Path.cwd()), str(clone)], check=True)
         env = {**os.environ, "VAEBENCH_DATA_ROOT": str(Path(config.data.root).resolve()), "DVC_NO_ANALYTICS": "1"}
         env.pop("MLFLOW_TRACKING_URI", None)
-        started = time.perf_counter()
-        subprocess.run(["dvc", "repro"], cwd=clone, env=env, check=True, capture_output=True)
+        stages, started = [], time.perf_counter()
+        process = subprocess.Popen(["dvc", "repro"], cwd=clone, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        output = []
+        for line in process.stdout:
+            output.append(line)
+            match = STAGE_LINE.search(line)
+            if match:
+                stages.append([match.group(1), time.perf_counter() - started])
+        if process.wait() != 0:
+            raise VaebenchError(f"dvc repro of the study failed:\n{''.join(output[-40:])}")
         seconds = time.perf_counter() - started
+        ends = [start for _, start in stages[1:]] + [seconds]
+        by_stage = {name: end - start for (name, start), end in zip(stages, ends)}
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
-    return {"seconds": seconds, "commit": commit, "cells": len(config.cells)}
+        store = f"sqlite:///{clone / 'mlflow.db'}"
+        cells = {}
+        for name in config.cells:
+            metrics = run_metrics(store, config.study, name)
+            cells[name] = {"train": seconds_by_part(metrics, "train"), "evaluate": seconds_by_part(metrics, "evaluate")}
+        committed = _output_hashes(yaml.safe_load((Path.cwd() / "dvc.lock").read_text()) if Path("dvc.lock").is_file() else {})
+        produced = _output_hashes(yaml.safe_load((clone / "dvc.lock").read_text()))
+        differing = sorted(path for path in committed.keys() & produced.keys() if committed[path] != produced[path])
+        kept = OUT_DIR / "study"
+        kept.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(clone / "dvc.lock", kept / "dvc.lock")
+        study_metrics = clone / "results" / config.study / "metrics.json"
+        if study_metrics.is_file():
+            shutil.copyfile(study_metrics, kept / "metrics.json")
+    return {
+        "seconds": seconds, "commit": commit, "cells": len(config.cells), "stages": by_stage, "cell_parts": cells,
+        "outputs_compared": len(committed.keys() & produced.keys()), "outputs_differing": differing,
+    }
+
+
+def _output_hashes(lock: dict) -> dict[str, str]:
+    """path -> md5 of every output a dvc.lock records (reports excepted: they embed timings and run ids)."""
+    return {
+        out["path"]: out["md5"]
+        for stage in lock.get("stages", {}).values()
+        for out in stage.get("outs", [])
+        if not out["path"].startswith("reports/") and not out["path"].endswith("mlflow_run.json")
+    }
 
 
 def _run(queue, function, args):
@@ -322,24 +412,8 @@ def check_bench_cells(config: StudyConfig, cells: list[str], reference_cell: str
         )
 
 
-def run_bench(config: StudyConfig, cells: list[str], images: int, reference_cell: str | None, copies: int = 4,
-              study: bool = False) -> dict:
-    check_bench_cells(config, cells, reference_cell)
-    # Checked here: each measurement process would die on them one by one.
-    if not PREPARED_FILE.is_file():
-        raise DataError(f"prepared data {PREPARED_FILE} is missing; run `dvc repro prepare` first")
-    if missing_files(config.data.root):  # the standard loop reads the raw files with torchvision
-        raise DataError(f"MNIST files missing in {raw_dir(config.data.root)}: {', '.join(missing_files(config.data.root))}")
-    set_threads()
-    results = {
-        "machine": {
-            "cpu_threads": torch.get_num_threads(),
-            "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "matmul_gflops": matmul_gflops(),
-        },
-        "architectures": [],
-    }
+def measure_architectures(config: StudyConfig, cells: list[str], images: int, copies: int) -> list[dict]:
+    rows = []
     for name in cells:
         cell = dataclasses.replace(config.cell(name), device="cpu")
         engine, engine_mem = in_fresh_process(measure_engine, cell, images)
@@ -347,7 +421,7 @@ def run_bench(config: StudyConfig, cells: list[str], images: int, reference_cell
         bound, bound_mem = in_fresh_process(measure_compute_bound, cell, max(20, images // cell.batch_size))
         stacked, stacked_mem = in_fresh_process(measure_stacked, cell, images, copies)
         flops_per_image = training_step_flops(cell, cell.batch_size) / cell.batch_size
-        results["architectures"].append(
+        rows.append(
             {
                 "cell": name,
                 "family": cell.family,
@@ -360,7 +434,6 @@ def run_bench(config: StudyConfig, cells: list[str], images: int, reference_cell
                 "engine_over_standard": engine / standard,
                 "engine_over_compute_bound": engine / bound,
                 "engine_gflops": engine * flops_per_image / 1e9,
-                "engine_share_of_matmul_peak": engine * flops_per_image / 1e9 / results["machine"]["matmul_gflops"],
                 "stacked_copies": copies,
                 "stacked_images_per_s": stacked,
                 "stacked_over_engine": stacked / engine,
@@ -369,51 +442,138 @@ def run_bench(config: StudyConfig, cells: list[str], images: int, reference_cell
                 },
             }
         )
-    if reference_cell:
-        engine, _ = in_fresh_process(ten_epochs, config, reference_cell, "engine")
-        standard, _ = in_fresh_process(ten_epochs, config, reference_cell, "standard")
-        results["full_training"] = {
-            "cell": reference_cell,
-            "epochs": config.cell(reference_cell).epochs,
-            "engine": engine,
-            "standard": standard,
-            "time_ratio": engine["seconds"] / standard["seconds"],
-            "test_elbo_difference": engine["test_elbo"] - standard["test_elbo"],
-        }
+    return rows
+
+
+def run_bench(config: StudyConfig, cells: list[str], images: int, reference_cell: str | None, copies: int = 4,
+              study: bool = False, runs: int = 3, params_file: Path = Path("params.yaml")) -> dict:
+    """`runs` repeats of every measurement (this machine's timings vary from run to run; the table shows
+    the median and the range)."""
+    check_bench_cells(config, cells, reference_cell)
+    # Checked here: each measurement process would die on them one by one.
+    if not PREPARED_FILE.is_file():
+        raise DataError(f"prepared data {PREPARED_FILE} is missing; run `dvc repro prepare` first")
+    if missing_files(config.data.root):  # the standard loop reads the raw files with torchvision
+        raise DataError(f"MNIST files missing in {raw_dir(config.data.root)}: {', '.join(missing_files(config.data.root))}")
+    set_threads()
+    results = {
+        "machine": {
+            "cpu_threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__,
+            "matmul_gflops": [],
+        },
+        "runs": [],
+    }
+    for number in range(1, runs + 1):
+        log.info("bench run %d of %d", number, runs)
+        results["machine"]["matmul_gflops"].append(matmul_gflops())
+        run = {"architectures": measure_architectures(config, cells, images, copies)}
+        for row in run["architectures"]:
+            row["engine_share_of_matmul_peak"] = row["engine_gflops"] / results["machine"]["matmul_gflops"][-1]
+        if reference_cell:
+            run["whole_process"] = whole_process(config, reference_cell, params_file)
+        results["runs"].append(run)
     if study:
+        log.info("timing dvc repro of the study from clean")
         results["study_repro"] = study_wall_time(config)
     return results
 
 
+def spread(values: list[float], digits: int = 0, scale: float = 1.0) -> str:
+    """median (min–max) of repeated measurements."""
+    values = sorted(value * scale for value in values)
+    median = values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+    if len(values) == 1:
+        return f"{median:.{digits}f}"
+    return f"{median:.{digits}f} ({values[0]:.{digits}f}–{values[-1]:.{digits}f})"
+
+
 def table(results: dict) -> str:
+    runs = results["runs"]
+    machine = results["machine"]
     lines = [
-        f"matmul float32: {results['machine']['matmul_gflops']:.0f} GFLOP/s on {results['machine']['cpu_threads']} threads",
+        f"{len(runs)} run(s); each figure is the median (min–max) over them. matmul float32: "
+        f"{spread(machine['matmul_gflops'])} GFLOP/s on {machine['cpu_threads']} threads ({machine['cpu_capability']})",
         "",
         "| cell | (a) engine img/s | (b) standard img/s | (c) bound img/s | a/b | a/c | engine GFLOP/s | of matmul "
-        "| stacked img/s (× engine) | peak MiB a / b / c |",
+        "| stacked/engine | peak MiB a / b / c |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in results["architectures"]:
+    for index, row in enumerate(runs[0]["architectures"]):
+        rows = [run["architectures"][index] for run in runs]
+
+        def over(key: str, digits: int = 0, scale: float = 1.0) -> str:
+            return spread([r[key] for r in rows], digits, scale)
+
         memory = row["peak_memory_mib"]
         lines.append(
-            f"| {row['cell']} | {row['engine_images_per_s']:.0f} | {row['standard_images_per_s']:.0f} | "
-            f"{row['compute_bound_images_per_s']:.0f} | {row['engine_over_standard']:.2f} | "
-            f"{row['engine_over_compute_bound']:.2f} | {row['engine_gflops']:.0f} | "
-            f"{row['engine_share_of_matmul_peak']:.0%} | {row['stacked_images_per_s']:.0f} ({row['stacked_over_engine']:.2f}×, "
-            f"{row['stacked_copies']} seeds) | {memory['engine']:.0f} / {memory['standard']:.0f} / {memory['compute_bound']:.0f} |"
+            f"| {row['cell']} | {over('engine_images_per_s')} | {over('standard_images_per_s')} | "
+            f"{over('compute_bound_images_per_s')} | {over('engine_over_standard', 2)} | {over('engine_over_compute_bound', 2)} | "
+            f"{over('engine_gflops')} | {over('engine_share_of_matmul_peak', 0, 100)}% | "
+            f"{over('stacked_over_engine', 2)} ({row['stacked_copies']} seeds) | "
+            f"{memory['engine']:.0f} / {memory['standard']:.0f} / {memory['compute_bound']:.0f} |"
         )
-    full = results.get("full_training")
-    if full:
+    wholes = [run["whole_process"] for run in runs if "whole_process" in run]
+    if wholes:
+        first = wholes[0]
+
+        def whole(path: tuple[str, ...], digits: int = 0) -> str:
+            values = []
+            for entry in wholes:
+                for key in path:
+                    entry = entry[key]
+                values.append(entry)
+            return spread(values, digits)
+
+        parts = first["train"]["parts"]
         lines += [
             "",
-            f"{full['epochs']}-epoch training of {full['cell']}: engine {full['engine']['seconds']:.1f} s "
-            f"(test ELBO {full['engine']['test_elbo']:.2f}), standard loop {full['standard']['seconds']:.1f} s "
-            f"(test ELBO {full['standard']['test_elbo']:.2f}): {full['time_ratio']:.0%} of the time, "
-            f"ELBO difference {full['test_elbo_difference']:+.2f} nats/image",
+            f"Whole processes, {first['epochs']} epochs on {first['train_images']:,} images, cell {first['cell']}:",
+            "",
+            "| process | seconds | images/s | test ELBO (nats/image) |",
+            "|---|---|---|---|",
+            f"| classic recipe (benchmarks/reference_vae.py) | {whole(('reference', 'seconds'), 1)} | "
+            f"{whole(('reference', 'images_per_s'))} | {whole(('reference', 'test_elbo'), 2)} |",
+            f"| `python -m pipeline train {first['cell']}` | {whole(('train', 'seconds'), 1)} | "
+            f"{whole(('train', 'images_per_s'))} | — |",
+            f"| `python -m pipeline evaluate {first['cell']}` | {whole(('evaluate', 'seconds'), 1)} | — | "
+            f"{whole(('evaluate', 'test_elbo'), 2)} |",
+            "",
+            f"train over the classic recipe: {whole(('train_over_reference',), 2)}×; test ELBO difference "
+            f"{whole(('test_elbo_difference',), 2)} nats/image; `import pipeline.train` {whole(('train', 'import_seconds'), 1)} s",
+            "train stage by part (s): " + ", ".join(f"{part} {whole(('train', 'parts', part), 1)}" for part in parts),
+            "evaluate stage by part (s): "
+            + ", ".join(f"{part} {whole(('evaluate', 'parts', part), 1)}" for part in first["evaluate"]["parts"]),
         ]
     study = results.get("study_repro")
     if study:
-        lines += ["", f"dvc repro of the study from clean ({study['cells']} cells): {study['seconds'] / 60:.1f} min"]
+        lines += ["", study_table(study)]
+    return "\n".join(lines)
+
+
+def study_table(study: dict) -> str:
+    """The study's wall time by stage, and where each cell's train and evaluate time went."""
+    same = "every output has the committed dvc.lock's md5" if not study["outputs_differing"] else (
+        f"{len(study['outputs_differing'])} outputs differ from the committed dvc.lock: {', '.join(study['outputs_differing'][:5])}")
+    lines = [
+        f"dvc repro of the study from clean ({study['cells']} cells, commit {study['commit'][:7]}): "
+        f"{study['seconds'] / 60:.1f} min; {study['outputs_compared']} outputs compared, {same}",
+        "",
+        "| stage | seconds | train: epochs / logging the model | evaluate: biggest parts |",
+        "|---|---|---|---|",
+    ]
+    for stage, seconds in study["stages"].items():
+        cell = stage.split("@", 1)[1] if "@" in stage else None
+        parts = study["cell_parts"].get(cell, {})
+        detail = ["", ""]
+        if stage.startswith(("train@", "finetune@")) and parts.get("train"):
+            detail[0] = f"{parts['train'].get('epochs', 0):.1f} / {parts['train'].get('log_model', 0):.1f}"
+        if stage.startswith("evaluate") and parts.get("evaluate"):
+            top = sorted(parts["evaluate"].items(), key=lambda item: -item[1])[:3]
+            detail[1] = ", ".join(f"{part} {value:.1f}" for part, value in top)
+        lines.append(f"| {stage} | {seconds:.1f} | {detail[0]} | {detail[1]} |")
     return "\n".join(lines)
 
 

@@ -116,8 +116,11 @@ def cmd_enable_tune(args) -> None:
 def cmd_bench(args) -> None:
     from pipeline.bench import run_bench, table, write_results
 
+    if args.runs < 1:
+        raise ConfigError(f"--runs {args.runs}: give at least 1")
     results = run_bench(
-        load_study(args.params), args.cells, args.images, None if args.no_full else args.reference_cell, study=args.study
+        load_study(args.params), args.cells, args.images, None if args.no_full else args.reference_cell, study=args.study,
+        runs=args.runs, params_file=args.params,
     )
     written = write_results(results)  # before printing: a closed stdout must not lose the measurements
     say(table(results))
@@ -245,9 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure the training engine against the standard loop and the compute bound")
     bench.add_argument("--cells", nargs="+", default=["linear-z20-b1-s0", "conv-z10-b1-s0"])
     bench.add_argument("--images", type=int, default=20_000, help="training images per throughput measurement")
-    bench.add_argument("--reference-cell", default="linear-z20-b1-s0", help="the cell of the full-training comparison")
-    bench.add_argument("--no-full", action="store_true", help="skip the full-training comparison")
-    bench.add_argument("--study", action="store_true", help="also time `dvc repro` of the study from clean (minutes)")
+    bench.add_argument("--reference-cell", default="linear-z20-b1-s0",
+                       help="the cell trained and evaluated as whole processes beside the classic recipe")
+    bench.add_argument("--no-full", action="store_true", help="skip the whole-process comparison")
+    bench.add_argument("--runs", type=int, default=3, help="repeats of every measurement (the table shows their spread)")
+    bench.add_argument("--study", action="store_true",
+                       help="also time `dvc repro` of the study from clean, by stage (about half an hour on 2 cores)")
     bench.set_defaults(run=cmd_bench)
     commands.add_parser("check", help="validate the parameters and list the cells").set_defaults(run=cmd_check)
     commands.add_parser("table", help="print the study's test metrics as a Markdown table").set_defaults(run=cmd_table)

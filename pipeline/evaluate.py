@@ -11,13 +11,14 @@ importance-weighted likelihood bound.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torchvision.utils import save_image
 
 from pipeline import tracking
 from pipeline.classifier import load_classifier, load_test_features
-from pipeline.config import EvaluateConfig, StudyConfig
+from pipeline.config import CellConfig, EvaluateConfig, StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.engine import encode_all, resolve_device, set_threads
 from pipeline.evaluation.codes import knn_accuracy, linear_probe_accuracy
@@ -28,6 +29,7 @@ from pipeline.models.dae import gaussian_noise, mask_pixels
 from pipeline.models.jacobian import frobenius_sq_exact
 from pipeline.models.losses import kl_per_dim, reconstruction_nats, squared_error
 from pipeline.errors import VaebenchError
+from pipeline.timing import Stopwatch
 from pipeline.outputs import (
     PREPARED_FILE,
     PREPARED_SUMMARY,
@@ -127,6 +129,47 @@ def save_figures(model: Autoencoder, images: torch.Tensor, n_images: int, seed: 
     save_image(torch.sigmoid(model.decode(model.latent_from_noise(noise))), folder / "samples.png", nrow=columns, pad_value=1.0)
 
 
+@dataclass
+class Evaluation:
+    """A cell's test metrics and what its output files hold besides them."""
+
+    metrics: dict
+    kl_dims: list[float] | None
+    class_shares: dict
+
+
+def measure(config: StudyConfig, cell: CellConfig, model: Autoencoder, arrays: dict, device: torch.device,
+            stopwatch: Stopwatch | None = None) -> Evaluation:
+    """Every test metric of a trained model on the prepared `arrays` (nothing written); `stopwatch`
+    collects the time by part."""
+    settings = config.evaluate
+    stopwatch = stopwatch or Stopwatch()
+    with stopwatch.part("load_data"):
+        test_images = images_to_tensor(arrays["test_images"], device)
+        classifier, real_features = load_classifier(device), load_test_features(device)
+    torch.manual_seed(settings.seed)
+    metrics, kl_dims = {}, None
+    if model.capabilities.encoder:
+        with stopwatch.part("reconstruction"):
+            metrics, kl_dims = reconstruction_metrics(model, test_images, settings.batch_size)
+    scores, class_shares = model_scores(model, classifier, real_features, test_images, config.sample_quality, stopwatch)
+    metrics |= scores
+    if model.capabilities.encoder:
+        with stopwatch.part("robustness"):
+            metrics |= robustness_metrics(model, test_images, settings)
+        with stopwatch.part("contraction"):
+            metrics["contraction"] = mean_contraction(model, test_images[: settings.contraction_images])
+        with stopwatch.part("codes"):
+            metrics |= code_metrics(model, arrays, images_to_tensor(arrays["train_images"], device), test_images, settings.knn_k)
+    broken = non_finite(metrics)
+    if broken:
+        raise VaebenchError(
+            f"cell {cell.name}: test metric {broken[0]} is {metrics[broken[0]]} (NaN or infinite), so nothing was "
+            f"written; the trained model is broken: retrain it with a lower lr (dvc repro -f {train_stage(cell)})"
+        )
+    return Evaluation(metrics, kl_dims, class_shares)
+
+
 def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
     cell = config.cell(cell_name)
     settings = config.evaluate
@@ -134,40 +177,31 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
     run_id = tracking.recorded_run(train_dir(config.study, cell.name) / RUN_FILE, train_stage(cell))
     device = resolve_device(cell.device)
     set_threads()
-    model = load_trained(config.study, cell, device)
-    arrays = load_prepared(PREPARED_FILE)
-    test_images = images_to_tensor(arrays["test_images"], device)
-    torch.manual_seed(settings.seed)
-    metrics, kl_dims = reconstruction_metrics(model, test_images, settings.batch_size) if model.capabilities.encoder else ({}, None)
-    scores, class_shares = model_scores(
-        model, load_classifier(device), load_test_features(device), test_images, config.sample_quality
-    )
-    metrics |= scores
-    if model.capabilities.encoder:
-        metrics |= robustness_metrics(model, test_images, settings)
-        metrics["contraction"] = mean_contraction(model, test_images[: settings.contraction_images])
-        metrics |= code_metrics(model, arrays, images_to_tensor(arrays["train_images"], device), test_images, settings.knn_k)
-    broken = non_finite(metrics)
-    if broken:
-        raise VaebenchError(
-            f"cell {cell.name}: test metric {broken[0]} is {metrics[broken[0]]} (NaN or infinite), so nothing was "
-            f"written; the trained model is broken: retrain it with a lower lr (dvc repro -f {train_stage(cell)})"
-        )
+    stopwatch = Stopwatch()
+    with stopwatch.part("load_model"):
+        model = load_trained(config.study, cell, device)
+    with stopwatch.part("load_data"):
+        arrays = load_prepared(PREPARED_FILE)
+    result = measure(config, cell, model, arrays, device, stopwatch)
+    metrics, class_shares = result.metrics, result.class_shares
     with tracking.cell_run(config, cell, stage=evaluate_stage(cell), run_id=run_id):
-        with staged_dir(evaluate_dir(config.study, cell.name)) as out:
-            write_json(out / METRICS_FILE, metrics)
-            write_json(out / "kl_per_dim.json", kl_dims)  # null for a family without a posterior
-            write_json(out / "class_shares.json", class_shares)
-            images_dir = out / "images"
-            images_dir.mkdir()
-            save_figures(model, test_images, settings.n_images, settings.seed, images_dir)
-        tracking.log_settings({f"evaluate.{key}": value for key, value in vars(settings).items()}
-                              | {f"sample_quality.{key}": value for key, value in vars(config.sample_quality).items()})
-        # The run's input since training (MLflow keeps one input per data set and run); the metrics name it.
-        test_set = tracking.prepared_dataset(read_json(PREPARED_SUMMARY), PREPARED_FILE)
-        tracking.log_test_metrics(metrics, test_set)
-        tracking.log_test_metrics({f"sample_class_share_{d}": share for d, share in enumerate(class_shares["samples"])}, test_set)
-        tracking.log_artifacts(evaluate_dir(config.study, cell.name) / "images", artifact_path="images")
+        with stopwatch.part("write_and_log"):
+            with staged_dir(evaluate_dir(config.study, cell.name)) as out:
+                write_json(out / METRICS_FILE, metrics)
+                write_json(out / "kl_per_dim.json", result.kl_dims)  # null for a family without a posterior
+                write_json(out / "class_shares.json", class_shares)
+                images_dir = out / "images"
+                images_dir.mkdir()
+                test_images = images_to_tensor(arrays["test_images"][: settings.n_images], device)
+                save_figures(model, test_images, settings.n_images, settings.seed, images_dir)
+            tracking.log_settings({f"evaluate.{key}": value for key, value in vars(settings).items()}
+                                  | {f"sample_quality.{key}": value for key, value in vars(config.sample_quality).items()})
+            # The run's input since training (MLflow keeps one input per data set and run); the metrics name it.
+            test_set = tracking.prepared_dataset(read_json(PREPARED_SUMMARY), PREPARED_FILE)
+            shares = {f"sample_class_share_{d}": share for d, share in enumerate(class_shares["samples"])}
+            tracking.log_test_metrics(metrics | shares, test_set)
+            tracking.log_artifacts(evaluate_dir(config.study, cell.name) / "images", artifact_path="images")
+        tracking.log_stage_seconds("evaluate", stopwatch.seconds)
     reconstruction = f"recon {metrics['recon']:.2f} nats/image (MSE {metrics['recon_mse']:.4f}), " if "recon" in metrics else ""
     bound = f"elbo {metrics['elbo']:.2f} nats/image, " if "elbo" in metrics else ""
     probe = f"probe accuracy {metrics['probe_accuracy']:.3f}, " if "probe_accuracy" in metrics else ""

@@ -303,6 +303,11 @@ def log_test_metrics(metrics: dict, dataset=None) -> None:
     mlflow.log_metrics({f"test_{key}": value for key, value in metrics.items()}, model_id=model_id, dataset=dataset)
 
 
+def log_stage_seconds(stage: str, seconds: dict[str, float]) -> None:
+    """A stage's wall time by part, as run metrics `<stage>_seconds_<part>`."""
+    mlflow.log_metrics({f"{stage}_seconds_{part}": value for part, value in seconds.items()})
+
+
 def logged_model_id(run_id: str, name: str) -> str | None:
     """The latest model named `name` that the run logged (a cell trained again logs it again)."""
     run = MlflowClient().get_run(run_id)

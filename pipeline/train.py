@@ -15,6 +15,7 @@ from pipeline.data import images_to_tensor, load_prepared
 from pipeline.evaluation.sample_quality import FIDProbe
 from pipeline.models import Autoencoder, build_model
 from pipeline.errors import ArtifactError
+from pipeline.timing import Stopwatch
 from pipeline.outputs import (
     PREPARED_FILE,
     PREPARED_SUMMARY,
@@ -42,12 +43,14 @@ def train_cell(
 ) -> list[dict]:
     """Train one cell, write its stage outputs, and return its per-epoch history."""
     cell = config.cell(cell_name)
-    tracking.check_store()
-    device = engine.resolve_device(cell.device)
-    engine.set_threads()
-    arrays = load_prepared(PREPARED_FILE)
-    train_images = images_to_tensor(arrays["train_images"], device)
-    val_images = images_to_tensor(arrays["val_images"], device)
+    stopwatch = Stopwatch()
+    with stopwatch.part("setup"):
+        tracking.check_store()
+        device = engine.resolve_device(cell.device)
+        engine.set_threads()
+        arrays = load_prepared(PREPARED_FILE)
+        train_images = images_to_tensor(arrays["train_images"], device)
+        val_images = images_to_tensor(arrays["val_images"], device)
 
     training = engine.start_training(cell, device)
     inputs = {"data": sha256_of(PREPARED_FILE)}
@@ -66,27 +69,31 @@ def train_cell(
     prepared = read_json(PREPARED_SUMMARY)
     system_metrics = config.tracking.log_system_metrics
     with tracking.cell_run(config, cell, stage=train_stage(cell), run_id=run_id, system_metrics=system_metrics) as run:
-        if run_id is None:
-            tracking.log_cell_params(config, cell, prepared)
-            tracking.log_dataset(tracking.prepared_dataset(prepared, PREPARED_FILE), context="training")
-            for row in training.history:
+        with stopwatch.part("setup"):
+            if run_id is None:
+                tracking.log_cell_params(config, cell, prepared)
+                tracking.log_dataset(tracking.prepared_dataset(prepared, PREPARED_FILE), context="training")
+                for row in training.history:
+                    tracking.log_epoch(row)
+        with stopwatch.part("epochs"):  # with each epoch's validation, MLflow metrics and resume checkpoint
+            for row in engine.epochs(training, train_images, val_images, probe):
                 tracking.log_epoch(row)
-        for row in engine.epochs(training, train_images, val_images, probe):
-            tracking.log_epoch(row)
-            validation = "  ".join(f"{key[4:]} {value:.2f}" for key, value in row.items() if key.startswith("val_"))
-            log.info("%s epoch %d/%d  train loss %.2f  val %s", cell.name, row["epoch"], cell.epochs, row["train_loss"], validation)
-            engine.save_checkpoint(checkpoint, training, run.info.run_id, inputs)
-            if on_epoch_end is not None:
-                on_epoch_end(row["epoch"])
-        engine.finish_training(training, train_images)
+                validation = "  ".join(f"{key[4:]} {value:.2f}" for key, value in row.items() if key.startswith("val_"))
+                log.info("%s epoch %d/%d  train loss %.2f  val %s", cell.name, row["epoch"], cell.epochs, row["train_loss"], validation)
+                engine.save_checkpoint(checkpoint, training, run.info.run_id, inputs)
+                if on_epoch_end is not None:
+                    on_epoch_end(row["epoch"])
+            engine.finish_training(training, train_images)
 
-        with staged_dir(train_dir(config.study, cell.name)) as out:
+        with stopwatch.part("write_outputs"), staged_dir(train_dir(config.study, cell.name)) as out:
             torch.save({"cell": cell_as_dict(cell), "state_dict": training.model.state_dict()}, out / MODEL_FILE)
             write_json(out / HISTORY_FILE, training.history)
             write_json(out / "config.json", {"study": config.study, "cell": cell_as_dict(cell)})
             write_json(out / RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
-        tracking.log_model(training.model, cell)
-        tracking.log_networks(training.model, cell)
+        with stopwatch.part("log_model"):
+            tracking.log_model(training.model, cell)
+            tracking.log_networks(training.model, cell)
+        tracking.log_stage_seconds("train", stopwatch.seconds)
     checkpoint.unlink(missing_ok=True)
     return training.history
 

@@ -6,8 +6,6 @@ import warnings
 
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -31,6 +29,8 @@ class _Precomputed(nn.Module):
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between Gaussians fitted to two feature sets.
     NaN when a feature is not finite (the matrix square root of such a covariance can crash the process)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance  # here: it imports torchvision (3 s a process)
+
     if not (torch.isfinite(real).all() and torch.isfinite(fake).all()):
         return float("nan")
     metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), normalize=True).set_dtype(torch.float64)
@@ -41,6 +41,8 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int, subset_size: int, seed: int) -> tuple[float, float]:
     """KID: the unbiased MMD^2 with the cubic polynomial kernel, mean and std over random subsets."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     size = min(subset_size, len(real), len(fake))
     with warnings.catch_warnings():  # its note that it buffers all features: these are small
         warnings.simplefilter("ignore", UserWarning)
@@ -70,8 +72,10 @@ def class_distribution(probabilities: torch.Tensor) -> tuple[list[float], float]
     return shares.tolist(), entropy
 
 
-def _kth_neighbour_radii(points: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
-    """Distance from each point to its k-th nearest other point of the same set."""
+def kth_neighbour_radii(points: torch.Tensor, k: int, chunk: int = 1000) -> torch.Tensor:
+    """Distance from each point to its k-th nearest other point of the same set (the radii of its k-NN
+    manifold; those of the real set are the same for every image set scored against it)."""
+    points = points.float()
     radii = [torch.cdist(points[i : i + chunk], points).kthvalue(k + 1, dim=1).values for i in range(0, len(points), chunk)]
     return torch.cat(radii)
 
@@ -83,10 +87,14 @@ def _covered(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor, c
     )
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = 1000) -> tuple[float, float]:
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = 1000,
+                     real_radii: torch.Tensor | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al., 2019) with k-nearest-neighbour manifolds:
-    precision = share of fakes inside the real manifold, recall = share of reals inside the fake manifold."""
+    precision = share of fakes inside the real manifold, recall = share of reals inside the fake manifold.
+    `real_radii`: kth_neighbour_radii(real, k, chunk) when already computed."""
     real, fake = real.float(), fake.float()
-    precision = _covered(fake, real, _kth_neighbour_radii(real, k, chunk), chunk).double().mean().item()
-    recall = _covered(real, fake, _kth_neighbour_radii(fake, k, chunk), chunk).double().mean().item()
+    if real_radii is None:
+        real_radii = kth_neighbour_radii(real, k, chunk)
+    precision = _covered(fake, real, real_radii, chunk).double().mean().item()
+    recall = _covered(real, fake, kth_neighbour_radii(fake, k, chunk), chunk).double().mean().item()
     return precision, recall

@@ -14,8 +14,16 @@ import torch.nn.functional as F
 
 from pipeline.config import SampleQualityConfig
 from pipeline.models.losses import reconstruction_nats
-from pipeline.evaluation.metrics import class_distribution, frechet_distance, inception_score, kernel_distance, precision_recall
+from pipeline.evaluation.metrics import (
+    class_distribution,
+    frechet_distance,
+    inception_score,
+    kernel_distance,
+    kth_neighbour_radii,
+    precision_recall,
+)
 from pipeline.models import Autoencoder
+from pipeline.timing import Stopwatch
 
 SUFFIX = "mnist_cnn"
 
@@ -32,16 +40,24 @@ def embed(classifier, images: torch.Tensor, batch_size: int = 1000) -> tuple[tor
     return torch.cat(features), torch.cat(probabilities)
 
 
-def set_scores(classifier, real_features: torch.Tensor, images: torch.Tensor, settings: SampleQualityConfig) -> tuple[dict, list[float]]:
-    """Scores of an image set against the real (test) features, and its share of each predicted digit."""
-    features, probabilities = embed(classifier, images)
-    kid_mean, kid_std = kernel_distance(
-        real_features.cpu(), features.cpu(), settings.kid_subsets, settings.kid_subset_size, settings.seed
-    )
-    precision, recall = precision_recall(real_features, features, settings.pr_k)
+def set_scores(classifier, real_features: torch.Tensor, images: torch.Tensor, settings: SampleQualityConfig,
+               real_radii: torch.Tensor | None = None, stopwatch: Stopwatch | None = None) -> tuple[dict, list[float]]:
+    """Scores of an image set against the real (test) features, and its share of each predicted digit.
+    `real_radii`: the real features' k-NN radii (precision_recall), when already computed."""
+    stopwatch = stopwatch or Stopwatch()
+    with stopwatch.part("classifier_features"):
+        features, probabilities = embed(classifier, images)
+    with stopwatch.part("kid"):
+        kid_mean, kid_std = kernel_distance(
+            real_features.cpu(), features.cpu(), settings.kid_subsets, settings.kid_subset_size, settings.seed
+        )
+    with stopwatch.part("precision_recall"):
+        precision, recall = precision_recall(real_features, features, settings.pr_k, real_radii=real_radii)
+    with stopwatch.part("fid"):
+        fid = frechet_distance(real_features.cpu(), features.cpu())
     shares, entropy = class_distribution(probabilities)
     scores = {
-        f"fid_{SUFFIX}": frechet_distance(real_features.cpu(), features.cpu()),
+        f"fid_{SUFFIX}": fid,
         f"kid_{SUFFIX}_mean": kid_mean,
         f"kid_{SUFFIX}_std": kid_std,
         f"is_{SUFFIX}": inception_score(probabilities),
@@ -54,21 +70,26 @@ def set_scores(classifier, real_features: torch.Tensor, images: torch.Tensor, se
 
 @torch.no_grad()
 def model_scores(model: Autoencoder, classifier, real_features: torch.Tensor, test_images: torch.Tensor,
-                 settings: SampleQualityConfig) -> tuple[dict, dict]:
+                 settings: SampleQualityConfig, stopwatch: Stopwatch | None = None) -> tuple[dict, dict]:
     """Scores of N samples and of the reconstructions of N test images, plus the IW likelihood where the
     family has a likelihood bound. Samples decode z ~ N(0, I), or for a family without a prior the same
     noise mapped through the Gaussian fitted to its training codes (ex-post density estimation)."""
-    generator = torch.Generator().manual_seed(settings.seed)
-    noise = torch.randn(settings.n_samples, model.latent_dim, generator=generator).to(test_images.device)
-    samples = torch.cat([torch.sigmoid(model.decode(model.latent_from_noise(chunk))) for chunk in noise.split(1000)])
-    sample_scores, sample_shares = set_scores(classifier, real_features, samples, settings)
+    stopwatch = stopwatch or Stopwatch()
+    with stopwatch.part("precision_recall"):
+        real_radii = kth_neighbour_radii(real_features, settings.pr_k)
+    with stopwatch.part("decode"):
+        generator = torch.Generator().manual_seed(settings.seed)
+        noise = torch.randn(settings.n_samples, model.latent_dim, generator=generator).to(test_images.device)
+        samples = torch.cat([torch.sigmoid(model.decode(model.latent_from_noise(chunk))) for chunk in noise.split(1000)])
+    sample_scores, sample_shares = set_scores(classifier, real_features, samples, settings, real_radii, stopwatch)
     scores = sample_scores
     if model.capabilities.encoder:
-        originals = test_images[: settings.n_samples]
-        reconstructions = torch.cat(
-            [torch.sigmoid(model.decode(model.encode(chunk))) for chunk in originals.split(1000)]
-        )
-        recon_scores, _ = set_scores(classifier, real_features, reconstructions, settings)
+        with stopwatch.part("decode"):
+            originals = test_images[: settings.n_samples]
+            reconstructions = torch.cat(
+                [torch.sigmoid(model.decode(model.encode(chunk))) for chunk in originals.split(1000)]
+            )
+        recon_scores, _ = set_scores(classifier, real_features, reconstructions, settings, real_radii, stopwatch)
         scores = {**sample_scores, **{f"{key}_recon": value for key, value in recon_scores.items()}}
     if not model.capabilities.likelihood_bound:
         return scores, {"samples": sample_shares}
@@ -77,7 +98,8 @@ def model_scores(model: Autoencoder, classifier, real_features: torch.Tensor, te
     if settings.binarize:
         subset = torch.bernoulli(subset, generator=torch.Generator(subset.device).manual_seed(settings.seed))
     torch.manual_seed(settings.seed)
-    nll = importance_weighted_nll(model, subset, settings.iw_samples, model.likelihood, model.gaussian_std)
+    with stopwatch.part("iw_nll"):
+        nll = importance_weighted_nll(model, subset, settings.iw_samples, model.likelihood, model.gaussian_std)
     return {**scores, "iw_nll": nll.mean().item()}, {"samples": sample_shares}
 
 
