@@ -1,14 +1,18 @@
-"""`vaebench bench`: how fast the training engine is, side by side with the standard loop and the compute bound.
+"""`vaebench bench`: how fast training and the study are, side by side with the standard loop, the classic
+recipe and the compute bound. Writes reports/benchmarks/.
 
-For each architecture, images per second of
-  (a) the engine (pipeline/train.py: images resident on the device, index-permutation shuffling,
-      loss sums read once per epoch),
+Per architecture, images per second of
+  (a) the engine (pipeline/engine.py: images resident on the device, index-permutation shuffling, loss
+      sums read once per epoch),
   (b) the standard loop: torchvision's MNIST with the ToTensor transform behind a shuffling DataLoader,
       a `.item()` per step,
   (c) the compute bound: forward, backward and optimizer step on one pre-made batch in a tight loop,
 with achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode) against the measured float32 matmul
-GFLOP/s, and each measurement's peak memory (it runs in a fresh process). Each rate is the best of 3
-timed repeats after a warm-up. Writes reports/benchmarks/.
+GFLOP/s, and each measurement's peak memory (each runs in a fresh process; each rate is the best of 3
+timed repeats after a warm-up). Then whole processes: the classic PyTorch-examples recipe
+(benchmarks/reference_vae.py) beside `python -m pipeline train CELL` and `evaluate CELL`, start-up and
+logging included, with each stage's time by part. All of it is repeated `--runs` times (the table shows
+the median and range). `--study` times `dvc repro` of the committed study from clean, by stage.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pipeline.data import MNIST_SHA256, DataError, images_to_tensor, load_prepar
 from pipeline.errors import VaebenchError
 from pipeline.engine import model_epoch, set_threads
 from pipeline.models import build_model
-from pipeline.outputs import PREPARED_FILE, write_json, write_text
+from pipeline.outputs import CLASSIFIER_DIR, PREPARED_FILE, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +228,10 @@ def timed_process(command: list[str], cwd: Path, env: dict) -> tuple[float, str]
     import subprocess
 
     started = time.perf_counter()
-    finished = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    try:
+        finished = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise VaebenchError(f"{command[0]} not found; run the bench from the project's environment (make setup)") from None
     seconds = time.perf_counter() - started
     if finished.returncode != 0:
         raise VaebenchError(f"{' '.join(command)} exited with code {finished.returncode}:\n{finished.stderr[-3000:]}")
@@ -239,33 +246,64 @@ def run_metrics(store: str, study: str, cell: str) -> dict[str, float]:
 
     client = MlflowClient(tracking_uri=store)
     experiment = client.get_experiment_by_name(experiment_name(study))
+    if experiment is None:
+        return {}
     runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{cell}'")
     return runs[0].data.metrics if runs else {}
 
 
 def seconds_by_part(metrics: dict[str, float], stage: str) -> dict[str, float]:
-    prefix = f"{stage}_seconds_"
+    """The stage's time by part, as tracking.log_stage_seconds logged it."""
+    prefix = f"seconds_{stage}_"
     return {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
 
 
+def subprocess_env(config: StudyConfig) -> dict[str, str]:
+    """The environment of the timed processes: this checkout's code and programs, the same MNIST files."""
+    import sys
+
+    env = {
+        **os.environ,
+        "VAEBENCH_DATA_ROOT": str(Path(config.data.root).resolve()),
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONPATH": str(REFERENCE_SCRIPT.parents[1]),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env.pop("DVC_ROOT", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def reference_network(cell) -> bool:
+    """Whether the cell is the classic recipe's model: the 784-400-20-400-784 MLP VAE, Bernoulli, batch 128, Adam 1e-3."""
+    return (cell.family, cell.arch, tuple(cell.hidden), cell.latent_dim, cell.batch_size, cell.lr, cell.likelihood) == (
+        "vae", "linear", (400,), 20, 128, 1e-3, "bernoulli") and cell.settings.beta == 1.0
+
+
 def whole_process(config: StudyConfig, cell_name: str, params_file: Path) -> dict:
-    """The classic recipe (benchmarks/reference_vae.py) and `python -m pipeline train CELL` then
-    `evaluate CELL`, each timed as a whole process, start-up, data loading and logging included, on the
-    same number of training images and epochs, in a scratch folder with its own MLflow store (created
-    beforehand, as a study's first stage would have). Images per second and the test ELBO of each."""
+    """The classic recipe (benchmarks/reference_vae.py, on the first `train_size` of torchvision's training
+    images, testing on all 10,000 test images every epoch) and `python -m pipeline train CELL` then
+    `evaluate CELL` (the prepared split, validation every epoch), each timed as a whole process, start-up,
+    data loading and logging included, with the same number of training images and epochs, in a scratch
+    folder with its own MLflow store (created beforehand, as a study's first stage would have). Images per
+    second and the test ELBO of each; `same_network` says whether the cell is the recipe's model."""
     import subprocess
     import sys
     import tempfile
 
+    from pipeline.engine import resolve_device
+
     cell = config.cell(cell_name)
     repository = Path.cwd()
-    env = {**os.environ, "VAEBENCH_DATA_ROOT": str(Path(config.data.root).resolve()), "DVC_NO_ANALYTICS": "1"}
-    env.pop("DVC_ROOT", None)
+    env = subprocess_env(config)
     reference_seconds, printed = timed_process(
         [sys.executable, str(REFERENCE_SCRIPT), "--epochs", str(cell.epochs), "--train-images", str(config.data.train_size),
          "--params", str(params_file.resolve())], repository, env,
     )
-    reference_elbo = float(printed.strip().splitlines()[-1].split("test loss ")[1].split()[0])
+    last = printed.strip().splitlines()[-1] if printed.strip() else ""
+    if "test loss " not in last:
+        raise VaebenchError(f"{REFERENCE_SCRIPT.name} printed no test loss; its last line: {last!r}")
+    reference_elbo = float(last.split("test loss ")[1].split()[0])
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         (work / "results").mkdir()
@@ -274,8 +312,7 @@ def whole_process(config: StudyConfig, cell_name: str, params_file: Path) -> dic
                 (work / "results" / name).symlink_to(repository / "results" / name)
         shutil.copyfile(params_file, work / "params.yaml")
         env["MLFLOW_TRACKING_URI"] = store = f"sqlite:///{work / 'mlflow.db'}"
-        subprocess.run([sys.executable, "-c", "import mlflow; mlflow.MlflowClient().search_experiments()"],
-                       env=env, check=True, capture_output=True)
+        timed_process([sys.executable, "-c", "import mlflow; mlflow.MlflowClient().search_experiments()"], work, env)
         import_seconds, _ = timed_process([sys.executable, "-c", "import pipeline.train"], work, env)
         train_seconds, _ = timed_process([sys.executable, "-m", "pipeline", "train", cell_name], work, env)
         evaluate_seconds, _ = timed_process([sys.executable, "-m", "pipeline", "evaluate", cell_name], work, env)
@@ -284,6 +321,8 @@ def whole_process(config: StudyConfig, cell_name: str, params_file: Path) -> dic
     images = cell.epochs * config.data.train_size
     return {
         "cell": cell_name,
+        "same_network": reference_network(cell),
+        "device": str(resolve_device(cell.device)),
         "epochs": cell.epochs,
         "train_images": config.data.train_size,
         "reference": {"seconds": reference_seconds, "images_per_s": images / reference_seconds, "test_elbo": reference_elbo},
@@ -295,61 +334,83 @@ def whole_process(config: StudyConfig, cell_name: str, params_file: Path) -> dic
     }
 
 
-STAGE_LINE = re.compile(r"Running stage '([^']+)'")
+# How DVC 3 announces each stage of `dvc repro`, run or not (dvc/stage/run.py, stage/__init__.py, stage/cache.py).
+STAGE_LINE = re.compile(r"^(?:Running stage|Stage) '([^']+)'")
+
+
+def stage_seconds(lines: list[tuple[float, str]], total: float) -> dict[str, float]:
+    """Each stage's seconds from `dvc repro` output lines stamped with their arrival time: from the line
+    announcing it to the next announcement (or the end). DVC's own start-up is `(dvc start-up)`."""
+    starts = [(0.0, "(dvc start-up)")]
+    for at, line in lines:
+        match = STAGE_LINE.match(line.strip())
+        if match:
+            starts.append((at, match.group(1)))
+    ends = [at for at, _ in starts[1:]] + [total]
+    return {name: end - at for (at, name), end in zip(starts, ends)}
 
 
 def study_wall_time(config: StudyConfig) -> dict:
     """`dvc repro` of the committed study from clean, in a temporary clone (no results, no DVC cache) reading
-    the same MNIST files: its wall time, each stage's (from the moment DVC starts it to the next stage's
-    start, process start-up included), each cell's train and evaluate time by part (from the clone's MLflow
-    store), and whether every output has the md5 the committed dvc.lock records (the same numbers). The
-    clone's dvc.lock and study metrics are kept in reports/benchmarks/study/."""
+    the same MNIST files: its wall time, each stage's (stage_seconds), each cell's train and evaluate time
+    by part (from the clone's MLflow store), and whether every output has the md5 that the committed
+    dvc.lock records (the same numbers). The clone's dvc.lock and study metrics are kept in
+    reports/benchmarks/study/."""
+    import signal
     import subprocess
     import tempfile
 
     import yaml
 
+    from pipeline.config import load_study
+
     with tempfile.TemporaryDirectory() as scratch:
         clone = Path(scratch) / "repo"
-        subprocess.run(["git", "clone", "--quiet", str(Path.cwd()), str(clone)], check=True)
-        env = {**os.environ, "VAEBENCH_DATA_ROOT": str(Path(config.data.root).resolve()), "DVC_NO_ANALYTICS": "1"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        stages, started = [], time.perf_counter()
-        process = subprocess.Popen(["dvc", "repro"], cwd=clone, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-        output = []
-        for line in process.stdout:
-            output.append(line)
-            match = STAGE_LINE.search(line)
-            if match:
-                stages.append([match.group(1), time.perf_counter() - started])
-        if process.wait() != 0:
-            raise VaebenchError(f"dvc repro of the study failed:\n{''.join(output[-40:])}")
+        cloned = subprocess.run(["git", "clone", "--quiet", str(Path.cwd()), str(clone)], capture_output=True, text=True)
+        if cloned.returncode != 0:
+            raise VaebenchError(f"git clone of {Path.cwd()} failed: {cloned.stderr.strip()}; run the bench in the repository")
+        committed_lock = clone / "dvc.lock"
+        committed = output_hashes(yaml.safe_load(committed_lock.read_text())) if committed_lock.is_file() else {}
+        study = load_study(clone / "params.yaml")
+        env = subprocess_env(config)
+        lines, started = [], time.perf_counter()
+        try:
+            process = subprocess.Popen(["dvc", "repro"], cwd=clone, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        except FileNotFoundError:
+            raise VaebenchError("dvc not found; run the bench from the project's environment (make setup)") from None
+        try:
+            for line in process.stdout:
+                lines.append((time.perf_counter() - started, line))
+            returncode = process.wait()
+        except BaseException:  # Ctrl-C, SIGTERM: stop DVC and its stage before the clone is deleted
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            raise
         seconds = time.perf_counter() - started
-        ends = [start for _, start in stages[1:]] + [seconds]
-        by_stage = {name: end - start for (name, start), end in zip(stages, ends)}
+        if returncode != 0:
+            raise VaebenchError("dvc repro of the study failed:\n" + "".join(line for _, line in lines[-40:]))
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
         store = f"sqlite:///{clone / 'mlflow.db'}"
         cells = {}
-        for name in config.cells:
-            metrics = run_metrics(store, config.study, name)
+        for name in study.cells:
+            metrics = run_metrics(store, study.study, name)
             cells[name] = {"train": seconds_by_part(metrics, "train"), "evaluate": seconds_by_part(metrics, "evaluate")}
-        committed = _output_hashes(yaml.safe_load((Path.cwd() / "dvc.lock").read_text()) if Path("dvc.lock").is_file() else {})
-        produced = _output_hashes(yaml.safe_load((clone / "dvc.lock").read_text()))
+        produced = output_hashes(yaml.safe_load((clone / "dvc.lock").read_text()))
         differing = sorted(path for path in committed.keys() & produced.keys() if committed[path] != produced[path])
         kept = OUT_DIR / "study"
         kept.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(clone / "dvc.lock", kept / "dvc.lock")
-        study_metrics = clone / "results" / config.study / "metrics.json"
+        study_metrics = clone / "results" / study.study / "metrics.json"
         if study_metrics.is_file():
             shutil.copyfile(study_metrics, kept / "metrics.json")
     return {
-        "seconds": seconds, "commit": commit, "cells": len(config.cells), "stages": by_stage, "cell_parts": cells,
-        "outputs_compared": len(committed.keys() & produced.keys()), "outputs_differing": differing,
+        "seconds": seconds, "commit": commit, "cells": len(study.cells), "stages": stage_seconds(lines, seconds),
+        "cell_parts": cells, "outputs_compared": len(committed.keys() & produced.keys()), "outputs_differing": differing,
     }
 
 
-def _output_hashes(lock: dict) -> dict[str, str]:
+def output_hashes(lock: dict) -> dict[str, str]:
     """path -> md5 of every output a dvc.lock records (reports excepted: they embed timings and run ids)."""
     return {
         out["path"]: out["md5"]
@@ -447,12 +508,15 @@ def measure_architectures(config: StudyConfig, cells: list[str], images: int, co
 
 def run_bench(config: StudyConfig, cells: list[str], images: int, reference_cell: str | None, copies: int = 4,
               study: bool = False, runs: int = 3, params_file: Path = Path("params.yaml")) -> dict:
-    """`runs` repeats of every measurement (this machine's timings vary from run to run; the table shows
-    the median and the range)."""
+    """`runs` repeats of the throughput and whole-process measurements (this machine's timings vary from run
+    to run; the table shows the median and the range); the study is timed once."""
     check_bench_cells(config, cells, reference_cell)
     # Checked here: each measurement process would die on them one by one.
     if not PREPARED_FILE.is_file():
         raise DataError(f"prepared data {PREPARED_FILE} is missing; run `dvc repro prepare` first")
+    if reference_cell and not (CLASSIFIER_DIR / "model.pt").is_file():
+        raise DataError(f"{CLASSIFIER_DIR / 'model.pt'} is missing (the evaluate stage of the whole-process comparison "
+                        "scores samples with it); run `dvc repro classifier` first, or pass --no-full")
     if missing_files(config.data.root):  # the standard loop reads the raw files with torchvision
         raise DataError(f"MNIST files missing in {raw_dir(config.data.root)}: {', '.join(missing_files(config.data.root))}")
     set_threads()
@@ -481,6 +545,9 @@ def run_bench(config: StudyConfig, cells: list[str], images: int, reference_cell
     return results
 
 
+MISSING = "–"
+
+
 def spread(values: list[float], digits: int = 0, scale: float = 1.0) -> str:
     """median (min–max) of repeated measurements."""
     values = sorted(value * scale for value in values)
@@ -507,13 +574,13 @@ def table(results: dict) -> str:
         def over(key: str, digits: int = 0, scale: float = 1.0) -> str:
             return spread([r[key] for r in rows], digits, scale)
 
-        memory = row["peak_memory_mib"]
+        memory = {key: spread([r["peak_memory_mib"][key] for r in rows]) for key in row["peak_memory_mib"]}
         lines.append(
             f"| {row['cell']} | {over('engine_images_per_s')} | {over('standard_images_per_s')} | "
             f"{over('compute_bound_images_per_s')} | {over('engine_over_standard', 2)} | {over('engine_over_compute_bound', 2)} | "
             f"{over('engine_gflops')} | {over('engine_share_of_matmul_peak', 0, 100)}% | "
             f"{over('stacked_over_engine', 2)} ({row['stacked_copies']} seeds) | "
-            f"{memory['engine']:.0f} / {memory['standard']:.0f} / {memory['compute_bound']:.0f} |"
+            f"{memory['engine']} / {memory['standard']} / {memory['compute_bound']} |"
         )
     wholes = [run["whole_process"] for run in runs if "whole_process" in run]
     if wholes:
@@ -523,14 +590,21 @@ def table(results: dict) -> str:
             values = []
             for entry in wholes:
                 for key in path:
-                    entry = entry[key]
-                values.append(entry)
-            return spread(values, digits)
+                    entry = entry.get(key, {}) if isinstance(entry, dict) else {}
+                if isinstance(entry, (int, float)):
+                    values.append(entry)
+            return spread(values, digits) if values else MISSING
 
-        parts = first["train"]["parts"]
+        def parts(stage: str) -> str:
+            names = dict.fromkeys(part for entry in wholes for part in entry[stage]["parts"])
+            return ", ".join(f"{part} {whole((stage, 'parts', part), 1)}" for part in names)
+
+        network = "the classic recipe's network" if first.get("same_network") else (
+            "NOT the classic recipe's 784-400-20-400-784 network, so the rates compare different models")
         lines += [
             "",
-            f"Whole processes, {first['epochs']} epochs on {first['train_images']:,} images, cell {first['cell']}:",
+            f"Whole processes, {first['epochs']} epochs on {first['train_images']:,} images; cell {first['cell']} "
+            f"({network}) on {first.get('device', 'cpu')}, the classic recipe on cpu:",
             "",
             "| process | seconds | images/s | test ELBO (nats/image) |",
             "|---|---|---|---|",
@@ -543,9 +617,8 @@ def table(results: dict) -> str:
             "",
             f"train over the classic recipe: {whole(('train_over_reference',), 2)}×; test ELBO difference "
             f"{whole(('test_elbo_difference',), 2)} nats/image; `import pipeline.train` {whole(('train', 'import_seconds'), 1)} s",
-            "train stage by part (s): " + ", ".join(f"{part} {whole(('train', 'parts', part), 1)}" for part in parts),
-            "evaluate stage by part (s): "
-            + ", ".join(f"{part} {whole(('evaluate', 'parts', part), 1)}" for part in first["evaluate"]["parts"]),
+            f"train stage by part (s): {parts('train')}",
+            f"evaluate stage by part (s): {parts('evaluate')}",
         ]
     study = results.get("study_repro")
     if study:
@@ -555,8 +628,13 @@ def table(results: dict) -> str:
 
 def study_table(study: dict) -> str:
     """The study's wall time by stage, and where each cell's train and evaluate time went."""
-    same = "every output has the committed dvc.lock's md5" if not study["outputs_differing"] else (
-        f"{len(study['outputs_differing'])} outputs differ from the committed dvc.lock: {', '.join(study['outputs_differing'][:5])}")
+    if not study["outputs_compared"]:
+        same = "no output to compare with (the commit has no dvc.lock, or none of these outputs)"
+    elif not study["outputs_differing"]:
+        same = "every output has the committed dvc.lock's md5"
+    else:
+        same = (f"{len(study['outputs_differing'])} outputs differ from the committed dvc.lock: "
+                f"{', '.join(study['outputs_differing'][:5])}")
     lines = [
         f"dvc repro of the study from clean ({study['cells']} cells, commit {study['commit'][:7]}): "
         f"{study['seconds'] / 60:.1f} min; {study['outputs_compared']} outputs compared, {same}",

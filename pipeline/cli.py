@@ -116,8 +116,6 @@ def cmd_enable_tune(args) -> None:
 def cmd_bench(args) -> None:
     from pipeline.bench import run_bench, table, write_results
 
-    if args.runs < 1:
-        raise ConfigError(f"--runs {args.runs}: give at least 1")
     results = run_bench(
         load_study(args.params), args.cells, args.images, None if args.no_full else args.reference_cell, study=args.study,
         runs=args.runs, params_file=args.params,
@@ -251,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reference-cell", default="linear-z20-b1-s0",
                        help="the cell trained and evaluated as whole processes beside the classic recipe")
     bench.add_argument("--no-full", action="store_true", help="skip the whole-process comparison")
-    bench.add_argument("--runs", type=int, default=3, help="repeats of every measurement (the table shows their spread)")
+    bench.add_argument("--runs", type=positive_int, default=3, help="repeats of every measurement (the table shows their spread)")
     bench.add_argument("--study", action="store_true",
                        help="also time `dvc repro` of the study from clean, by stage (about half an hour on 2 cores)")
     bench.set_defaults(run=cmd_bench)

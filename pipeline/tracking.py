@@ -304,8 +304,15 @@ def log_test_metrics(metrics: dict, dataset=None) -> None:
 
 
 def log_stage_seconds(stage: str, seconds: dict[str, float]) -> None:
-    """A stage's wall time by part, as run metrics `<stage>_seconds_<part>`."""
-    mlflow.log_metrics({f"{stage}_seconds_{part}": value for part, value in seconds.items()})
+    """A stage's wall time by part, as metrics `seconds_<stage>_<part>` of the active run only (not of the
+    models it logged, as mlflow.log_metrics would make them)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(
+        mlflow.active_run().info.run_id,
+        metrics=[Metric(f"seconds_{stage}_{part}", value, now, 0) for part, value in seconds.items()],
+    )
 
 
 def logged_model_id(run_id: str, name: str) -> str | None:

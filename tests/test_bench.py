@@ -4,7 +4,17 @@ import math
 
 import pytest
 
-from pipeline.bench import in_fresh_process, run_bench, spread, study_table, table, training_step_flops, write_results
+from pipeline.bench import (
+    output_hashes,
+    in_fresh_process,
+    run_bench,
+    spread,
+    stage_seconds,
+    study_table,
+    table,
+    training_step_flops,
+    write_results,
+)
 from pipeline.errors import VaebenchError
 
 
@@ -23,29 +33,90 @@ def test_bench_writes_every_measurement(prepared, workdir):
 
     train_classifier(prepared)  # the whole-process comparison runs the evaluate stage
     results = run_bench(prepared, ["linear-z2-b1-s0"], images=256, reference_cell="linear-z2-b1-s0", copies=2,
-                        runs=2, params_file=TINY_STUDY)
-    assert len(results["runs"]) == 2 and len(results["machine"]["matmul_gflops"]) == 2
-    for run in results["runs"]:
-        row = run["architectures"][0]
-        for key in ("engine_images_per_s", "standard_images_per_s", "compute_bound_images_per_s", "stacked_images_per_s"):
-            assert row[key] > 0
-        assert row["engine_over_standard"] == row["engine_images_per_s"] / row["standard_images_per_s"]
-        assert all(value > 0 for value in row["peak_memory_mib"].values())
-        whole = run["whole_process"]
-        assert whole["reference"]["test_elbo"] > 0 and whole["evaluate"]["test_elbo"] > 0
-        assert whole["train_over_reference"] == whole["reference"]["seconds"] / whole["train"]["seconds"]
-        # The stages' own timing reached their MLflow run, and accounts for no more than the whole process.
-        assert set(whole["train"]["parts"]) == {"setup", "epochs", "write_outputs", "log_model"}
-        assert {"load_model", "reconstruction", "classifier_features", "kid", "precision_recall", "iw_nll", "codes"} <= set(
-            whole["evaluate"]["parts"])
-        assert 0 < sum(whole["train"]["parts"].values()) < whole["train"]["seconds"]
-        assert 0 < sum(whole["evaluate"]["parts"].values()) < whole["evaluate"]["seconds"]
+                        runs=1, params_file=TINY_STUDY)
+    assert len(results["runs"]) == 1 and len(results["machine"]["matmul_gflops"]) == 1
+    row = results["runs"][0]["architectures"][0]
+    for key in ("engine_images_per_s", "standard_images_per_s", "compute_bound_images_per_s", "stacked_images_per_s"):
+        assert row[key] > 0
+    assert row["engine_over_standard"] == row["engine_images_per_s"] / row["standard_images_per_s"]
+    assert all(value > 0 for value in row["peak_memory_mib"].values())
+    whole = results["runs"][0]["whole_process"]
+    assert whole["reference"]["test_elbo"] > 0 and whole["evaluate"]["test_elbo"] > 0
+    assert whole["train_over_reference"] == whole["reference"]["seconds"] / whole["train"]["seconds"]
+    assert not whole["same_network"]  # the tiny study's linear-z2 is not the 784-400-20 recipe
+    # The stages' own timing reached their MLflow run, and accounts for no more than the whole process.
+    assert set(whole["train"]["parts"]) == {"setup", "epochs", "write_outputs", "log_model"}
+    assert {"load_model", "reconstruction", "classifier_features", "kid", "precision_recall", "iw_nll", "codes"} <= set(
+        whole["evaluate"]["parts"])
+    assert 0 < sum(whole["train"]["parts"].values()) < whole["train"]["seconds"]
+    assert 0 < sum(whole["evaluate"]["parts"].values()) < whole["evaluate"]["seconds"]
     path = write_results(results)
     assert json.loads(path.read_text()) == json.loads(json.dumps(results))
     printed = table(results)
-    engines = sorted(run["architectures"][0]["engine_images_per_s"] for run in results["runs"])
-    assert f"| linear-z2-b1-s0 | {sum(engines) / 2:.0f} ({engines[0]:.0f}–{engines[1]:.0f}) |" in printed
-    assert "`python -m pipeline train linear-z2-b1-s0`" in printed
+    assert f"| linear-z2-b1-s0 | {row['engine_images_per_s']:.0f} | {row['standard_images_per_s']:.0f} |" in printed
+    assert "`python -m pipeline train linear-z2-b1-s0`" in printed and "NOT the classic recipe's" in printed
+
+
+def test_the_table_shows_the_median_and_range_of_the_runs():
+    def run(engine: float, train_seconds: float) -> dict:
+        row = {"cell": "c", "engine_images_per_s": engine, "standard_images_per_s": 100.0, "compute_bound_images_per_s": 200.0,
+               "engine_over_standard": engine / 100, "engine_over_compute_bound": engine / 200, "engine_gflops": 1.0,
+               "engine_share_of_matmul_peak": 0.5, "stacked_over_engine": 1.0, "stacked_copies": 2,
+               "peak_memory_mib": {"engine": 10.0, "standard": 20.0, "compute_bound": 30.0}}
+        whole = {"cell": "c", "same_network": True, "device": "cpu", "epochs": 2, "train_images": 1000,
+                 "reference": {"seconds": 10.0, "images_per_s": 200.0, "test_elbo": 100.0},
+                 "train": {"seconds": train_seconds, "images_per_s": 2000 / train_seconds, "import_seconds": 1.0,
+                           "parts": {"epochs": train_seconds - 1}},
+                 "evaluate": {"seconds": 5.0, "parts": {"kid": 2.0}, "test_elbo": 100.5},
+                 "train_over_reference": 10.0 / train_seconds, "test_elbo_difference": 0.5}
+        return {"architectures": [row], "whole_process": whole}
+
+    results = {"machine": {"cpu_threads": 2, "cpu_capability": "AVX2", "matmul_gflops": [100.0, 200.0, 150.0]},
+               "runs": [run(300.0, 5.0), run(100.0, 4.0), run(200.0, 8.0)]}
+    printed = table(results)
+    assert "3 run(s)" in printed and "matmul float32: 150 (100–200) GFLOP/s" in printed
+    assert "| c | 200 (100–300) | 100 (100–100) |" in printed
+    assert "| `python -m pipeline train c` | 5.0 (4.0–8.0) |" in printed
+    assert "train over the classic recipe: 2.00 (1.25–2.50)×" in printed
+    assert "train stage by part (s): epochs 4.0 (3.0–7.0)" in printed
+
+
+def test_stage_seconds_splits_dvc_output_at_each_stage_announcement():
+    lines = [
+        (0.5, "Verifying data sources in stage: 'prepare'\n"),
+        (1.0, "Running stage 'prepare':\n"),
+        (1.1, "> python -m pipeline prepare\n"),
+        (4.0, "Stage 'classifier' didn't change, skipping\n"),
+        (4.5, "Stage 'train@a' is cached - skipping run, checking out outputs\n"),
+        (5.0, "Running stage 'evaluate@a':\n"),
+        (9.0, "Updating lock file 'dvc.lock'\n"),
+    ]
+    assert stage_seconds(lines, 12.0) == {
+        "(dvc start-up)": 1.0, "prepare": 3.0, "classifier": 0.5, "train@a": 0.5, "evaluate@a": 7.0,
+    }
+
+
+def testoutput_hashes_leave_out_reports_and_run_ids():
+    lock = {"stages": {
+        "train@a": {"outs": [{"path": "results/s/train/a/model.pt", "md5": "1"},
+                             {"path": "results/s/train/a/mlflow_run.json", "md5": "2"}]},
+        "report": {"outs": [{"path": "reports/s", "md5": "3.dir"}, {"path": "results/s/metrics.json", "md5": "4"}]},
+    }}
+    assert output_hashes(lock) == {"results/s/train/a/model.pt": "1", "results/s/metrics.json": "4"}
+
+
+def test_stopwatch_adds_up_the_time_of_a_part():
+    import time
+
+    from pipeline.timing import Stopwatch
+
+    stopwatch = Stopwatch()
+    for _ in range(2):
+        with stopwatch.part("sleep"):
+            time.sleep(0.05)
+    with pytest.raises(ValueError), stopwatch.part("failing"):
+        raise ValueError
+    assert 0.1 <= stopwatch.seconds["sleep"] < 1.0 and "failing" in stopwatch.seconds
 
 
 def test_spread_is_the_median_and_range():

@@ -5,7 +5,14 @@ import pytest
 import torch
 from scipy import linalg
 
-from pipeline.evaluation.metrics import class_distribution, frechet_distance, inception_score, kernel_distance, precision_recall
+from pipeline.evaluation.metrics import (
+    class_distribution,
+    frechet_distance,
+    inception_score,
+    kernel_distance,
+    kth_neighbour_radii,
+    precision_recall,
+)
 from pipeline.config import parse_cell
 from pipeline.models import build_model
 from pipeline.evaluation.sample_quality import importance_weighted_nll
@@ -62,6 +69,9 @@ def test_precision_and_recall():
     tail = real[real[:, 0] > 1.0]
     precision, recall = precision_recall(real, tail, k=3)
     assert precision > 0.95 and recall < 0.5
+    # The real set's radii computed once (as model_scores does for samples and reconstructions) give the same.
+    assert precision_recall(real, tail, k=3, real_radii=kth_neighbour_radii(real, 3)) == (precision, recall)
+    assert kth_neighbour_radii(real, 3).shape == (2000,)
 
 
 def test_inception_score_and_class_distribution_limits():
