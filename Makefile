@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup study test ui tune server server-stop dashboard
+.PHONY: setup study test ui tune server server-stop dashboard app
 
 setup: $(VENV)/.installed
 
@@ -53,3 +53,9 @@ dashboard: setup
 	@if [ "$(OPTUNA_STORAGE)" = "sqlite:///$(CURDIR)/optuna.db" ] && [ ! -s optuna.db ]; then \
 		echo "no tuning study yet: optuna.db is missing; run make tune first, or set VAEBENCH_OPTUNA_STORAGE" >&2; exit 1; fi
 	optuna-dashboard $(OPTUNA_STORAGE) --host 127.0.0.1 --port 8080
+
+# The app (pipeline/app/main.py): study browser, latent explorer, train then generate; loopback only.
+APP_PORT ?= 8501
+app: setup
+	streamlit run pipeline/app/main.py --server.address 127.0.0.1 --server.port $(APP_PORT) \
+		--server.headless true --browser.gatherUsageStats false

@@ -32,6 +32,9 @@ from pipeline.reporting import figures
 from pipeline.reporting.findings import study_findings
 from pipeline.reporting.results import (
     best_cells,
+    cell_history,
+    cell_kl_per_dim,
+    cell_metrics,
     cell_table,
     markdown_class_share_table,
     markdown_family_table,
@@ -123,7 +126,7 @@ def model_figures(config: StudyConfig, models: dict, test: TestSet, folder: Path
     """The figures drawn from trained models, for one model or for many side by side."""
     settings = config.report
     scatter = slice(0, settings.scatter_points)
-    kl_dims = {name: read_json(evaluate_dir(config.study, name) / "kl_per_dim.json") for name in models}
+    kl_dims = {name: cell_kl_per_dim(config.study, name) for name in models}
     digits = test.digits(settings.digits)
     encoders = {name: model for name, model in models.items() if model.capabilities.encoder}
     generator = torch.Generator().manual_seed(settings.seed)
@@ -150,7 +153,7 @@ def model_figures(config: StudyConfig, models: dict, test: TestSet, folder: Path
 def history_table(config: StudyConfig, cells: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for cell in cells[(cells["status"] == "ok") & ~cells["adversarial"]].itertuples():
-        for epoch in read_json(train_dir(config.study, cell.cell) / "history.json"):
+        for epoch in cell_history(config.study, cell.cell):
             for split, prefix in (("training", "train"), ("validation", "val")):
                 rows.append(
                     {"model": f"{cell.family} · {cell.arch}", "latent_dim": cell.latent_dim, "setting": cell.variant or "–",
@@ -321,7 +324,7 @@ def build_report(config: StudyConfig) -> Path:
     tuned = [(config.cell(name).init_from, name) for name in evaluated["cell"] if config.cell(name).init_from]
     loaded = load_models(config, dict.fromkeys([*shown, *(name for pair in tuned for name in pair)]))
     models = {name: loaded[name] for name in shown}
-    adversarial = {name: read_json(train_dir(config.study, name) / "history.json") for name in evaluated.loc[evaluated["adversarial"], "cell"]}
+    adversarial = {name: cell_history(config.study, name) for name in evaluated.loc[evaluated["adversarial"], "cell"]}
     with staged_dir(final) as folder:
         log.info("report: drawing figures of %d models", len(shown))
         written = [
@@ -342,8 +345,7 @@ def build_report(config: StudyConfig) -> Path:
         (folder / "report.html").write_text(to_html(blocks, folder))
         for name in evaluated["cell"]:
             cell_figures(config, name, folder / "cells" / name, test)
-    write_json(study_metrics_file(config.study),
-               {name: read_json(evaluate_dir(config.study, name) / "metrics.json") for name in evaluated["cell"]})
+    write_json(study_metrics_file(config.study), {name: cell_metrics(config.study, name) for name in evaluated["cell"]})
     run_ids = {name: read_json(train_dir(config.study, name) / RUN_FILE)["run_id"] for name in evaluated["cell"]}
     tracking.log_report(config, final, {run_ids[name]: final / "cells" / name for name in evaluated["cell"]})
     tracking.log_study_results(config, best_cells(evaluated), run_ids, dict(zip(evaluated["cell"], evaluated["group"])))

@@ -73,36 +73,59 @@ def mlflow_ui(store_folder: Path) -> Iterator[str]:
     # and answers in about 8 s rather than 13 s on two cores.
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    with tempfile.TemporaryDirectory(prefix="mlflow-ui-") as scratch:
-        log_path = Path(scratch) / "mlflow.log"
+    with _serving(command, store_folder, env, f"{url}/health", "mlflow server"):
+        yield url
+
+
+# While Streamlit runs the script: its status widget, and placeholders for elements not drawn yet.
+STREAMLIT_BUSY = '[data-testid="stStatusWidget"], [data-testid="stSkeleton"]'
+
+
+@contextlib.contextmanager
+def streamlit_app(folder: Path, script: Path) -> Iterator[str]:
+    """`streamlit run script` on a free loopback port with `folder` as its working directory (a repository
+    with params.yaml and results/); yields its base URL; stopped by PID like mlflow_ui."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", "127.0.0.1",
+               "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    with _serving(command, Path(folder), dict(os.environ), f"{url}/_stcore/health", "streamlit"):
+        yield url
+
+
+@contextlib.contextmanager
+def _serving(command: list[str], cwd: Path, env: dict, health_url: str, name: str) -> Iterator[None]:
+    """Run a server in a session of its own until its health URL answers; stop its process group at the end."""
+    with tempfile.TemporaryDirectory(prefix="server-log-") as scratch:
+        log_path = Path(scratch) / "server.log"
         with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(command, cwd=store_folder, stdout=log_file, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(command, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         try:
-            _wait_for_health(process, url, log_path)
-            yield url
+            _wait_for_health(process, health_url, log_path, name)
+            yield
         finally:
-            _stop_group(process)
+            _stop_group(process, name)
 
 
 def _log_tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _wait_for_health(process: subprocess.Popen, url: str, log_path: Path) -> None:
+def _wait_for_health(process: subprocess.Popen, health_url: str, log_path: Path, name: str) -> None:
     deadline = time.monotonic() + SERVER_START_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"mlflow server exited with code {process.returncode} before answering; its log ends:\n"
+            raise AssertionError(f"{name} exited with code {process.returncode} before answering; its log ends:\n"
                                  f"{_log_tail(log_path)}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            with urllib.request.urlopen(health_url, timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
-    raise AssertionError(f"mlflow server did not answer {url}/health within {SERVER_START_SECONDS} s; its log ends:\n"
+    raise AssertionError(f"{name} did not answer {health_url} within {SERVER_START_SECONDS} s; its log ends:\n"
                          f"{_log_tail(log_path)}")
 
 
@@ -119,7 +142,7 @@ def _group_pids(group: int) -> list[int]:
     return pids
 
 
-def _stop_group(process: subprocess.Popen) -> None:
+def _stop_group(process: subprocess.Popen, name: str) -> None:
     """End the server's process group as `vaebench server stop` does, then assert that none of the processes
     the group had is left."""
     pids = {process.pid, *_group_pids(process.pid)}
@@ -129,11 +152,13 @@ def _stop_group(process: subprocess.Popen) -> None:
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = sorted(pid for pid in pids if alive(pid))
-    assert not left, f"mlflow server processes {left} outlived the stop of their group {process.pid}"
+    assert not left, f"{name} processes {left} outlived the stop of their group {process.pid}"
 
 
-def screenshot_when_rendered(page, texts: Iterable[str], path: Path, timeout_s: float = RENDER_SECONDS) -> None:
-    """Wait until each text is shown in the page (an element whose whole text it is, visible), then save a
+def screenshot_when_rendered(page, texts: Iterable[str], path: Path, timeout_s: float = RENDER_SECONDS,
+                             gone: str | None = None) -> None:
+    """Wait until each text is shown in the page (an element whose whole text it is, visible) and, when
+    `gone` is a CSS selector, until nothing matches it (a busy indicator, placeholders), then save a
     full-page screenshot to `path`, and a copy to the folder VAEBENCH_SCREENSHOTS names when it is set."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
@@ -142,6 +167,11 @@ def screenshot_when_rendered(page, texts: Iterable[str], path: Path, timeout_s: 
             page.get_by_text(text, exact=True).filter(visible=True).first.wait_for(timeout=timeout_s * 1000)
         except PlaywrightTimeout:
             raise AssertionError(f"{text!r} is not shown in {page.url} after {timeout_s} s") from None
+    if gone:
+        try:
+            page.locator(gone).first.wait_for(state="detached", timeout=timeout_s * 1000)
+        except PlaywrightTimeout:
+            raise AssertionError(f"{gone!r} still matches in {page.url} after {timeout_s} s") from None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(path), full_page=True)

@@ -1,4 +1,6 @@
-"""A study's results read back from disk into pandas: one row per cell, and one per group of seeds.
+"""A study's results read back from disk: the one reader of the stages' outputs that the report and the app
+share. Per cell: its recorded configuration, test metrics, class shares, history and images; per study: one
+row per cell and one per group of seeds, in pandas.
 
 A metric a family does not have (KL, ELBO, active units and the IW bound without a posterior) is NaN
 here and "–" in every table, never 0.
@@ -6,14 +8,16 @@ here and "–" in every table, never 0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import StudyConfig, cell_as_dict
+from pipeline.config import CellConfig, StudyConfig, cell_as_dict, parse_cell
 from pipeline.models import FAMILIES
-from pipeline.outputs import evaluate_dir, read_json, train_dir
+from pipeline.outputs import RESULTS, evaluate_dir, read_json, train_dir
 
 METRICS = ("recon", "kl", "elbo", "active_units")
 FAMILY_METRICS = ("recon_bernoulli", "recon_mse", "noisy_recon_mse", "masked_recon_mse", "contraction",
@@ -25,6 +29,55 @@ SHARES = tuple(f"share_{digit}" for digit in range(10))  # share of the samples 
 GROUP_KEYS = ["group", "family", "arch", "latent_dim", "beta", "variant", "init_from", "adversarial"]
 SEED_SUFFIX = re.compile(r"-s\d+$")
 MISSING = "–"
+
+
+MODEL_FILE, CONFIG_FILE, HISTORY_FILE, METRICS_FILE = "model.pt", "config.json", "history.json", "metrics.json"
+IMAGES = ("reconstructions", "samples")  # the evaluate stage's pictures of a cell
+
+
+def studies_with_results() -> list[str]:
+    """The studies with at least one trained cell under results/."""
+    return sorted({path.parents[2].name for path in RESULTS.glob(f"*/train/*/{MODEL_FILE}")})
+
+
+def trained_cells(study: str) -> dict[str, CellConfig]:
+    """The study's trained cells, each rebuilt from the configuration its train stage recorded."""
+    cells = {}
+    for path in sorted(RESULTS.glob(f"{study}/train/*/{CONFIG_FILE}")):
+        if not (path.parent / MODEL_FILE).is_file():
+            continue
+        recorded = dict(read_json(path)["cell"])
+        init_from = recorded.pop("init_from", None)  # only the finetuned: block may set it
+        cell = parse_cell(recorded.pop("name"), recorded, {}, where=str(path))
+        cells[cell.name] = dataclasses.replace(cell, init_from=init_from)
+    return cells
+
+
+def cell_metrics(study: str, cell: str) -> dict | None:
+    """The cell's test metrics as its evaluate stage wrote them, or None when it is not evaluated."""
+    path = evaluate_dir(study, cell) / METRICS_FILE
+    return read_json(path) if path.is_file() else None
+
+
+def cell_class_shares(study: str, cell: str) -> list[float]:
+    """The share of the cell's samples that the classifier assigns to each digit."""
+    return read_json(evaluate_dir(study, cell) / "class_shares.json")["samples"]
+
+
+def cell_kl_per_dim(study: str, cell: str) -> list[float] | None:
+    """The cell's test KL per latent dimension (None for a family without a posterior)."""
+    return read_json(evaluate_dir(study, cell) / "kl_per_dim.json")
+
+
+def cell_history(study: str, cell: str) -> list[dict]:
+    """The cell's per-epoch training and validation metrics."""
+    return read_json(train_dir(study, cell) / HISTORY_FILE)
+
+
+def cell_images(study: str, cell: str) -> dict[str, Path]:
+    """The evaluate stage's pictures of the cell that exist: name -> PNG file."""
+    folder = evaluate_dir(study, cell) / "images"
+    return {name: folder / f"{name}.png" for name in IMAGES if (folder / f"{name}.png").is_file()}
 
 
 def group_name(cell_name: str) -> str:
@@ -92,13 +145,12 @@ def cell_table(config: StudyConfig) -> pd.DataFrame:
             "adversarial": FAMILIES[cell.family].capabilities.adversarial,
             "init_from": groups[cell.init_from] if cell.init_from else None,  # seeds of one group start from one group
         }
-        metrics_file = evaluate_dir(config.study, cell.name) / "metrics.json"
-        if metrics_file.is_file():
-            measured = read_json(metrics_file)
+        measured = cell_metrics(config.study, cell.name)
+        if measured is not None:
             row |= {key: measured.get(key, float("nan")) for key in ALL_METRICS} | {"status": "ok"}
-            shares = read_json(evaluate_dir(config.study, cell.name) / "class_shares.json")["samples"]
+            shares = cell_class_shares(config.study, cell.name)
             row |= {f"share_{digit}": share for digit, share in enumerate(shares)}
-        elif (train_dir(config.study, cell.name) / "model.pt").is_file():
+        elif (train_dir(config.study, cell.name) / MODEL_FILE).is_file():
             row["status"] = "trained, not evaluated"
         else:
             row["status"] = "not trained (missing or failed)"

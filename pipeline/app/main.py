@@ -1,0 +1,285 @@
+"""The vaebench app (`make app`): browse a study, explore a trained cell's latent space, train a model and
+generate from it. A thin layer: outputs are read through pipeline/reporting/results.py (the report's
+reader), models through the train stage's loader, and training runs the pipeline's own commands
+(pipeline/app/training.py). Run from the repository root: streamlit run pipeline/app/main.py
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.app import latent, training  # noqa: E402
+from pipeline.config import PARAMS_FILE, ConfigError, StudyConfig, cell_as_dict, load_study  # noqa: E402
+from pipeline.data import images_to_tensor, load_prepared  # noqa: E402
+from pipeline.engine import encode_all, resolve_device  # noqa: E402
+from pipeline.errors import VaebenchError  # noqa: E402
+from pipeline.models import FAMILIES  # noqa: E402
+from pipeline.outputs import PREPARED_FILE, train_dir, train_stage  # noqa: E402
+from pipeline.reporting import results  # noqa: E402
+from pipeline.train import MODEL_FILE, load_trained  # noqa: E402
+
+PAGES = {"browser": "Study browser", "explorer": "Latent explorer", "train": "Train, then generate"}
+CODES_SHOWN = 2000  # training codes in the explorer's scatter
+SLIDER_RANGE = 3.0  # the explorer's sliders span ± this many standard deviations (prior units for z)
+AXES_SHOWN = 4  # principal directions with a slider, for latents larger than 2
+
+def device() -> torch.device:
+    return resolve_device("auto")
+
+@st.cache_resource(max_entries=8)
+def model_of(study: str, name: str, stamp: float):
+    """The trained model (cached until its model.pt changes: `stamp` is its modification time)."""
+    return load_trained(study, results.trained_cells(study)[name], device())
+
+def load_model(study: str, name: str):
+    return model_of(study, name, (train_dir(study, name) / MODEL_FILE).stat().st_mtime)
+
+@st.cache_data(max_entries=2)
+def prepared_arrays() -> dict[str, np.ndarray] | None:
+    return load_prepared(PREPARED_FILE) if PREPARED_FILE.is_file() else None
+
+@st.cache_data(max_entries=8)
+def training_codes(study: str, name: str, stamp: float) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and digit labels of the first CODES_SHOWN training images."""
+    arrays = prepared_arrays()
+    images = images_to_tensor(arrays["train_images"][:CODES_SHOWN], device())
+    return encode_all(model_of(study, name, stamp), images).cpu().numpy(), arrays["train_labels"][:CODES_SHOWN]
+
+def digit_image(pixels: np.ndarray, caption: str, width: int = 140) -> None:
+    st.image(np.clip(pixels, 0, 1), caption=caption, width=width, clamp=True, output_format="PNG")
+
+def image_row(images: np.ndarray, captions: list[str], width: int = 90) -> None:
+    for column, pixels, caption in zip(st.columns(len(images)), images, captions):
+        with column:
+            digit_image(pixels, caption, width)
+
+def no_study_yet() -> None:
+    st.info("No study has been run yet: run `make study` (or `dvc repro`) in the repository, then reload; "
+            "or train a model on the page *Train, then generate*.")
+
+def pick_cell(label: str, key: str) -> tuple[str, str] | None:
+    """A study and one of its trained cells, chosen in the sidebar; None when nothing is trained yet."""
+    studies = results.studies_with_results()
+    if not studies:
+        return None
+    study = st.sidebar.selectbox(f"{label}: study", studies, key=f"{key}_study")
+    cells = list(results.trained_cells(study))
+    name = st.sidebar.selectbox(f"{label}: cell", cells, key=f"{key}_cell")
+    return study, name
+
+# --- 1. Study browser -----------------------------------------------------------------------------------
+
+def active_study() -> StudyConfig | None:
+    """The study of params.yaml, whose cells the browser lists even before they are trained."""
+    try:
+        return load_study(PARAMS_FILE)
+    except ConfigError:
+        return None
+
+def browser_page() -> None:
+    st.header("Study browser")
+    active = active_study()
+    studies = sorted(set(results.studies_with_results()) | ({active.study} if active else set()))
+    if not results.studies_with_results():
+        no_study_yet()
+        if not studies:
+            return
+    study = st.sidebar.selectbox("Browse: study", studies, key="browse_study")
+    trained = results.trained_cells(study)
+    planned = list(active.cells) if active and active.study == study else []
+    name = st.sidebar.selectbox("Browse: cell", list(dict.fromkeys([*planned, *trained])), key="browse_cell")
+    if name not in trained:
+        st.warning(f"Cell {name} has no trained model yet: run `dvc repro {train_stage(active.cell(name))}`.")
+        return
+    cell = trained[name]
+    left, right = st.columns([1, 2])
+    with left:
+        st.subheader(name)
+        st.table(pd.DataFrame({"value": {k: str(v) for k, v in cell_as_dict(cell).items()}}))
+    with right:
+        metrics = results.cell_metrics(study, name)
+        if metrics is None:
+            st.warning(f"Cell {name} is trained but not evaluated yet: run `dvc repro evaluate@{name}`.")
+        else:
+            st.subheader("Test metrics")
+            st.dataframe(pd.DataFrame({"metric": list(metrics), "value": list(metrics.values())}), hide_index=True,
+                         key="browse_metrics")
+        for picture, path in results.cell_images(study, name).items():
+            st.image(str(path), caption=f"{picture} (evaluate stage)")
+    side_by_side(study, name)
+
+def side_by_side(study: str, name: str) -> None:
+    st.subheader("Two cells decoding the same z")
+    model = load_model(study, name)
+    others = [other for other, cell in results.trained_cells(study).items() if cell.latent_dim == model.latent_dim]
+    other = st.selectbox(f"Compare {name} with (cells with latent_dim {model.latent_dim})", others, key="browse_other")
+    seed = st.number_input("seed of z ~ N(0, I)", min_value=0, value=0, step=1, key="browse_seed")
+    noise = torch.randn(8, model.latent_dim, generator=torch.Generator().manual_seed(int(seed)))
+    for shown in dict.fromkeys([name, other]):
+        st.caption(shown)
+        image_row(latent.decode_noise(load_model(study, shown), noise), [""] * len(noise), width=70)
+
+# --- 2. Latent explorer ---------------------------------------------------------------------------------
+
+def explorer_page() -> None:
+    st.header("Latent explorer")
+    picked = pick_cell("Explore", "explore")
+    if picked is None:
+        no_study_yet()
+        return
+    study, name = picked
+    model = load_model(study, name)
+    stamp = (train_dir(study, name) / MODEL_FILE).stat().st_mtime
+    if not model.capabilities.encoder:
+        st.caption(f"{name} is a {model.family} generator (no encoder): z ~ N(0, I) moved along its first axes.")
+        generator_explorer(model)
+        return
+    if prepared_arrays() is None:
+        st.warning("The prepared data (results/prepare/mnist.npz) is missing: run `dvc repro prepare`.")
+        return
+    codes, labels = training_codes(study, name, stamp)
+    if model.latent_dim == 2:
+        plane_explorer(model, codes, labels)
+    else:
+        axes_explorer(model, codes, labels)
+    interpolation(model)
+
+def plane_explorer(model, codes: np.ndarray, labels: np.ndarray) -> None:
+    st.subheader("The 2-D latent plane")
+    units = "z" if model.capabilities.prior else "ex-post Gaussian units"
+    left, right = st.columns(2)
+    with left:
+        z1 = st.slider(f"z₁ ({units})", -SLIDER_RANGE, SLIDER_RANGE, 0.0, 0.05, key="plane_z1")
+        z2 = st.slider(f"z₂ ({units})", -SLIDER_RANGE, SLIDER_RANGE, 0.0, 0.05, key="plane_z2")
+        point = torch.tensor([[z1, z2]])
+        digit_image(latent.decode_noise(model, point)[0], f"decoded at ({z1:.2f}, {z2:.2f})", width=200)
+    with right:
+        code_point = model.latent_from_noise(point.to(device())).cpu().numpy()[0]
+        scatter(codes, labels, code_point, "codes of training digits; × the decoded point")
+
+def axes_explorer(model, codes: np.ndarray, labels: np.ndarray) -> None:
+    st.subheader(f"Moving along the principal directions of the codes ({model.latent_dim}-D)")
+    mean, directions, scales = latent.principal_axes(torch.from_numpy(codes), min(AXES_SHOWN, model.latent_dim))
+    left, right = st.columns(2)
+    with left:
+        offsets = [st.slider(f"direction {i + 1} (standard deviations)", -SLIDER_RANGE, SLIDER_RANGE, 0.0, 0.1,
+                             key=f"axis_{i}") for i in range(len(directions))]
+        z = latent.point_on_axes(mean, directions, scales, offsets)
+        digit_image(latent.decode(model, z)[0], "decoded", width=200)
+    with right:
+        projected = (torch.from_numpy(codes) - mean) @ directions[:2].T
+        scatter(projected.numpy(), labels, ((z[0] - mean) @ directions[:2].T).numpy(),
+                "codes on the first two principal directions; × the decoded point")
+
+def scatter(points: np.ndarray, labels: np.ndarray, marked: np.ndarray, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    shown = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=4, alpha=0.6, vmin=-0.5, vmax=9.5)
+    ax.scatter([marked[0]], [marked[1]], marker="x", s=120, c="black", linewidths=2.5)
+    fig.colorbar(shown, ax=ax, ticks=range(10), label="digit")
+    ax.set_title(title, fontsize=8)
+    st.pyplot(fig, clear_figure=True)
+    plt.close(fig)
+
+def generator_explorer(model) -> None:
+    seed = st.number_input("seed of z ~ N(0, I)", min_value=0, value=0, step=1, key="generator_seed")
+    z = torch.randn(1, model.latent_dim, generator=torch.Generator().manual_seed(int(seed)))
+    for i in range(min(AXES_SHOWN, model.latent_dim)):
+        z[0, i] = st.slider(f"z{i + 1}", -SLIDER_RANGE, SLIDER_RANGE, float(z[0, i]), 0.05, key=f"generator_z{i}")
+    digit_image(latent.decode_noise(model, z)[0], "generated", width=200)
+
+def interpolation(model) -> None:
+    st.subheader("Interpolation between two test digits")
+    arrays = prepared_arrays()
+    labels = arrays["test_labels"]
+    ends = []
+    for side, column in zip(("from", "to"), st.columns(2)):
+        with column:
+            how = st.radio(f"{side}: choose", ["by index", "at random from a digit"], horizontal=True, key=f"how_{side}")
+            if how == "by index":
+                index = int(st.number_input(f"{side}: test image index", 0, len(labels) - 1,
+                                            0 if side == "from" else 1, key=f"index_{side}"))
+            else:
+                digit = st.selectbox(f"{side}: digit", range(10), key=f"digit_{side}")
+                draw = st.number_input(f"{side}: draw", min_value=0, value=0, step=1, key=f"draw_{side}",
+                                       help="another number draws another test image of the digit")
+                candidates = np.flatnonzero(labels == digit)
+                index = int(np.random.default_rng(int(draw)).choice(candidates))
+            ends.append(index)
+            digit_image(arrays["test_images"][index] / 255.0, f"test image {index} (digit {labels[index]})", width=90)
+    steps = st.slider("steps", 3, 12, 8, key="steps")
+    images = images_to_tensor(arrays["test_images"][ends], device())
+    codes = encode_all(model, images).cpu()
+    path = latent.line_between(codes[0], codes[1], steps)
+    image_row(latent.decode(model, path), [f"{w:.2f}" for w in np.linspace(0, 1, steps)], width=70)
+
+# --- 3. Train, then generate ----------------------------------------------------------------------------
+
+def train_page() -> None:
+    st.header("Train, then generate")
+    st.caption(f"Trains with the pipeline's own `vaebench train` on {device().type.upper()}; the run is logged to "
+               f"MLflow, experiment vaebench-{training.APP_STUDY}; the model joins study `{training.APP_STUDY}` "
+               "in the browser and the explorer.")
+    family = st.selectbox("family", list(FAMILIES), key="train_family")
+    left, right = st.columns(2)
+    with left:
+        arch = st.selectbox("arch", ["linear", "conv"], key="train_arch")
+        latent_dim = int(st.number_input("latent_dim", min_value=1, value=2, step=1, key="train_latent_dim"))
+        epochs = int(st.number_input("epochs", min_value=1, value=3, step=1, key="train_epochs"))
+    with right:
+        train_size = int(st.number_input("training images", min_value=100, max_value=55_000, value=5_000, step=500,
+                                         key="train_size"))
+        settings = st.text_area(f"{family} settings (YAML, as on a cell in params.yaml)",
+                                training.FAMILY_SETTINGS[family], key=f"train_settings_{family}")
+    request = training.Request(family, arch, latent_dim, epochs, train_size, settings)
+    if st.button("Train", type="primary", key="train_button"):
+        run_training(request)
+    trained = st.session_state.get("trained")
+    if trained:
+        st.success(f"Trained {trained['cell']}: open it in the Latent explorer (study {training.APP_STUDY}).")
+        st.caption("As a cell of params.yaml (paste under `cells:`):")
+        st.code(trained["snippet"], language="yaml")
+        model = load_model(training.APP_STUDY, trained["cell"])
+        noise = torch.randn(8, model.latent_dim, generator=torch.Generator().manual_seed(0))
+        image_row(latent.decode_noise(model, noise), [""] * 8, width=70)
+
+def run_training(request: training.Request) -> None:
+    progress = st.progress(0.0, text="starting")
+    curve = st.empty()
+    rows = []
+
+    def on_epoch(row: dict) -> None:
+        rows.append(row)
+        progress.progress(row["epoch"] / row["epochs"], text=f"epoch {row['epoch']}/{row['epochs']}")
+        frame = pd.DataFrame(rows).set_index("epoch")
+        curve.line_chart(frame[["train_loss", "val_loss"]] if "val_loss" in frame else frame[["train_loss"]])
+
+    try:
+        name = training.train(request, on_epoch)
+    except ConfigError as error:
+        progress.empty()
+        st.error(f"vaebench: error: {error}")
+        return
+    except VaebenchError as error:
+        progress.empty()
+        st.error(f"vaebench train: {error}")
+        return
+    st.session_state["trained"] = {"cell": name, "snippet": training.snippet(request), "history": rows}
+
+def main() -> None:
+    st.set_page_config(page_title="vaebench", layout="wide")
+    chosen = st.query_params.get("page", "browser")
+    keys = list(PAGES)
+    page = st.sidebar.radio("page", keys, index=keys.index(chosen) if chosen in keys else 0,
+                            format_func=PAGES.get, key="page")
+    st.sidebar.caption(f"device: {device()}")
+    {"browser": browser_page, "explorer": explorer_page, "train": train_page}[page]()
+
+main()
