@@ -40,6 +40,15 @@ def study(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    """Streamlit's caches live as long as the process: no test sees models or data another test loaded."""
+    import streamlit as st
+
+    st.cache_resource.clear()
+    st.cache_data.clear()
+
+
 @pytest.fixture
 def in_study(study, monkeypatch):
     monkeypatch.chdir(study)
@@ -123,32 +132,53 @@ def test_the_generator_alone_for_a_gan(in_study):
     assert not app.exception
     assert any("is a gan generator (no encoder)" in caption.value for caption in app.caption)
     before = decoded_images(app)
-    app.slider(key="generator_z0").set_value(-2.0).run()
+    app.slider(key="generator_z0_0").set_value(-2.0).run()
     assert decoded_images(app)[0] != before[0]
 
 
 def test_train_then_generate(own_study):
     import mlflow
 
+    from pipeline.app import training
+
     app = app_on("train")
     app.selectbox(key="train_family").set_value("vae").run()
     app.number_input(key="train_epochs").set_value(2).run()
     app.number_input(key="train_size").set_value(500).run()
+    app.checkbox(key="train_evaluate").check().run()
     app.button(key="train_button").click().run(timeout=TIMEOUT)
     assert not app.exception, app.exception
-    name = "vae-linear-z2-n500-e2-s0"
+    request = training.Request("vae", "linear", 2, 2, 500, "beta: 1.0")
+    name = request.cell_name
     assert app.success[0].value.startswith(f"Trained {name}")
     assert app.get("progress")[0].proto.value == 100  # the bar reached the last epoch
-    assert f"{name}: {{family: vae, arch: linear, latent_dim: 2, epochs: 2, seed: 0, beta: 1.0}}" in app.code[0].value
+    snippet = f"{request.model_name}: {{family: vae, arch: linear, latent_dim: 2, epochs: 2, seed: 0, beta: 1.0}}"
+    assert app.code[0].value == snippet
     # The pipeline's train stage wrote it, with its history, and logged it as a study cell.
     assert len(json.loads((own_study / f"results/app/train/{name}/history.json").read_text())) == 2
     runs = mlflow.search_runs(experiment_names=["vaebench-app"], filter_string=f"tags.mlflow.runName = '{name}'")
     assert list(runs["status"]) == ["FINISHED"] and runs["metrics.val_elbo"].notna().all()
-    # Now in the explorer.
+    # Now in the explorer, and in the browser with the metrics its evaluate stage wrote.
     explorer = app_on("explorer")
     explorer.sidebar.selectbox(key="explore_study").set_value("app").run()
     explorer.sidebar.selectbox(key="explore_cell").set_value(name).run()
-    assert not explorer.exception and decoded_images(explorer)
+    assert not explorer.exception and not explorer.error and decoded_images(explorer)
+    browser = app_on("browser")
+    browser.sidebar.selectbox(key="browse_study").set_value("app").run()
+    browser.sidebar.selectbox(key="browse_cell").set_value(name).run()
+    shown = browser.dataframe[0].value
+    written = json.loads((own_study / f"results/app/evaluate/{name}/metrics.json").read_text())
+    assert dict(zip(shown["metric"], shown["value"])) == written
+
+
+def test_a_corrupt_model_file_is_one_line_with_its_fix(own_study):
+    path = own_study / "results/tiny/train/linear-z2-b1-s0/model.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    app = app_on("explorer")
+    app.sidebar.selectbox(key="explore_cell").set_value("linear-z2-b1-s0").run()
+    assert not app.exception
+    assert app.error[0].value.startswith("vaebench: error: ")
+    assert "dvc repro -f train@linear-z2-b1-s0" in app.error[0].value
 
 
 def test_a_bad_setting_shows_the_command_lines_error_and_writes_nothing(own_study):
@@ -160,14 +190,26 @@ def test_a_bad_setting_shows_the_command_lines_error_and_writes_nothing(own_stud
     # The command line's message for the same settings in a params file.
     from pipeline.app import training
 
-    request = training.Request("vae", "linear", 2, 3, 5000, "beta: 0")
-    _, text = training.app_study(request)
+    request = training.Request("vae", "linear", 2, 3, 5000, "beta: -1")
     bad = own_study / "bad.yaml"
-    bad.write_text(text.replace("beta: 0", "beta: -1"))
+    bad.write_text(training.study_text(request))
     check = subprocess.run([sys.executable, "-m", "pipeline", "--params", str(bad), "check"], capture_output=True, text=True)
     assert check.returncode == 2
     assert shown == check.stderr.strip().splitlines()[-1]
     assert not (own_study / ".vaebench" / "app").exists() and not (own_study / "results" / "app").exists()
+
+
+def test_cell_names_tell_settings_apart_and_the_page_keys_stay_the_pages():
+    from pipeline.app import training
+    from pipeline.config import ConfigError
+
+    beta1, beta4 = (training.Request("vae", "linear", 2, 3, 5000, f"beta: {beta}") for beta in (1, 4))
+    assert beta1.cell_name != beta4.cell_name and beta1.model_name != beta4.model_name
+    assert beta1.cell_name == f"{beta1.model_name}-n5000-e3"
+    with pytest.raises(ConfigError, match="the family settings set epochs, which the page's own field sets"):
+        training.cell_spec(training.Request("vae", "linear", 2, 3, 5000, "epochs: 50"))
+    with pytest.raises(ConfigError, match="must be key: value lines"):
+        training.cell_spec(training.Request("vae", "linear", 2, 3, 5000, "- 1"))
 
 
 def test_latent_arithmetic_against_closed_forms():
@@ -207,7 +249,10 @@ def test_the_app_in_a_browser(own_study, tmp_path):
             field.press("Enter")
         page.wait_for_timeout(1_000)  # the re-run that reads the new values
         page.get_by_role("button", name="Train", exact=True).click()
-        trained = "Trained vae-linear-z2-n500-e2-s0: open it in the Latent explorer (study app)."
+        from pipeline.app import training
+
+        name = training.Request("vae", "linear", 2, 2, 500, "beta: 1.0").cell_name
+        trained = f"Trained {name}: open it in the Latent explorer (study app)."
         screenshot_when_rendered(page, [trained, "epoch 2/2"], tmp_path / "app-train.png", timeout_s=TIMEOUT,
                                  gone=STREAMLIT_BUSY)
     for name in ("app-browser", "app-explorer", "app-train"):

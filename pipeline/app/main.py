@@ -6,6 +6,8 @@ reader), models through the train stage's loader, and training runs the pipeline
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -22,7 +24,7 @@ from pipeline.data import images_to_tensor, load_prepared  # noqa: E402
 from pipeline.engine import encode_all, resolve_device  # noqa: E402
 from pipeline.errors import VaebenchError  # noqa: E402
 from pipeline.models import FAMILIES  # noqa: E402
-from pipeline.outputs import PREPARED_FILE, train_dir, train_stage  # noqa: E402
+from pipeline.outputs import PREPARED_FILE, evaluate_stage, train_dir, train_stage  # noqa: E402
 from pipeline.reporting import results  # noqa: E402
 from pipeline.train import MODEL_FILE, load_trained  # noqa: E402
 
@@ -31,51 +33,87 @@ CODES_SHOWN = 2000  # training codes in the explorer's scatter
 SLIDER_RANGE = 3.0  # the explorer's sliders span ± this many standard deviations (prior units for z)
 AXES_SHOWN = 4  # principal directions with a slider, for latents larger than 2
 
+
 def device() -> torch.device:
     return resolve_device("auto")
 
+
 @st.cache_resource(max_entries=8)
-def model_of(study: str, name: str, stamp: float):
-    """The trained model (cached until its model.pt changes: `stamp` is its modification time)."""
-    return load_trained(study, results.trained_cells(study)[name], device())
+def model_of(folder: str, study: str, name: str, stamp: float):
+    """The trained model, cached per checkout folder until its model.pt changes (`stamp`, its mtime)."""
+    return load_trained(study, cells_of(study)[name], device())
+
 
 def load_model(study: str, name: str):
-    return model_of(study, name, (train_dir(study, name) / MODEL_FILE).stat().st_mtime)
+    """The cell's model, or None after showing why it cannot be loaded (with the command that fixes it)."""
+    try:
+        return model_of(str(Path.cwd()), study, name, (train_dir(study, name) / MODEL_FILE).stat().st_mtime)
+    except (VaebenchError, OSError) as error:
+        st.error(f"vaebench: error: {error}")
+        return None
 
-@st.cache_data(max_entries=2)
+
+def cells_of(study: str) -> dict:
+    """The study's trained cells; when one's recorded configuration cannot be read, the page says so."""
+    try:
+        return results.trained_cells(study)
+    except (VaebenchError, ValueError, KeyError) as error:
+        st.error(f"vaebench: error: a trained cell of study {study} has an unreadable config.json ({error}); "
+                 f"retrain it with dvc repro")
+        return {}
+
+
+@st.cache_resource(max_entries=2)
+def arrays_of(path: str, stamp: float) -> dict[str, np.ndarray]:
+    return load_prepared(Path(path))
+
+
 def prepared_arrays() -> dict[str, np.ndarray] | None:
-    return load_prepared(PREPARED_FILE) if PREPARED_FILE.is_file() else None
+    """The study's prepared split, else the app's own (after training on the third page), else None."""
+    for path in (PREPARED_FILE, training.workspace_prepared_file()):
+        if path.is_file():
+            return arrays_of(str(path.resolve()), path.stat().st_mtime)
+    return None
 
-@st.cache_data(max_entries=8)
-def training_codes(study: str, name: str, stamp: float) -> tuple[np.ndarray, np.ndarray]:
+
+def training_codes(model, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Codes and digit labels of the first CODES_SHOWN training images."""
-    arrays = prepared_arrays()
     images = images_to_tensor(arrays["train_images"][:CODES_SHOWN], device())
-    return encode_all(model_of(study, name, stamp), images).cpu().numpy(), arrays["train_labels"][:CODES_SHOWN]
+    return encode_all(model, images).cpu().numpy(), arrays["train_labels"][:CODES_SHOWN]
+
 
 def digit_image(pixels: np.ndarray, caption: str, width: int = 140) -> None:
     st.image(np.clip(pixels, 0, 1), caption=caption, width=width, clamp=True, output_format="PNG")
+
 
 def image_row(images: np.ndarray, captions: list[str], width: int = 90) -> None:
     for column, pixels, caption in zip(st.columns(len(images)), images, captions):
         with column:
             digit_image(pixels, caption, width)
 
+
 def no_study_yet() -> None:
     st.info("No study has been run yet: run `make study` (or `dvc repro`) in the repository, then reload; "
             "or train a model on the page *Train, then generate*.")
+
 
 def pick_cell(label: str, key: str) -> tuple[str, str] | None:
     """A study and one of its trained cells, chosen in the sidebar; None when nothing is trained yet."""
     studies = results.studies_with_results()
     if not studies:
         return None
-    study = st.sidebar.selectbox(f"{label}: study", studies, key=f"{key}_study")
-    cells = list(results.trained_cells(study))
+    active = active_study()
+    first = studies.index(active.study) if active and active.study in studies else 0
+    study = st.sidebar.selectbox(f"{label}: study", studies, index=first, key=f"{key}_study")
+    cells = list(cells_of(study))
+    if not cells:
+        return None
     name = st.sidebar.selectbox(f"{label}: cell", cells, key=f"{key}_cell")
     return study, name
 
+
 # --- 1. Study browser -----------------------------------------------------------------------------------
+
 
 def active_study() -> StudyConfig | None:
     """The study of params.yaml, whose cells the browser lists even before they are trained."""
@@ -83,6 +121,7 @@ def active_study() -> StudyConfig | None:
         return load_study(PARAMS_FILE)
     except ConfigError:
         return None
+
 
 def browser_page() -> None:
     st.header("Study browser")
@@ -92,8 +131,9 @@ def browser_page() -> None:
         no_study_yet()
         if not studies:
             return
-    study = st.sidebar.selectbox("Browse: study", studies, key="browse_study")
-    trained = results.trained_cells(study)
+    first = studies.index(active.study) if active and active.study in studies else 0
+    study = st.sidebar.selectbox("Browse: study", studies, index=first, key="browse_study")
+    trained = cells_of(study)
     planned = list(active.cells) if active and active.study == study else []
     name = st.sidebar.selectbox("Browse: cell", list(dict.fromkeys([*planned, *trained])), key="browse_cell")
     if name not in trained:
@@ -107,7 +147,7 @@ def browser_page() -> None:
     with right:
         metrics = results.cell_metrics(study, name)
         if metrics is None:
-            st.warning(f"Cell {name} is trained but not evaluated yet: run `dvc repro evaluate@{name}`.")
+            st.warning(f"Cell {name} is trained but not evaluated yet: {how_to_evaluate(study, cell, active)}.")
         else:
             st.subheader("Test metrics")
             st.dataframe(pd.DataFrame({"metric": list(metrics), "value": list(metrics.values())}), hide_index=True,
@@ -116,18 +156,34 @@ def browser_page() -> None:
             st.image(str(path), caption=f"{picture} (evaluate stage)")
     side_by_side(study, name)
 
+
+def how_to_evaluate(study: str, cell, active: StudyConfig | None) -> str:
+    if study == training.APP_STUDY:
+        return "train it again with *evaluate after training* ticked"
+    if active and active.study == study:
+        return f"run `dvc repro {evaluate_stage(cell)}`"
+    return f"make study {study} the active one (`vaebench use-study {study}`), then run `dvc repro {evaluate_stage(cell)}`"
+
+
 def side_by_side(study: str, name: str) -> None:
     st.subheader("Two cells decoding the same z")
     model = load_model(study, name)
-    others = [other for other, cell in results.trained_cells(study).items() if cell.latent_dim == model.latent_dim]
+    if model is None:
+        return
+    others = [other for other, cell in cells_of(study).items() if cell.latent_dim == model.latent_dim]
     other = st.selectbox(f"Compare {name} with (cells with latent_dim {model.latent_dim})", others, key="browse_other")
     seed = st.number_input("seed of z ~ N(0, I)", min_value=0, value=0, step=1, key="browse_seed")
     noise = torch.randn(8, model.latent_dim, generator=torch.Generator().manual_seed(int(seed)))
+    st.caption("The same noise for both; a family without a prior maps it through its own ex-post Gaussian.")
     for shown in dict.fromkeys([name, other]):
-        st.caption(shown)
-        image_row(latent.decode_noise(load_model(study, shown), noise), [""] * len(noise), width=70)
+        decoder = load_model(study, shown)
+        if decoder is not None:
+            st.caption(shown)
+            image_row(latent.decode_noise(decoder, noise), [""] * len(noise), width=70)
+
 
 # --- 2. Latent explorer ---------------------------------------------------------------------------------
+
 
 def explorer_page() -> None:
     st.header("Latent explorer")
@@ -137,20 +193,23 @@ def explorer_page() -> None:
         return
     study, name = picked
     model = load_model(study, name)
-    stamp = (train_dir(study, name) / MODEL_FILE).stat().st_mtime
+    if model is None:
+        return
     if not model.capabilities.encoder:
         st.caption(f"{name} is a {model.family} generator (no encoder): z ~ N(0, I) moved along its first axes.")
         generator_explorer(model)
         return
-    if prepared_arrays() is None:
+    arrays = prepared_arrays()
+    if arrays is None:
         st.warning("The prepared data (results/prepare/mnist.npz) is missing: run `dvc repro prepare`.")
         return
-    codes, labels = training_codes(study, name, stamp)
+    codes, labels = training_codes(model, arrays)
     if model.latent_dim == 2:
         plane_explorer(model, codes, labels)
     else:
         axes_explorer(model, codes, labels)
-    interpolation(model)
+    interpolation(model, arrays)
+
 
 def plane_explorer(model, codes: np.ndarray, labels: np.ndarray) -> None:
     st.subheader("The 2-D latent plane")
@@ -164,6 +223,7 @@ def plane_explorer(model, codes: np.ndarray, labels: np.ndarray) -> None:
     with right:
         code_point = model.latent_from_noise(point.to(device())).cpu().numpy()[0]
         scatter(codes, labels, code_point, "codes of training digits; × the decoded point")
+
 
 def axes_explorer(model, codes: np.ndarray, labels: np.ndarray) -> None:
     st.subheader(f"Moving along the principal directions of the codes ({model.latent_dim}-D)")
@@ -179,7 +239,10 @@ def axes_explorer(model, codes: np.ndarray, labels: np.ndarray) -> None:
         scatter(projected.numpy(), labels, ((z[0] - mean) @ directions[:2].T).numpy(),
                 "codes on the first two principal directions; × the decoded point")
 
+
 def scatter(points: np.ndarray, labels: np.ndarray, marked: np.ndarray, title: str) -> None:
+    if points.shape[1] == 1:  # a 1-D latent: the codes on a line
+        points, marked = np.pad(points, ((0, 0), (0, 1))), np.pad(marked, (0, 1))
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     shown = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=4, alpha=0.6, vmin=-0.5, vmax=9.5)
     ax.scatter([marked[0]], [marked[1]], marker="x", s=120, c="black", linewidths=2.5)
@@ -188,16 +251,18 @@ def scatter(points: np.ndarray, labels: np.ndarray, marked: np.ndarray, title: s
     st.pyplot(fig, clear_figure=True)
     plt.close(fig)
 
+
 def generator_explorer(model) -> None:
     seed = st.number_input("seed of z ~ N(0, I)", min_value=0, value=0, step=1, key="generator_seed")
     z = torch.randn(1, model.latent_dim, generator=torch.Generator().manual_seed(int(seed)))
-    for i in range(min(AXES_SHOWN, model.latent_dim)):
-        z[0, i] = st.slider(f"z{i + 1}", -SLIDER_RANGE, SLIDER_RANGE, float(z[0, i]), 0.05, key=f"generator_z{i}")
+    for i in range(min(AXES_SHOWN, model.latent_dim)):  # keyed by the seed: a new seed starts at its own z
+        z[0, i] = st.slider(f"z{i + 1}", -SLIDER_RANGE, SLIDER_RANGE, float(z[0, i]), 0.05,
+                            key=f"generator_z{i}_{seed}")
     digit_image(latent.decode_noise(model, z)[0], "generated", width=200)
 
-def interpolation(model) -> None:
+
+def interpolation(model, arrays: dict[str, np.ndarray]) -> None:
     st.subheader("Interpolation between two test digits")
-    arrays = prepared_arrays()
     labels = arrays["test_labels"]
     ends = []
     for side, column in zip(("from", "to"), st.columns(2)):
@@ -220,7 +285,9 @@ def interpolation(model) -> None:
     path = latent.line_between(codes[0], codes[1], steps)
     image_row(latent.decode(model, path), [f"{w:.2f}" for w in np.linspace(0, 1, steps)], width=70)
 
+
 # --- 3. Train, then generate ----------------------------------------------------------------------------
+
 
 def train_page() -> None:
     st.header("Train, then generate")
@@ -238,19 +305,30 @@ def train_page() -> None:
                                          key="train_size"))
         settings = st.text_area(f"{family} settings (YAML, as on a cell in params.yaml)",
                                 training.FAMILY_SETTINGS[family], key=f"train_settings_{family}")
-    request = training.Request(family, arch, latent_dim, epochs, train_size, settings)
+    evaluate = st.checkbox("evaluate after training (every test metric, as for a study cell; about 30 s more)",
+                           key="train_evaluate")
+    request = training.Request(family, arch, latent_dim, epochs, train_size, settings, evaluate=evaluate)
     if st.button("Train", type="primary", key="train_button"):
         run_training(request)
     trained = st.session_state.get("trained")
     if trained:
         st.success(f"Trained {trained['cell']}: open it in the Latent explorer (study {training.APP_STUDY}).")
+        draw_curve(st, trained["history"])
         st.caption("As a cell of params.yaml (paste under `cells:`):")
         st.code(trained["snippet"], language="yaml")
         model = load_model(training.APP_STUDY, trained["cell"])
-        noise = torch.randn(8, model.latent_dim, generator=torch.Generator().manual_seed(0))
-        image_row(latent.decode_noise(model, noise), [""] * 8, width=70)
+        if model is not None:
+            noise = torch.randn(8, model.latent_dim, generator=torch.Generator().manual_seed(0))
+            image_row(latent.decode_noise(model, noise), [""] * 8, width=70)
+
+
+def draw_curve(where, rows: list[dict]) -> None:
+    frame = pd.DataFrame(rows).set_index("epoch")
+    where.line_chart(frame[[key for key in ("train_loss", "val_loss") if key in frame]])
+
 
 def run_training(request: training.Request) -> None:
+    note = st.info("Training. Changing a setting or the page now stops it (its MLflow run ends KILLED).")
     progress = st.progress(0.0, text="starting")
     curve = st.empty()
     rows = []
@@ -258,20 +336,18 @@ def run_training(request: training.Request) -> None:
     def on_epoch(row: dict) -> None:
         rows.append(row)
         progress.progress(row["epoch"] / row["epochs"], text=f"epoch {row['epoch']}/{row['epochs']}")
-        frame = pd.DataFrame(rows).set_index("epoch")
-        curve.line_chart(frame[["train_loss", "val_loss"]] if "val_loss" in frame else frame[["train_loss"]])
+        draw_curve(curve, rows)
 
     try:
         name = training.train(request, on_epoch)
-    except ConfigError as error:
+    except VaebenchError as error:
+        note.empty()
         progress.empty()
         st.error(f"vaebench: error: {error}")
         return
-    except VaebenchError as error:
-        progress.empty()
-        st.error(f"vaebench train: {error}")
-        return
+    note.empty()
     st.session_state["trained"] = {"cell": name, "snippet": training.snippet(request), "history": rows}
+
 
 def main() -> None:
     st.set_page_config(page_title="vaebench", layout="wide")
@@ -281,5 +357,6 @@ def main() -> None:
                             format_func=PAGES.get, key="page")
     st.sidebar.caption(f"device: {device()}")
     {"browser": browser_page, "explorer": explorer_page, "train": train_page}[page]()
+
 
 main()

@@ -7,19 +7,33 @@ study browser and the latent explorer find it; its run is in the study's MLflow 
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from pipeline.config import PARAMS_FILE, ConfigError, StudyConfig, parse_study_text
+from pipeline.config import PARAMS_FILE, ConfigError, StudyConfig, load_study, parse_study_text
 from pipeline.errors import VaebenchError
-from pipeline.outputs import CLASSIFIER_DIR, PREPARED_SUMMARY, RESULTS, read_json, repository_root, write_text
+from pipeline.models import FAMILIES
+from pipeline.outputs import (
+    CLASSIFIER_DIR,
+    PREPARED_FILE,
+    PREPARED_SUMMARY,
+    RESULTS,
+    read_json,
+    repository_root,
+    write_text,
+)
 
 APP_STUDY = "app"
 WORKSPACE = Path(".vaebench") / "app"
@@ -47,55 +61,82 @@ class Request:
     train_size: int
     settings: str  # the family's own keys, as YAML
     seed: int = 0
+    evaluate: bool = False  # also run the evaluate stage (every test metric, as for a study cell)
+
+    @property
+    def model_name(self) -> str:
+        """The cell's name in a params.yaml: what it trains, its settings as a short hash when it has any."""
+        settings = family_settings(self)
+        tag = f"-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]}" if settings else ""
+        return f"{self.family}-{self.arch}-z{self.latent_dim}{tag}-s{self.seed}"
 
     @property
     def cell_name(self) -> str:
-        return f"{self.family}-{self.arch}-z{self.latent_dim}-n{self.train_size}-e{self.epochs}-s{self.seed}"
+        """The name in study `app`, where the training-set size and epochs tell models apart too."""
+        return f"{self.model_name}-n{self.train_size}-e{self.epochs}"
 
 
-def cell_spec(request: Request) -> dict:
-    """The cell as it would stand under `cells:` in params.yaml; a settings box that is not a YAML mapping is a ConfigError."""
+# Set by the page's own fields, so not in the settings box.
+PAGE_KEYS = ("family", "arch", "latent_dim", "epochs", "seed", "init_from")
+
+
+def family_settings(request: Request) -> dict:
+    """The settings box as a mapping; not readable YAML, not a mapping, or a key the page sets: ConfigError."""
     try:
         settings = yaml.safe_load(request.settings) if request.settings.strip() else {}
     except yaml.YAMLError as error:
         raise ConfigError(f"the family settings are not readable YAML ({str(error).splitlines()[0]}); write them as key: value lines") from None
     if not isinstance(settings, dict):
         raise ConfigError(f"the family settings must be key: value lines, got {request.settings!r}")
+    taken = [key for key in settings if key in PAGE_KEYS]
+    if taken:
+        raise ConfigError(f"the family settings set {taken[0]}, which the page's own field sets; remove it from the settings")
+    return settings
+
+
+def cell_spec(request: Request) -> dict:
+    """The cell as it would stand under `cells:` in params.yaml."""
     return {"family": request.family, "arch": request.arch, "latent_dim": request.latent_dim,
-            "epochs": request.epochs, "seed": request.seed, **settings}
+            "epochs": request.epochs, "seed": request.seed, **family_settings(request)}
 
 
-def app_study(request: Request, base: Path = PARAMS_FILE) -> tuple[StudyConfig, str]:
-    """The app's study (the active params.yaml's settings, study `app`, this one cell, `train_size` training
-    images), validated as every stage validates params.yaml, and its text. Raises ConfigError with the
-    same one-line message the command line gives."""
-    try:
-        document = yaml.safe_load(Path(base).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{base} not found; start the app from the repository root") from None
+def study_text(request: Request, base: Path = PARAMS_FILE) -> str:
+    """The app's params.yaml: the active one's settings (itself validated first), study `app`, this one cell
+    and `train_size` training images."""
+    load_study(base)  # the base file itself is valid (its own one-line error otherwise)
+    document = yaml.safe_load(Path(base).read_text())
     document["study"] = APP_STUDY
     document["data"] = {**document["data"], "train_size": request.train_size}
     document["cells"] = {request.cell_name: cell_spec(request)}
     document["finetuned"] = {}
     document.pop("tune", None)
-    text = yaml.safe_dump(document, sort_keys=False)
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def app_study(request: Request, base: Path = PARAMS_FILE) -> tuple[StudyConfig, str]:
+    """The app's study, validated as every stage validates params.yaml, and its text. Raises ConfigError with
+    the same one-line message the command line gives for that file."""
+    text = study_text(request, base)
     return parse_study_text(text, "the app's settings"), text
 
 
 def snippet(request: Request) -> str:
     """The cell as a line to paste under `cells:` in params.yaml."""
-    return yaml.safe_dump({request.cell_name: cell_spec(request)}, default_flow_style=None, sort_keys=False,
+    return yaml.safe_dump({request.model_name: cell_spec(request)}, default_flow_style=None, sort_keys=False,
                           width=1_000).strip()
 
 
-def prepare_workspace(config: StudyConfig, text: str) -> Path:
-    """The workspace with the app's params.yaml, links to the study's classifier and to results/app."""
+def prepare_workspace(text: str) -> Path:
+    """The workspace with the app's params.yaml and relative links to results/app and the classifier (so a
+    moved or copied checkout keeps its own)."""
     workspace = WORKSPACE.resolve()
     (workspace / RESULTS).mkdir(parents=True, exist_ok=True)
     (RESULTS / APP_STUDY).mkdir(parents=True, exist_ok=True)
-    links = {workspace / RESULTS / APP_STUDY: (RESULTS / APP_STUDY).resolve(),
-             workspace / CLASSIFIER_DIR: CLASSIFIER_DIR.resolve()}
-    for link, target in links.items():
+    for name in (APP_STUDY, CLASSIFIER_DIR.name):
+        link = workspace / RESULTS / name
+        target = os.path.relpath((RESULTS / name).resolve(), link.parent)
+        if link.is_symlink() and os.readlink(link) != target:
+            link.unlink()
         if not link.is_symlink():
             link.symlink_to(target, target_is_directory=True)
     write_text(workspace / PARAMS_FILE, text)
@@ -103,30 +144,50 @@ def prepare_workspace(config: StudyConfig, text: str) -> Path:
 
 
 def prepared_for(workspace: Path, config: StudyConfig) -> bool:
-    """Whether the workspace's prepared data has the split the app's study asks for."""
+    """Whether the workspace's prepared data has the split the app's study asks for (the split's only inputs
+    besides the checksum-verified MNIST files)."""
     summary = workspace / PREPARED_SUMMARY
-    if not summary.is_file():
+    if not summary.is_file() or not (workspace / PREPARED_FILE).is_file():
         return False
-    images, data = read_json(summary)["images"], config.data
-    return (images == {"train": data.train_size, "val": data.val_size, "test": data.test_size}
-            and read_json(summary)["split_seed"] == data.split_seed)
+    recorded, data = read_json(summary), config.data
+    return (recorded["images"] == {"train": data.train_size, "val": data.val_size, "test": data.test_size}
+            and recorded["split_seed"] == data.split_seed)
+
+
+@contextmanager
+def only_training(workspace: Path) -> Iterator[None]:
+    """One training from the app at a time (the workspace holds one params.yaml and one prepared split)."""
+    with open(workspace / "training.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VaebenchError("another training from the app is running; wait until it finishes") from None
+        yield
+
+
+STOP_SECONDS = 30
 
 
 def run_stage(workspace: Path, arguments: list[str], on_line: Callable[[str], None]) -> None:
     """`python -m pipeline ARGUMENTS` in the workspace, each output line handed to on_line; its one-line
-    error (or its last lines) raised as a VaebenchError when it fails."""
+    error (or its last lines) raised as a VaebenchError when it fails. If the page stops (a rerun, a
+    closed session), the command gets SIGTERM, ends its MLflow run as KILLED and is waited for."""
     env = {**os.environ, "DVC_ROOT": str(repository_root())}  # the study's MLflow store and data root
     process = subprocess.Popen([sys.executable, "-m", "pipeline", *arguments], cwd=workspace, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     try:
         for line in process.stdout:
             lines.append(line.rstrip())
             on_line(line.rstrip())
         code = process.wait()
-    except BaseException:  # the page was closed or re-run: the train command ends its MLflow run as KILLED
-        process.terminate()
-        process.wait()
+    except BaseException:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         raise
     if code != 0:
         errors = [line for line in lines if line.startswith("vaebench: error:")]
@@ -134,20 +195,31 @@ def run_stage(workspace: Path, arguments: list[str], on_line: Callable[[str], No
 
 
 def train(request: Request, on_epoch: Callable[[dict], None], base: Path = PARAMS_FILE) -> str:
-    """Validate, then prepare the data when the split changed, then train the cell; `on_epoch` gets each
-    epoch's {epoch, epochs, train_loss, val_*}. Returns the cell's name. Bad settings raise ConfigError
-    before anything is written."""
+    """Validate, then prepare the data when the split changed, then train the cell (and evaluate it when
+    asked); `on_epoch` gets each epoch's {epoch, epochs, train_loss, val_*}. Returns the cell's name.
+    Bad settings raise ConfigError before anything is written."""
     config, text = app_study(request, base)
-    workspace = prepare_workspace(config, text)
-    if not prepared_for(workspace, config):
-        run_stage(workspace, ["prepare"], lambda line: None)
+    if FAMILIES[request.family].capabilities.adversarial and not (CLASSIFIER_DIR / "model.pt").is_file():
+        raise ConfigError(f"family {request.family} scores its samples every epoch with the MNIST classifier, "
+                          f"which is not trained yet; run `dvc repro classifier` first")
+    workspace = prepare_workspace(text)
+    with only_training(workspace):
+        if not prepared_for(workspace, config):
+            run_stage(workspace, ["prepare"], lambda line: None)
 
-    def on_line(line: str) -> None:
-        match = EPOCH_LINE.search(line)
-        if match:
-            epoch, epochs, train_loss, rest = match.groups()
-            values = {f"val_{key}": float(value) for key, value in VALUE.findall(rest)}
-            on_epoch({"epoch": int(epoch), "epochs": int(epochs), "train_loss": float(train_loss), **values})
+        def on_line(line: str) -> None:
+            match = EPOCH_LINE.search(line)
+            if match:
+                epoch, epochs, train_loss, rest = match.groups()
+                values = {f"val_{key}": float(value) for key, value in VALUE.findall(rest)}
+                on_epoch({"epoch": int(epoch), "epochs": int(epochs), "train_loss": float(train_loss), **values})
 
-    run_stage(workspace, ["train", request.cell_name], on_line)
+        run_stage(workspace, ["train", request.cell_name], on_line)
+        if request.evaluate:
+            run_stage(workspace, ["evaluate", request.cell_name], lambda line: None)
     return request.cell_name
+
+
+def workspace_prepared_file() -> Path:
+    """The app's own prepared split (what the explorer falls back to when the study has none)."""
+    return WORKSPACE / PREPARED_FILE

@@ -47,6 +47,8 @@ def trained_cells(study: str) -> dict[str, CellConfig]:
         if not (path.parent / MODEL_FILE).is_file():
             continue
         recorded = dict(read_json(path)["cell"])
+        if recorded.get("name") != path.parent.name:  # a folder a killed stage left half-written
+            continue
         init_from = recorded.pop("init_from", None)  # only the finetuned: block may set it
         cell = parse_cell(recorded.pop("name"), recorded, {}, where=str(path))
         cells[cell.name] = dataclasses.replace(cell, init_from=init_from)
