@@ -356,13 +356,13 @@ def study_wall_time(config: StudyConfig) -> dict:
     by part (from the clone's MLflow store), and whether every output has the md5 that the committed
     dvc.lock records (the same numbers). The clone's dvc.lock and study metrics are kept in
     reports/benchmarks/study/."""
-    import signal
     import subprocess
     import tempfile
 
     import yaml
 
     from pipeline.config import load_study
+    from pipeline.server import end_group
 
     with tempfile.TemporaryDirectory() as scratch:
         clone = Path(scratch) / "repo"
@@ -384,7 +384,7 @@ def study_wall_time(config: StudyConfig) -> dict:
                 lines.append((time.perf_counter() - started, line))
             returncode = process.wait()
         except BaseException:  # Ctrl-C, SIGTERM: stop DVC and its stage before the clone is deleted
-            os.killpg(process.pid, signal.SIGTERM)
+            end_group(process.pid)
             process.wait()
             raise
         seconds = time.perf_counter() - started
@@ -397,7 +397,8 @@ def study_wall_time(config: StudyConfig) -> dict:
             metrics = run_metrics(store, study.study, name)
             cells[name] = {"train": seconds_by_part(metrics, "train"), "evaluate": seconds_by_part(metrics, "evaluate")}
         produced = output_hashes(yaml.safe_load((clone / "dvc.lock").read_text()))
-        differing = sorted(path for path in committed.keys() & produced.keys() if committed[path] != produced[path])
+        compared = committed.keys() & produced.keys()
+        differing = sorted(path for path in compared if committed[path] != produced[path])
         kept = OUT_DIR / "study"
         kept.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(clone / "dvc.lock", kept / "dvc.lock")
@@ -406,7 +407,7 @@ def study_wall_time(config: StudyConfig) -> dict:
             shutil.copyfile(study_metrics, kept / "metrics.json")
     return {
         "seconds": seconds, "commit": commit, "cells": len(study.cells), "stages": stage_seconds(lines, seconds),
-        "cell_parts": cells, "outputs_compared": len(committed.keys() & produced.keys()), "outputs_differing": differing,
+        "cell_parts": cells, "outputs_compared": len(compared), "outputs_differing": differing,
     }
 
 

@@ -97,14 +97,26 @@ def no_study_yet() -> None:
             "or train a model on the page *Train, then generate*.")
 
 
+def active_study() -> StudyConfig | None:
+    """The study of params.yaml, whose cells the browser lists even before they are trained."""
+    try:
+        return load_study(PARAMS_FILE)
+    except ConfigError:
+        return None
+
+
+def active_first(studies: list[str], active: StudyConfig | None) -> int:
+    """Where the study of params.yaml is in the list (the one selected first), else 0."""
+    return studies.index(active.study) if active and active.study in studies else 0
+
+
 def pick_cell(label: str, key: str) -> tuple[str, str] | None:
     """A study and one of its trained cells, chosen in the sidebar; None when nothing is trained yet."""
     studies = results.studies_with_results()
     if not studies:
         return None
-    active = active_study()
-    first = studies.index(active.study) if active and active.study in studies else 0
-    study = st.sidebar.selectbox(f"{label}: study", studies, index=first, key=f"{key}_study")
+    study = st.sidebar.selectbox(f"{label}: study", studies, index=active_first(studies, active_study()),
+                                 key=f"{key}_study")
     cells = list(cells_of(study))
     if not cells:
         return None
@@ -115,24 +127,16 @@ def pick_cell(label: str, key: str) -> tuple[str, str] | None:
 # --- 1. Study browser -----------------------------------------------------------------------------------
 
 
-def active_study() -> StudyConfig | None:
-    """The study of params.yaml, whose cells the browser lists even before they are trained."""
-    try:
-        return load_study(PARAMS_FILE)
-    except ConfigError:
-        return None
-
-
 def browser_page() -> None:
     st.header("Study browser")
     active = active_study()
-    studies = sorted(set(results.studies_with_results()) | ({active.study} if active else set()))
-    if not results.studies_with_results():
+    with_results = results.studies_with_results()
+    studies = sorted(set(with_results) | ({active.study} if active else set()))
+    if not with_results:
         no_study_yet()
         if not studies:
             return
-    first = studies.index(active.study) if active and active.study in studies else 0
-    study = st.sidebar.selectbox("Browse: study", studies, index=first, key="browse_study")
+    study = st.sidebar.selectbox("Browse: study", studies, index=active_first(studies, active), key="browse_study")
     trained = cells_of(study)
     planned = list(active.cells) if active and active.study == study else []
     name = st.sidebar.selectbox("Browse: cell", list(dict.fromkeys([*planned, *trained])), key="browse_cell")

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ import yaml
 from pipeline.config import PARAMS_FILE, ConfigError, StudyConfig, load_study, parse_study_text
 from pipeline.errors import VaebenchError
 from pipeline.models import FAMILIES
+from pipeline.server import end_group
 from pipeline.outputs import (
     CLASSIFIER_DIR,
     PREPARED_FILE,
@@ -165,13 +165,11 @@ def only_training(workspace: Path) -> Iterator[None]:
         yield
 
 
-STOP_SECONDS = 30
-
-
 def run_stage(workspace: Path, arguments: list[str], on_line: Callable[[str], None]) -> None:
     """`python -m pipeline ARGUMENTS` in the workspace, each output line handed to on_line; its one-line
     error (or its last lines) raised as a VaebenchError when it fails. If the page stops (a rerun, a
-    closed session), the command gets SIGTERM, ends its MLflow run as KILLED and is waited for."""
+    closed session), its process group is stopped as `vaebench server stop` stops a server (SIGTERM, then
+    SIGKILL after a grace period); the train command ends its MLflow run as KILLED."""
     env = {**os.environ, "DVC_ROOT": str(repository_root())}  # the study's MLflow store and data root
     process = subprocess.Popen([sys.executable, "-m", "pipeline", *arguments], cwd=workspace, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -182,12 +180,8 @@ def run_stage(workspace: Path, arguments: list[str], on_line: Callable[[str], No
             on_line(line.rstrip())
         code = process.wait()
     except BaseException:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        end_group(process.pid)
+        process.wait()
         raise
     if code != 0:
         errors = [line for line in lines if line.startswith("vaebench: error:")]

@@ -17,7 +17,9 @@ import pandas as pd
 
 from pipeline.config import CellConfig, StudyConfig, cell_as_dict, parse_cell
 from pipeline.models import FAMILIES
+from pipeline.evaluate import METRICS_FILE
 from pipeline.outputs import RESULTS, evaluate_dir, read_json, train_dir
+from pipeline.train import HISTORY_FILE, MODEL_FILE
 
 METRICS = ("recon", "kl", "elbo", "active_units")
 FAMILY_METRICS = ("recon_bernoulli", "recon_mse", "noisy_recon_mse", "masked_recon_mse", "contraction",
@@ -31,7 +33,7 @@ SEED_SUFFIX = re.compile(r"-s\d+$")
 MISSING = "–"
 
 
-MODEL_FILE, CONFIG_FILE, HISTORY_FILE, METRICS_FILE = "model.pt", "config.json", "history.json", "metrics.json"
+CONFIG_FILE = "config.json"  # the cell as its train stage recorded it
 IMAGES = ("reconstructions", "samples")  # the evaluate stage's pictures of a cell
 
 
