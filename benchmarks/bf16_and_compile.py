@@ -30,7 +30,7 @@ from pipeline.engine import evaluate_split, model_epoch, set_threads
 from pipeline.models import build_model
 from pipeline.models.contract import Autoencoder
 from pipeline.models.vae import VAE
-from pipeline.outputs import PREPARED_FILE
+from pipeline.paths import PREPARED_FILE
 
 
 def float32_outside_the_layers() -> None:
@@ -71,9 +71,11 @@ def main() -> None:
         rates.append(len(images) / (time.perf_counter() - epoch_started))
     total = time.perf_counter() - started
     elbo = evaluate_split(model, validation).get("elbo", float("nan"))
-    print(f"{args.cell} {args.mode} (cpu capability {torch.backends.cpu.get_cpu_capability()}): images/s per epoch "
-          f"{', '.join(f'{rate:.0f}' for rate in rates)}; {total:.1f} s in all; train loss {means['loss']:.2f}, "
-          f"validation ELBO {elbo:.2f} nats/image")
+    print(
+        f"{args.cell} {args.mode} (cpu capability {torch.backends.cpu.get_cpu_capability()}): images/s per epoch "
+        f"{', '.join(f'{rate:.0f}' for rate in rates)}; {total:.1f} s in all; train loss {means['loss']:.2f}, "
+        f"validation ELBO {elbo:.2f} nats/image"
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pipeline.classifier import load_classifier
 from pipeline.config import load_study
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.evaluation.sample_quality import FIDProbe
-from pipeline.outputs import PREPARED_FILE
+from pipeline.paths import PREPARED_FILE
 
 
 def main() -> None:
@@ -45,8 +45,12 @@ def main() -> None:
             training = engine.start_training(cell, device)
             started = time.perf_counter()
             curve = [row["val_fid_probe"] for row in engine.epochs(training, train_images, val_images, probe)]
-            result = {"seed": seed, "r1_weight": weight, "fid_probe": [round(v, 2) for v in curve],
-                      "seconds": round(time.perf_counter() - started, 1)}
+            result = {
+                "seed": seed,
+                "r1_weight": weight,
+                "fid_probe": [round(v, 2) for v in curve],
+                "seconds": round(time.perf_counter() - started, 1),
+            }
             print(json.dumps(result), flush=True)
 
 

@@ -54,8 +54,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--train-images", type=int, default=60_000,
-                        help="train on the first N training images (vaebench bench: as many as the study's cell)")
+    parser.add_argument(
+        "--train-images",
+        type=int,
+        default=60_000,
+        help="train on the first N training images (vaebench bench: as many as the study's cell)",
+    )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the study file naming the data root")
     args = parser.parse_args()
 

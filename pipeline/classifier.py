@@ -1,7 +1,6 @@
 """Stage `classifier`: a LeNet-style CNN trained on the MNIST training split. Its 128-d penultimate layer
 is the feature space of every sample-quality score (`*_mnist_cnn`), and its class probabilities feed the
-IS-style score and the class distribution. The stage also scores real training digits against the test
-set: the real-data floor every model is read against."""
+IS-style score and the class distribution."""
 
 from __future__ import annotations
 
@@ -15,14 +14,12 @@ from pipeline.config import StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.engine import resolve_device, set_threads, train_epoch
 from pipeline.errors import ArtifactError
-from pipeline.evaluation.sample_quality import embed, real_data_floor
+from pipeline.evaluation.features import embed
 from pipeline.models.contract import descend
-from pipeline.outputs import CLASSIFIER_DIR, PREPARED_FILE, load_torch_file, read_json, restore_weights, staged_dir, write_json
+from pipeline.outputs import load_torch_file, restore_weights, staged_dir, write_json
+from pipeline.paths import CLASSIFIER_DIR, CLASSIFIER_FILE, PREPARED_FILE, TEST_FEATURES_FILE
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.pt"
-FLOOR_FILE = "floor.json"
-TEST_FEATURES_FILE = "test_features.pt"  # the real side of every score, computed once
 
 
 class DigitClassifier(nn.Module):
@@ -31,9 +28,15 @@ class DigitClassifier(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 7 * 7, self.num_features), nn.ReLU(),
+            nn.Conv2d(1, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, self.num_features),
+            nn.ReLU(),
         )
         self.head = nn.Linear(self.num_features, 10)
 
@@ -73,7 +76,9 @@ def train_classifier(config: StudyConfig) -> dict:
         classifier.train()
         train_epoch(step, len(images), settings.batch_size, shuffle, device)
         val_accuracy = accuracy(
-            classifier, images_to_tensor(arrays["val_images"], device), torch.from_numpy(arrays["val_labels"]).to(device)
+            classifier,
+            images_to_tensor(arrays["val_images"], device),
+            torch.from_numpy(arrays["val_labels"]).to(device),
         )
         log.info("classifier epoch %d/%d: validation accuracy %.4f", epoch, settings.epochs, val_accuracy)
     test_images = images_to_tensor(arrays["test_images"], device)
@@ -82,32 +87,24 @@ def train_classifier(config: StudyConfig) -> dict:
         "test_accuracy": accuracy(classifier, test_images, torch.from_numpy(arrays["test_labels"]).to(device)),
     }
     test_features, _ = embed(classifier, test_images)
-    floor = real_data_floor(classifier, images, test_features, config.sample_quality)
     with staged_dir(CLASSIFIER_DIR) as out:
-        torch.save(classifier.state_dict(), out / MODEL_FILE)
-        torch.save(test_features.cpu(), out / TEST_FEATURES_FILE)
+        torch.save(classifier.state_dict(), out / CLASSIFIER_FILE.name)
+        torch.save(test_features.cpu(), out / TEST_FEATURES_FILE.name)
         write_json(out / "metrics.json", metrics)
-        write_json(out / FLOOR_FILE, floor)
-    log.info("classifier: test accuracy %.4f; real-data floor %s", metrics["test_accuracy"], floor)
+    log.info("classifier: test accuracy %.4f", metrics["test_accuracy"])
     return metrics
 
 
 def load_classifier(device: torch.device) -> DigitClassifier:
-    path = CLASSIFIER_DIR / MODEL_FILE
+    path = CLASSIFIER_FILE
     classifier = DigitClassifier().to(device)
     restore_weights(classifier, load_torch_file(path, "classifier", device), path, "classifier")
     return classifier.eval()
 
 
 def load_test_features(device: torch.device) -> torch.Tensor:
-    path = CLASSIFIER_DIR / TEST_FEATURES_FILE
+    path = TEST_FEATURES_FILE
     features = load_torch_file(path, "classifier", device)
     if not isinstance(features, torch.Tensor) or features.ndim != 2:
         raise ArtifactError(f"{path} does not hold a feature matrix; re-create it with `dvc repro -f classifier`")
     return features
-
-
-def load_floor() -> dict | None:
-    """The real-data floor, or None before the classifier stage has run."""
-    path = CLASSIFIER_DIR / FLOOR_FILE
-    return read_json(path) if path.is_file() else None

@@ -31,6 +31,12 @@ def cmd_classifier(args) -> None:
     train_classifier(load_study(args.params))
 
 
+def cmd_floor(args) -> None:
+    from pipeline.floor import compute_floor
+
+    compute_floor(load_study(args.params))
+
+
 def cmd_train(args) -> None:
     from pipeline.train import train_cell
 
@@ -59,8 +65,8 @@ def cmd_figures(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from pipeline.tuning.search_space import load_space
     from pipeline.tune import tune
+    from pipeline.tuning.search_space import load_space
 
     space = load_space(args.space)
     tune(load_study(args.params), space, str(args.space), str(args.params), storage=args.storage, workers=args.workers)
@@ -71,9 +77,15 @@ def cmd_server(args) -> None:
 
     if args.action == "start":
         state = server.start(args.host, args.port, args.postgres, args.artifacts, args.allowed_hosts)
-        store = "a private PostgreSQL cluster in " + state["postgres_dir"] if state["postgres_dir"] else state["backend_store"]
-        say(f"MLflow tracking server at {state['url']} (PID {state['mlflow_pid']}), runs in {store}, artifacts in "
-            f"{state['artifacts']}\nclients: export MLFLOW_TRACKING_URI={state['url']}; stop: vaebench server stop")
+        store = (
+            "a private PostgreSQL cluster in " + state["postgres_dir"]
+            if state["postgres_dir"]
+            else state["backend_store"]
+        )
+        say(
+            f"MLflow tracking server at {state['url']} (PID {state['mlflow_pid']}), runs in {store}, artifacts in "
+            f"{state['artifacts']}\nclients: export MLFLOW_TRACKING_URI={state['url']}; stop: vaebench server stop"
+        )
     elif args.action == "stop":
         state = server.stop()
         say(f"stopped the server at {state['url']}" if state else "no server of this checkout is running")
@@ -88,7 +100,10 @@ def cmd_repro(args) -> None:
 
     index, count = parse_shard(args.shard)
     cells = repro_shard(load_study(args.params), index, count, push=not args.no_push)
-    say(f"shard {index}/{count}: reproduced {len(cells)} cell(s){'' if args.no_push else ' and pushed them'}: {', '.join(cells)}")
+    say(
+        f"shard {index}/{count}: reproduced {len(cells)} cell(s){'' if args.no_push else ' and pushed them'}: "
+        f"{', '.join(cells)}"
+    )
 
 
 def cmd_enable_tune(args) -> None:
@@ -117,8 +132,13 @@ def cmd_bench(args) -> None:
     from pipeline.bench import run_bench, table, write_results
 
     results = run_bench(
-        load_study(args.params), args.cells, args.images, None if args.no_full else args.reference_cell, study=args.study,
-        runs=args.runs, params_file=args.params,
+        load_study(args.params),
+        args.cells,
+        args.images,
+        None if args.no_full else args.reference_cell,
+        study=args.study,
+        runs=args.runs,
+        params_file=args.params,
     )
     written = write_results(results)  # before printing: a closed stdout must not lose the measurements
     say(table(results))
@@ -130,11 +150,14 @@ def cmd_check(args) -> None:
     say(f"{args.params}: study {config.study!r}, {len(config.cells)} cells")
     for cell in config.cells.values():
         setting = f" {cell.settings.label()}" if cell.settings.label() else ""
-        say(f"  {cell.name}: {cell.family} {cell.arch} latent_dim={cell.latent_dim}{setting} seed={cell.seed} epochs={cell.epochs}")
+        say(
+            f"  {cell.name}: {cell.family} {cell.arch} latent_dim={cell.latent_dim}{setting} seed={cell.seed} "
+            f"epochs={cell.epochs}"
+        )
 
 
 def cmd_table(args) -> None:
-    from pipeline.classifier import load_floor
+    from pipeline.floor import load_floor
     from pipeline.reporting.results import cell_table, markdown_family_table, markdown_sample_table, markdown_table
 
     cells = cell_table(load_study(args.params))
@@ -206,10 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaebench", description=__doc__)
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="study parameters (default: params.yaml)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("prepare", help="verify MNIST and write the train/val/test arrays").set_defaults(run=cmd_prepare)
+    commands.add_parser("prepare", help="verify MNIST and write the train/val/test arrays").set_defaults(
+        run=cmd_prepare
+    )
     commands.add_parser("classifier", help="train the MNIST CNN behind the *_mnist_cnn scores").set_defaults(
         run=cmd_classifier
     )
+    commands.add_parser(
+        "floor", help="score real training digits: the floor of every sample-quality score"
+    ).set_defaults(run=cmd_floor)
     for name, handler, text in (
         ("train", cmd_train, "train one grid cell"),
         ("evaluate", cmd_evaluate, "evaluate one trained grid cell on the test set"),
@@ -225,33 +253,54 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", help="run (or resume) an Optuna tuning study from a search-space file")
     tune.add_argument("space", type=Path, help="for example studies/tune/default.yaml")
     tune.add_argument("--storage", help="Optuna storage URL (default: VAEBENCH_OPTUNA_STORAGE or sqlite:///optuna.db)")
-    tune.add_argument("--workers", type=positive_int, help="worker processes sharing the study (default: the file's workers)")
+    tune.add_argument(
+        "--workers", type=positive_int, help="worker processes sharing the study (default: the file's workers)"
+    )
     tune.set_defaults(run=cmd_tune)
     serve = commands.add_parser("server", help="a shared MLflow tracking server on PostgreSQL (start/stop/status)")
     serve.add_argument("action", choices=("start", "stop", "status"))
-    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)"
+    )
     serve.add_argument("--port", type=positive_int, default=5000)
-    serve.add_argument("--postgres", help="an existing database, postgresql://USER[:PASSWORD]@HOST:PORT/DB (default: a "
-                                          "private cluster under .vaebench/server/postgres)")
-    serve.add_argument("--artifacts", type=Path, help="where the server keeps artifacts (default .vaebench/server/artifacts)")
+    serve.add_argument(
+        "--postgres",
+        help="an existing database, postgresql://USER[:PASSWORD]@HOST:PORT/DB (default: a "
+        "private cluster under .vaebench/server/postgres)",
+    )
+    serve.add_argument(
+        "--artifacts", type=Path, help="where the server keeps artifacts (default .vaebench/server/artifacts)"
+    )
     serve.add_argument("--allowed-hosts", help="Host headers the server accepts besides localhost and private IPs")
     serve.set_defaults(run=cmd_server)
-    repro = commands.add_parser("repro", help="reproduce share I of N of the study's cells and push them to the default DVC remote")
-    repro.add_argument("--shard", help=f"I/N with I = 0..N-1 (default: from a Slurm job array, SLURM_ARRAY_TASK_ID)")
+    repro = commands.add_parser(
+        "repro", help="reproduce share I of N of the study's cells and push them to the default DVC remote"
+    )
+    repro.add_argument("--shard", help="I/N with I = 0..N-1 (default: from a Slurm job array, SLURM_ARRAY_TASK_ID)")
     repro.add_argument("--no-push", action="store_true", help="reproduce only")
     repro.set_defaults(run=cmd_repro)
     enable = commands.add_parser("enable-tune", help="add a search space to params.yaml as DVC stage tune@NAME")
     enable.add_argument("space", type=Path)
     enable.set_defaults(run=cmd_enable_tune)
-    bench = commands.add_parser("bench", help="measure the training engine against the standard loop and the compute bound")
+    bench = commands.add_parser(
+        "bench", help="measure the training engine against the standard loop and the compute bound"
+    )
     bench.add_argument("--cells", nargs="+", default=["linear-z20-b1-s0", "conv-z10-b1-s0"])
     bench.add_argument("--images", type=int, default=20_000, help="training images per throughput measurement")
-    bench.add_argument("--reference-cell", default="linear-z20-b1-s0",
-                       help="the cell trained and evaluated as whole processes beside the classic recipe")
+    bench.add_argument(
+        "--reference-cell",
+        default="linear-z20-b1-s0",
+        help="the cell trained and evaluated as whole processes beside the classic recipe",
+    )
     bench.add_argument("--no-full", action="store_true", help="skip the whole-process comparison")
-    bench.add_argument("--runs", type=positive_int, default=3, help="repeats of every measurement (the table shows their spread)")
-    bench.add_argument("--study", action="store_true",
-                       help="also time `dvc repro` of the study from clean, by stage (about half an hour on 2 cores)")
+    bench.add_argument(
+        "--runs", type=positive_int, default=3, help="repeats of every measurement (the table shows their spread)"
+    )
+    bench.add_argument(
+        "--study",
+        action="store_true",
+        help="also time `dvc repro` of the study from clean, by stage (about half an hour on 2 cores)",
+    )
     bench.set_defaults(run=cmd_bench)
     commands.add_parser("check", help="validate the parameters and list the cells").set_defaults(run=cmd_check)
     commands.add_parser("table", help="print the study's test metrics as a Markdown table").set_defaults(run=cmd_table)
@@ -322,11 +371,15 @@ def stopped_hint(command: str) -> str:
     """What an interrupted command left, and how to go on."""
     kept = "nothing half-written was kept"
     if command == "train":
-        return (f"its MLflow run ended KILLED and {kept}; re-run the same command (or dvc repro) to resume "
-                "after the last finished epoch")
+        return (
+            f"its MLflow run ended KILLED and {kept}; re-run the same command (or dvc repro) to resume "
+            "after the last finished epoch"
+        )
     if command == "tune":
-        return (f"the running trials' MLflow runs ended KILLED; re-run the same command (or dvc repro) to go "
-                "on: finished trials are kept, interrupted ones run again")
+        return (
+            "the running trials' MLflow runs ended KILLED; re-run the same command (or dvc repro) to go "
+            "on: finished trials are kept, interrupted ones run again"
+        )
     if command == "evaluate":
         return f"its MLflow run ended KILLED and {kept}; re-run the same command (or dvc repro)"
     return f"{kept}; re-run the same command (or dvc repro)"

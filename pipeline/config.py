@@ -178,7 +178,19 @@ def parse_study_text(text: str, source: str) -> StudyConfig:
 def parse_study(raw: dict, source: str = "params") -> StudyConfig:
     _only_keys(
         raw,
-        ("study", "data", "train", "cells", "finetuned", "evaluate", "classifier", "sample_quality", "report", "tune", "tracking"),
+        (
+            "study",
+            "data",
+            "train",
+            "cells",
+            "finetuned",
+            "evaluate",
+            "classifier",
+            "sample_quality",
+            "report",
+            "tune",
+            "tracking",
+        ),
         source,
     )
     study = check_name(_required(raw, "study", source), f"{source}: study")
@@ -188,6 +200,13 @@ def parse_study(raw: dict, source: str = "params") -> StudyConfig:
     cells_raw = _section(raw, "cells", source)
     if not cells_raw:
         raise ConfigError(f"{source}: cells is empty; add at least one cell")
+    for block in ("cells", "finetuned"):
+        for name, spec in (raw.get(block) or {}).items():
+            if isinstance(spec, dict) and "family" not in spec:
+                raise ConfigError(
+                    f"{source}: {block}.{name}.family is missing; name the cell's family ({', '.join(families())}): "
+                    "dvc.yaml makes the cell's stages depend on pipeline/models/<family>.py"
+                )
     cells = {
         name: parse_cell(check_name(name, f"{source}: cell name"), spec, train_defaults)
         for name, spec in cells_raw.items()
@@ -243,7 +262,9 @@ def parse_cell(name: str, spec: object, defaults: dict, where: str | None = None
             "cell retrains); move the cell there"
         )
     if not isinstance(spec, dict):
-        raise ConfigError(f"{where} must be a mapping like {{family: vae, arch: linear, latent_dim: 2, beta: 1.0, seed: 0}}")
+        raise ConfigError(
+            f"{where} must be a mapping like {{family: vae, arch: linear, latent_dim: 2, beta: 1.0, seed: 0}}"
+        )
     family = choice(spec.get("family", DEFAULT_FAMILY), f"{where}.family", tuple(families()))
     setting_keys = family_setting_keys()
     for key in spec:
@@ -321,7 +342,8 @@ def _check_init_from(cell: CellConfig, origin: CellConfig, where: str) -> None:
     for key in network_keys:
         if getattr(cell, key) != getattr(origin, key):
             raise ConfigError(
-                f"{where}.{key} is {getattr(cell, key)!r} but its init_from cell {origin.name} has {getattr(origin, key)!r}; "
+                f"{where}.{key} is {getattr(cell, key)!r} but its init_from cell {origin.name} has "
+                f"{getattr(origin, key)!r}; "
                 "the networks must match to copy the weights"
             )
 
@@ -399,8 +421,10 @@ def _parse_report(raw: dict) -> ReportConfig:
     if not isinstance(pairs, list) or not pairs:
         raise ConfigError(f"{where}.interpolation_pairs must be a non-empty list of digit pairs like [[1, 7]]")
     for i, pair in enumerate(pairs):
-        if not isinstance(pair, list) or len(pair) != 2 or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 9 for d in pair
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 9 for d in pair)
         ):
             raise ConfigError(f"{where}.interpolation_pairs[{i}] must be two digit labels 0-9, got {pair!r}")
     return ReportConfig(
@@ -408,7 +432,9 @@ def _parse_report(raw: dict) -> ReportConfig:
         digits=integer(_required(raw, "digits", where), f"{where}.digits", low=1),
         samples=integer(_required(raw, "samples", where), f"{where}.samples", low=1),
         interpolation_pairs=tuple(tuple(pair) for pair in pairs),
-        interpolation_steps=integer(_required(raw, "interpolation_steps", where), f"{where}.interpolation_steps", low=2),
+        interpolation_steps=integer(
+            _required(raw, "interpolation_steps", where), f"{where}.interpolation_steps", low=2
+        ),
         latent_map_extent=number(
             _required(raw, "latent_map_extent", where), f"{where}.latent_map_extent", low=0.0, low_inclusive=False
         ),
@@ -423,7 +449,9 @@ def _parse_tracking(raw: object) -> TrackingConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"tracking must be a mapping, got {type(raw).__name__}")
     _only_keys(raw, [f.name for f in dataclasses.fields(TrackingConfig)], "tracking")
-    return TrackingConfig(log_system_metrics=boolean(raw.get("log_system_metrics", False), "tracking.log_system_metrics"))
+    return TrackingConfig(
+        log_system_metrics=boolean(raw.get("log_system_metrics", False), "tracking.log_system_metrics")
+    )
 
 
 def _collapse_share(value: object, what: str) -> float:
@@ -483,7 +511,9 @@ def device(value: object, what: str) -> str:
 
     value = choice(value, what, DEVICES)
     if value == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{what} is 'cuda' but this machine has no CUDA device; set it to auto (CUDA when present) or cpu")
+        raise ConfigError(
+            f"{what} is 'cuda' but this machine has no CUDA device; set it to auto (CUDA when present) or cpu"
+        )
     return value
 
 

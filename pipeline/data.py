@@ -88,7 +88,9 @@ def load_prepared(path: Path) -> dict[str, np.ndarray]:
         with np.load(path) as arrays:
             return {key: arrays[key] for key in arrays.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(f"prepared data {path} is unreadable ({error}); re-create it with `dvc repro -f prepare`") from None
+        raise DataError(
+            f"prepared data {path} is unreadable ({error}); re-create it with `dvc repro -f prepare`"
+        ) from None
 
 
 def images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -64,12 +64,24 @@ def train_epoch(
     return dict(zip(terms, (sums / size).tolist()))
 
 
-def model_epoch(model: Autoencoder, optimizer, images: torch.Tensor, batch_size: int, generator: torch.Generator,
-                progress: Callable[[int], None] | None = None) -> dict[str, float]:
+def model_epoch(
+    model: Autoencoder,
+    optimizer,
+    images: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
     """One training epoch of a model of any family over the images."""
     model.train()
-    means = train_epoch(lambda batch: model.train_step(images[batch], optimizer), len(images), batch_size, generator,
-                        images.device, progress)
+    means = train_epoch(
+        lambda batch: model.train_step(images[batch], optimizer),
+        len(images),
+        batch_size,
+        generator,
+        images.device,
+        progress,
+    )
     return model.epoch_metrics(means)
 
 
@@ -120,15 +132,21 @@ def progress_reporter(cell: CellConfig, epoch: int, total: int):
     return bar.update, bar.close
 
 
-def epochs(training: Training, train_images: torch.Tensor, val_images: torch.Tensor,
-           probe: Callable[[Autoencoder], dict[str, float]] | None = None) -> Iterator[dict]:
+def epochs(
+    training: Training,
+    train_images: torch.Tensor,
+    val_images: torch.Tensor,
+    probe: Callable[[Autoencoder], dict[str, float]] | None = None,
+) -> Iterator[dict]:
     """Train the remaining epochs, yielding each epoch's row of train_* and val_* metrics (val_* includes
     what `probe(model)` measures) after it is appended to the history. Stops with TrainingDiverged when a
     metric is NaN or infinite."""
     cell = training.cell
     for epoch in range(len(training.history) + 1, cell.epochs + 1):
         advance, close = progress_reporter(cell, epoch, len(train_images))
-        train_metrics = model_epoch(training.model, training.optimizer, train_images, cell.batch_size, training.shuffle, advance)
+        train_metrics = model_epoch(
+            training.model, training.optimizer, train_images, cell.batch_size, training.shuffle, advance
+        )
         close()
         val_metrics = evaluate_split(training.model, val_images)
         if probe is not None:
@@ -167,7 +185,14 @@ def save_checkpoint(path: Path, training: Training, run_id: str, inputs: dict | 
     save_torch_file(state, path)
 
 
-CHECKPOINT_FIELDS = {"model": dict, "optimizer": dict, "shuffle": torch.Tensor, "rng": dict, "history": list, "run_id": str}
+CHECKPOINT_FIELDS = {
+    "model": dict,
+    "optimizer": dict,
+    "shuffle": torch.Tensor,
+    "rng": dict,
+    "history": list,
+    "run_id": str,
+}
 
 
 def restore_checkpoint(path: Path, training: Training, inputs: dict | None = None) -> str | None:
@@ -180,7 +205,9 @@ def restore_checkpoint(path: Path, training: Training, inputs: dict | None = Non
     except Exception:  # a checkpoint cut short by a kill, or not a checkpoint at all: start over rather than fail
         log.warning("ignoring unreadable resume checkpoint %s", path)
         return None
-    if not isinstance(state, dict) or any(not isinstance(state.get(key), kind) for key, kind in CHECKPOINT_FIELDS.items()):
+    if not isinstance(state, dict) or any(
+        not isinstance(state.get(key), kind) for key, kind in CHECKPOINT_FIELDS.items()
+    ):
         log.warning("ignoring %s: it is not a resume checkpoint", path)
         return None
     if state.get("cell") != cell_as_dict(training.cell):
@@ -189,8 +216,12 @@ def restore_checkpoint(path: Path, training: Training, inputs: dict | None = Non
     inputs, saved = inputs or {}, state.get("inputs")
     if saved != inputs:
         changed = [key for key in inputs if not isinstance(saved, dict) or saved.get(key) != inputs[key]]
-        log.info("%s: its input (%s) changed since %s was written; starting fresh", training.cell.name,
-                 ", ".join(changed) or "?", path)
+        log.info(
+            "%s: its input (%s) changed since %s was written; starting fresh",
+            training.cell.name,
+            ", ".join(changed) or "?",
+            path,
+        )
         return None
     try:
         training.model.load_state_dict(state["model"])
@@ -199,7 +230,9 @@ def restore_checkpoint(path: Path, training: Training, inputs: dict | None = Non
         _restore_rng_state(state["rng"])
     except (RuntimeError, KeyError, TypeError, ValueError) as error:  # the model may be half-loaded: stop
         path.unlink()
-        raise ArtifactError(f"resume checkpoint {path} does not fit the cell ({error}); removed it, re-run to start the cell over") from None
+        raise ArtifactError(
+            f"resume checkpoint {path} does not fit the cell ({error}); removed it, re-run to start the cell over"
+        ) from None
     training.history = state["history"]
     log.info("%s: resuming after epoch %d from %s", training.cell.name, len(training.history), path)
     return state["run_id"]

@@ -21,35 +21,35 @@ from pipeline.classifier import load_classifier, load_test_features
 from pipeline.config import CellConfig, EvaluateConfig, StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.engine import encode_all, resolve_device, set_threads
+from pipeline.errors import VaebenchError
 from pipeline.evaluation.codes import knn_accuracy, linear_probe_accuracy
 from pipeline.evaluation.metrics import active_units
 from pipeline.evaluation.sample_quality import model_scores
 from pipeline.models import Autoencoder
-from pipeline.models.dae import gaussian_noise, mask_pixels
+from pipeline.models.corruption import gaussian_noise, mask_pixels
 from pipeline.models.jacobian import frobenius_sq_exact
 from pipeline.models.losses import kl_per_dim, reconstruction_nats, squared_error
-from pipeline.errors import VaebenchError
-from pipeline.timing import Stopwatch
-from pipeline.outputs import (
+from pipeline.outputs import non_finite, read_json, staged_dir, write_json
+from pipeline.paths import (
+    METRICS_FILE,
     PREPARED_FILE,
     PREPARED_SUMMARY,
+    RUN_FILE,
     evaluate_dir,
     evaluate_stage,
-    non_finite,
-    read_json,
-    staged_dir,
     train_dir,
     train_stage,
-    write_json,
 )
-from pipeline.train import RUN_FILE, load_trained
+from pipeline.timing import Stopwatch
+from pipeline.trained import load_trained
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.json"
 
 
 @torch.no_grad()
-def reconstruction_metrics(model: Autoencoder, images: torch.Tensor, batch_size: int) -> tuple[dict, list[float] | None]:
+def reconstruction_metrics(
+    model: Autoencoder, images: torch.Tensor, batch_size: int
+) -> tuple[dict, list[float] | None]:
     """Means per test image from one forward pass each (one z sample for a VAE): reconstruction under the
     cell's likelihood, under Bernoulli and as MSE; with a posterior, also KL, ELBO, active units and KL
     per dimension (returned second, else None)."""
@@ -92,8 +92,13 @@ def robustness_metrics(model: Autoencoder, images: torch.Tensor, settings: Evalu
     torch.manual_seed(settings.seed)
     return {
         name: torch.cat(
-            [squared_error(model(x).logits, clean) for x, clean in zip(inputs.split(settings.batch_size), images.split(settings.batch_size))]
-        ).mean().item()
+            [
+                squared_error(model(x).logits, clean)
+                for x, clean in zip(inputs.split(settings.batch_size), images.split(settings.batch_size))
+            ]
+        )
+        .mean()
+        .item()
         for name, inputs in corrupted.items()
     }
 
@@ -105,7 +110,9 @@ def mean_contraction(model: Autoencoder, images: torch.Tensor, batch_size: int =
     return torch.cat(norms).mean().item()
 
 
-def code_metrics(model: Autoencoder, arrays: dict, train_images: torch.Tensor, test_images: torch.Tensor, k: int) -> dict:
+def code_metrics(
+    model: Autoencoder, arrays: dict, train_images: torch.Tensor, test_images: torch.Tensor, k: int
+) -> dict:
     """Linear-probe and k-NN test accuracy on the codes (posterior means for a VAE) of the training images."""
     train_codes = encode_all(model, train_images).cpu().numpy()
     test_codes = encode_all(model, test_images).cpu().numpy()
@@ -126,7 +133,9 @@ def save_figures(model: Autoencoder, images: torch.Tensor, n_images: int, seed: 
         reconstructions = torch.sigmoid(model.decode(model.encode(originals)))
         save_image(torch.cat([originals, reconstructions]), folder / "reconstructions.png", nrow=columns, pad_value=1.0)
     noise = torch.randn(n_images, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(images.device)
-    save_image(torch.sigmoid(model.decode(model.latent_from_noise(noise))), folder / "samples.png", nrow=columns, pad_value=1.0)
+    save_image(
+        torch.sigmoid(model.decode(model.latent_from_noise(noise))), folder / "samples.png", nrow=columns, pad_value=1.0
+    )
 
 
 @dataclass
@@ -138,8 +147,14 @@ class Evaluation:
     class_shares: dict
 
 
-def measure(config: StudyConfig, cell: CellConfig, model: Autoencoder, arrays: dict, device: torch.device,
-            stopwatch: Stopwatch | None = None) -> Evaluation:
+def measure(
+    config: StudyConfig,
+    cell: CellConfig,
+    model: Autoencoder,
+    arrays: dict,
+    device: torch.device,
+    stopwatch: Stopwatch | None = None,
+) -> Evaluation:
     """Every test metric of a trained model on the prepared `arrays` (nothing written); `stopwatch`
     collects the time by part."""
     settings = config.evaluate
@@ -160,7 +175,9 @@ def measure(config: StudyConfig, cell: CellConfig, model: Autoencoder, arrays: d
         with stopwatch.part("contraction"):
             metrics["contraction"] = mean_contraction(model, test_images[: settings.contraction_images])
         with stopwatch.part("codes"):
-            metrics |= code_metrics(model, arrays, images_to_tensor(arrays["train_images"], device), test_images, settings.knn_k)
+            metrics |= code_metrics(
+                model, arrays, images_to_tensor(arrays["train_images"], device), test_images, settings.knn_k
+            )
     broken = non_finite(metrics)
     if broken:
         raise VaebenchError(
@@ -194,15 +211,19 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
                 images_dir.mkdir()
                 test_images = images_to_tensor(arrays["test_images"][: settings.n_images], device)
                 save_figures(model, test_images, settings.n_images, settings.seed, images_dir)
-            tracking.log_settings({f"evaluate.{key}": value for key, value in vars(settings).items()}
-                                  | {f"sample_quality.{key}": value for key, value in vars(config.sample_quality).items()})
+            tracking.log_settings(
+                {f"evaluate.{key}": value for key, value in vars(settings).items()}
+                | {f"sample_quality.{key}": value for key, value in vars(config.sample_quality).items()}
+            )
             # The run's input since training (MLflow keeps one input per data set and run); the metrics name it.
             test_set = tracking.prepared_dataset(read_json(PREPARED_SUMMARY), PREPARED_FILE)
             shares = {f"sample_class_share_{d}": share for d, share in enumerate(class_shares["samples"])}
             tracking.log_test_metrics(metrics | shares, test_set)
             tracking.log_artifacts(evaluate_dir(config.study, cell.name) / "images", artifact_path="images")
         tracking.log_stage_seconds("evaluate", stopwatch.seconds)
-    reconstruction = f"recon {metrics['recon']:.2f} nats/image (MSE {metrics['recon_mse']:.4f}), " if "recon" in metrics else ""
+    reconstruction = (
+        f"recon {metrics['recon']:.2f} nats/image (MSE {metrics['recon_mse']:.4f}), " if "recon" in metrics else ""
+    )
     bound = f"elbo {metrics['elbo']:.2f} nats/image, " if "elbo" in metrics else ""
     probe = f"probe accuracy {metrics['probe_accuracy']:.3f}, " if "probe_accuracy" in metrics else ""
     log.info("%s test: %s%s%ssample FID %.1f", cell.name, reconstruction, bound, probe, metrics["fid_mnist_cnn"])

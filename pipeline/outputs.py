@@ -1,4 +1,4 @@
-"""Where every stage writes, and how: each output appears whole or not at all."""
+"""How every stage writes: each output appears whole or not at all (where: pipeline/paths.py)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,9 @@ import pickle
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pipeline.errors import ArtifactError
 
-if TYPE_CHECKING:
-    from pipeline.config import CellConfig
-
-RESULTS = Path("results")
-PREPARED_DIR = RESULTS / "prepare"
-PREPARED_FILE = PREPARED_DIR / "mnist.npz"
-PREPARED_SUMMARY = PREPARED_DIR / "summary.json"  # split sizes and seed, the raw files' SHA-256
-CLASSIFIER_DIR = RESULTS / "classifier"
-# Resume checkpoints live outside the stage outputs, because DVC deletes a stage's outputs before running it.
-RESUME_DIR = Path(".vaebench") / "resume"
 REPOSITORY_ROOT_ENV = "DVC_ROOT"
 
 
@@ -33,32 +22,6 @@ def repository_root() -> Path:
     experiment was started from, not the temporary workspace the stage runs in, whose files are thrown away.
     Outside DVC, the working directory."""
     return Path(os.environ.get(REPOSITORY_ROOT_ENV) or ".").resolve()
-
-
-def train_dir(study: str, cell: str) -> Path:
-    return RESULTS / study / "train" / cell
-
-
-def evaluate_dir(study: str, cell: str) -> Path:
-    return RESULTS / study / "evaluate" / cell
-
-
-def study_metrics_file(study: str) -> Path:
-    """Every evaluated cell's test metrics, by cell: the report stage's DVC metrics file, committed to Git."""
-    return RESULTS / study / "metrics.json"
-
-
-def train_stage(cell: CellConfig) -> str:
-    """The DVC stage that trains the cell (dvc.yaml): fine-tuned cells have their own."""
-    return f"{'finetune' if cell.init_from else 'train'}@{cell.name}"
-
-
-def evaluate_stage(cell: CellConfig) -> str:
-    return f"{'evaluate-finetuned' if cell.init_from else 'evaluate'}@{cell.name}"
-
-
-def resume_file(study: str, cell: str) -> Path:
-    return RESUME_DIR / study / f"{cell}.pt"
 
 
 @contextmanager
@@ -115,8 +78,11 @@ def load_torch_file(path: Path, stage: str, device: object = "cpu") -> object:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # the unpickler of a damaged file raises almost anything; the file is at fault
-        reason = "it holds more than tensors and plain values, or is not a PyTorch file at all" if isinstance(
-            error, (pickle.UnpicklingError, IndexError)) else (str(error).split(".")[0] or type(error).__name__)
+        reason = (
+            "it holds more than tensors and plain values, or is not a PyTorch file at all"
+            if isinstance(error, (pickle.UnpicklingError, IndexError))
+            else (str(error).split(".")[0] or type(error).__name__)
+        )
         raise ArtifactError(
             f"{path} is not a readable PyTorch file ({reason}); delete it and re-create it with `dvc repro -f {stage}`"
         ) from None

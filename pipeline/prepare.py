@@ -13,7 +13,8 @@ import numpy as np
 
 from pipeline import data
 from pipeline.config import DATA_ROOT_ENV, StudyConfig
-from pipeline.outputs import PREPARED_DIR, PREPARED_FILE, PREPARED_SUMMARY, repository_root, sha256_of, staged_dir, write_json
+from pipeline.outputs import repository_root, sha256_of, staged_dir, write_json
+from pipeline.paths import PREPARED_DIR, PREPARED_FILE, PREPARED_SUMMARY
 
 log = logging.getLogger(__name__)
 

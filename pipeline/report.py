@@ -13,20 +13,20 @@ import pandas as pd
 import torch
 
 from pipeline import tracking
-from pipeline.classifier import load_floor
 from pipeline.config import ConfigError, StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.errors import ArtifactError, VaebenchError
-from pipeline.models.dae import gaussian_noise, mask_pixels
-from pipeline.outputs import (
+from pipeline.floor import load_floor
+from pipeline.models.corruption import gaussian_noise, mask_pixels
+from pipeline.outputs import read_json, staged_dir, write_json
+from pipeline.paths import (
     PREPARED_FILE,
+    REPORTS,
+    RUN_FILE,
     evaluate_dir,
     evaluate_stage,
-    read_json,
-    staged_dir,
     study_metrics_file,
     train_dir,
-    write_json,
 )
 from pipeline.reporting import figures
 from pipeline.reporting.findings import study_findings
@@ -43,10 +43,9 @@ from pipeline.reporting.results import (
     markdown_table,
     seed_table,
 )
-from pipeline.train import RUN_FILE, load_trained
+from pipeline.trained import load_trained
 
 log = logging.getLogger(__name__)
-REPORTS = Path("reports")
 HEATMAP_METRICS = {  # VAE cells only: these run over latent_dim x β
     "elbo": "ELBO (nats/image)",
     "recon": "reconstruction (nats/image)",
@@ -56,18 +55,34 @@ HEATMAP_METRICS = {  # VAE cells only: these run over latent_dim x β
     "iw_nll": "IW NLL (nats/image)",
 }
 CAPTIONS = {
-    "loss_curves": "Training (top) and validation (bottom) objective in nats per image (reconstruction + β·KL for a VAE, plus λ·‖J‖² for a CAE; a DAE's is on corrupted inputs), per epoch; one panel per family and architecture, colour = latent_dim, line style = the family's setting.",
-    "reconstructions": "The same test digits (top row) reconstructed by every model from its code (the posterior mean for a VAE).",
-    "denoising": "The same test digits with Gaussian noise and with masked pixels (the denoising autoencoder's corruptions, at the evaluate block's levels), and every model's reconstruction of the corrupted digits.",
-    "samples": "Decoder means for random z ~ N(0, I) with a fixed seed; models of equal latent_dim decode the same noise. Families without a prior (marked ex-post) map that noise through a Gaussian fitted to their training codes.",
-    "interpolation": "Decoded points on the straight line between the codes (posterior means) of two fixed test digits.",
-    "latent_map": "Models with latent_dim = 2: the decoder's mean image on a regular grid over the latent plane (for a family without a prior, the grid is in units of its ex-post Gaussian).",
-    "latent_scatter": "Codes (posterior means) of test images coloured by digit label (2-D models directly, larger ones by their first two principal components).",
-    "rate_distortion": "VAE cells: rate (test KL) against distortion (test reconstruction) for every group of cells, β annotated.",
-    "metric_heatmaps": "VAE cells: each test metric over latent_dim × β, one column per architecture; blank where the grid has no cell.",
+    "loss_curves": "Training (top) and validation (bottom) objective in nats per image (reconstruction + β·KL for a "
+    "VAE, plus λ·‖J‖² for a CAE; a DAE's is on corrupted inputs), per epoch; one panel per family and "
+    "architecture, colour = latent_dim, line style = the family's setting.",
+    "reconstructions": "The same test digits (top row) reconstructed by every model from its code (the posterior "
+    "mean for a VAE).",
+    "denoising": "The same test digits with Gaussian noise and with masked pixels (the denoising autoencoder's "
+    "corruptions, at the evaluate block's levels), and every model's reconstruction of the corrupted digits.",
+    "samples": "Decoder means for random z ~ N(0, I) with a fixed seed; models of equal latent_dim decode the same "
+    "noise. Families without a prior (marked ex-post) map that noise through a Gaussian fitted to their "
+    "training codes.",
+    "interpolation": "Decoded points on the straight line between the codes (posterior means) of two fixed test "
+    "digits.",
+    "latent_map": "Models with latent_dim = 2: the decoder's mean image on a regular grid over the latent plane "
+    "(for a family without a prior, the grid is in units of its ex-post Gaussian).",
+    "latent_scatter": "Codes (posterior means) of test images coloured by digit label (2-D models directly, larger "
+    "ones by their first two principal components).",
+    "rate_distortion": "VAE cells: rate (test KL) against distortion (test reconstruction) for every group of "
+    "cells, β annotated.",
+    "metric_heatmaps": "VAE cells: each test metric over latent_dim × β, one column per architecture; blank where "
+    "the grid has no cell.",
     "kl_per_dim": "VAE cells: test KL per latent dimension, sorted; the dotted line is 0.01 nats.",
-    "adversarial_curves": "GAN and VAE-GAN cells, per epoch: the discriminator's and the generator's training losses, the discriminator's mean output on validation digits (D(real)) and on generated ones (D(fake): G(z) for a GAN, the reconstructions for a VAE-GAN, whose losses also sum two fake terms, reconstructions and prior samples), and the FID of 2,000 samples from a fixed z against 2,000 validation digits (MNIST-CNN features).",
-    "finetuning": "Fine-tuned cells: the same z ~ N(0, I) decoded by the source VAE (top) and by the generator fine-tuned adversarially from it (bottom).",
+    "adversarial_curves": "GAN and VAE-GAN cells, per epoch: the discriminator's and the generator's training "
+    "losses, the discriminator's mean output on validation digits (D(real)) and on generated ones (D(fake): "
+    "G(z) for a GAN, the reconstructions for a VAE-GAN, whose losses also sum two fake terms, reconstructions "
+    "and prior samples), and the FID of 2,000 samples from a fixed z against 2,000 validation digits (MNIST-CNN "
+    "features).",
+    "finetuning": "Fine-tuned cells: the same z ~ N(0, I) decoded by the source VAE (top) and by the generator "
+    "fine-tuned adversarially from it (bottom).",
 }
 
 
@@ -134,14 +149,18 @@ def model_figures(config: StudyConfig, models: dict, test: TestSet, folder: Path
         f"noise σ={config.evaluate.noise_std:g}": gaussian_noise(digits, config.evaluate.noise_std, generator),
         f"mask p={config.evaluate.mask_prob:g}": mask_pixels(digits, config.evaluate.mask_prob, generator),
     }
-    with_encoder = [] if not encoders else [  # a GAN has no encoder: no reconstructions or codes
-        *figures.reconstructions(encoders, digits, folder, settings.dpi),
-        *figures.denoising(encoders, digits, corrupted, folder, settings.dpi),
-        *figures.interpolations(
-            encoders, test.pairs(settings.interpolation_pairs), settings.interpolation_steps, folder, settings.dpi
-        ),
-        *figures.latent_scatter(encoders, test.images[scatter], test.labels[scatter], folder, settings.dpi),
-    ]
+    with_encoder = (
+        []
+        if not encoders
+        else [  # a GAN has no encoder: no reconstructions or codes
+            *figures.reconstructions(encoders, digits, folder, settings.dpi),
+            *figures.denoising(encoders, digits, corrupted, folder, settings.dpi),
+            *figures.interpolations(
+                encoders, test.pairs(settings.interpolation_pairs), settings.interpolation_steps, folder, settings.dpi
+            ),
+            *figures.latent_scatter(encoders, test.images[scatter], test.labels[scatter], folder, settings.dpi),
+        ]
+    )
     return [
         *with_encoder,
         *figures.samples(models, settings.samples, settings.seed, folder, settings.dpi),
@@ -156,8 +175,15 @@ def history_table(config: StudyConfig, cells: pd.DataFrame) -> pd.DataFrame:
         for epoch in cell_history(config.study, cell.cell):
             for split, prefix in (("training", "train"), ("validation", "val")):
                 rows.append(
-                    {"model": f"{cell.family} · {cell.arch}", "latent_dim": cell.latent_dim, "setting": cell.variant or "–",
-                     "cell": cell.cell, "epoch": epoch["epoch"], "split": split, "loss": epoch[f"{prefix}_loss"]}
+                    {
+                        "model": f"{cell.family} · {cell.arch}",
+                        "latent_dim": cell.latent_dim,
+                        "setting": cell.variant or "–",
+                        "cell": cell.cell,
+                        "epoch": epoch["epoch"],
+                        "split": split,
+                        "loss": epoch[f"{prefix}_loss"],
+                    }
                 )
     return pd.DataFrame(rows)
 
@@ -172,7 +198,8 @@ def design_text(config: StudyConfig, cells: pd.DataFrame) -> str:
     betas = sorted(cells["beta"].dropna().unique())
     settings = sorted({v for v in cells.loc[cells["family"] != "vae", "variant"] if v})
     return (
-        f"{len(cells)} cells: family {{{values('family')}}}, arch {{{values('arch')}}}, latent_dim {{{values('latent_dim')}}}, "
+        f"{len(cells)} cells: family {{{values('family')}}}, arch {{{values('arch')}}}, latent_dim "
+        f"{{{values('latent_dim')}}}, "
         f"VAE β {{{', '.join(f'{b:g}' for b in betas) or '–'}}}"
         + (f", other family settings {{{', '.join(settings)}}}" if settings else "")
         + f", seeds {{{values('seed')}}}; "
@@ -187,7 +214,9 @@ def parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def generator_text(config: StudyConfig, cells: pd.DataFrame, models: dict, histories: dict[str, list[dict]]) -> list[str]:
+def generator_text(
+    config: StudyConfig, cells: pd.DataFrame, models: dict, histories: dict[str, list[dict]]
+) -> list[str]:
     """The lab's questions on the GAN cells (how the decoder serves as a generator, how the encoder and the
     discriminator differ), in sentences built from the trained networks and the measured numbers."""
     sentences = []
@@ -199,10 +228,12 @@ def generator_text(config: StudyConfig, cells: pd.DataFrame, models: dict, histo
         vae_encoder_outputs = 2 * cell.latent_dim
         text = (
             f"{name}: the generator is the {cell.arch} decoder network of a latent_dim {cell.latent_dim} VAE "
-            f"({parameters(model.decoder):,} parameters, z ~ N(0, I) in, 784 pixel logits out); the discriminator is the "
+            f"({parameters(model.decoder):,} parameters, z ~ N(0, I) in, 784 pixel logits out); the discriminator "
+            f"is the "
             f"{cell.arch} encoder network with one output, a real/fake logit, instead of the VAE encoder's "
             f"{vae_encoder_outputs} (mean and log-variance of q(z|x)): {parameters(model.discriminator):,} parameters. "
-            f"After {last['epoch']} epoch{'s' if last['epoch'] > 1 else ''} the discriminator's mean output was {last['val_d_real']:.2f} on validation "
+            f"After {last['epoch']} epoch{'s' if last['epoch'] > 1 else ''} the discriminator's mean output was "
+            f"{last['val_d_real']:.2f} on validation "
             f"digits and {last['val_d_fake']:.2f} on generated ones (0.5 on both: it cannot tell them apart); "
             f"the FID probe went from {first['val_fid_probe']:.1f} "
             f"after epoch 1 to {last['val_fid_probe']:.1f} (figure adversarial_curves)."
@@ -212,23 +243,37 @@ def generator_text(config: StudyConfig, cells: pd.DataFrame, models: dict, histo
             mine = by_name.loc[name]
             text += (
                 f" It started from the decoder of {cell.init_from}, weight for weight"
-                + (" (and its discriminator from that VAE's encoder, but for the output layer)" if cell.settings.init_discriminator else "")
+                + (
+                    " (and its discriminator from that VAE's encoder, but for the output layer)"
+                    if cell.settings.init_discriminator
+                    else ""
+                )
                 + f"; from the same z (figure finetuning), its samples moved from the VAE's FID "
-                f"{source.fid_mnist_cnn:.1f}, precision {source.precision_mnist_cnn:.3f}, recall {source.recall_mnist_cnn:.3f} "
-                f"to FID {mine.fid_mnist_cnn:.1f}, precision {mine.precision_mnist_cnn:.3f}, recall {mine.recall_mnist_cnn:.3f}."
+                f"{source.fid_mnist_cnn:.1f}, precision {source.precision_mnist_cnn:.3f}, recall "
+                f"{source.recall_mnist_cnn:.3f} "
+                f"to FID {mine.fid_mnist_cnn:.1f}, precision {mine.precision_mnist_cnn:.3f}, recall "
+                f"{mine.recall_mnist_cnn:.3f}."
             )
         sentences.append(text)
     return sentences
 
 
-def report_blocks(config: StudyConfig, cells: pd.DataFrame, groups: pd.DataFrame, figure_names: list[str],
-                  generator_sentences: list[str]) -> list:
+def report_blocks(
+    config: StudyConfig,
+    cells: pd.DataFrame,
+    groups: pd.DataFrame,
+    figure_names: list[str],
+    generator_sentences: list[str],
+) -> list:
     blocks = [("h1", f"vaebench study report: {config.study}"), ("h2", "Design"), ("p", design_text(config, cells))]
     blocks.append(("h2", "Findings"))
     for question, sentences in study_findings(cells, groups, config.report.collapse_share).items():
         blocks += [("h3", question), ("ul", sentences)]
     if generator_sentences:
-        blocks += [("h3", "The decoder as a generator, the encoder against the discriminator"), ("ul", generator_sentences)]
+        blocks += [
+            ("h3", "The decoder as a generator, the encoder against the discriminator"),
+            ("ul", generator_sentences),
+        ]
     blocks += [("h2", "Results"), ("table", markdown_table(cells))]
     if (groups["seeds"] > 1).any():
         blocks += [("p", "Aggregated over seeds (mean ± standard deviation):"), ("table", markdown_seed_table(groups))]
@@ -272,7 +317,9 @@ def markdown_table_to_html(table: str) -> str:
     rows = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in table.splitlines()]
     head, body = rows[0], rows[2:]
     return (
-        "<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr></thead><tbody>"
+        "<table><thead><tr>"
+        + "".join(f"<th>{c}</th>" for c in head)
+        + "</tr></thead><tbody>"
         + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
         + "</tbody></table>"
     )
@@ -331,10 +378,19 @@ def build_report(config: StudyConfig) -> Path:
             *figures.loss_curves(history_table(config, cells), folder, config.report.dpi),
             *model_figures(config, models, test, folder),
             *figures.adversarial_curves(adversarial, folder, config.report.dpi),
-            *figures.finetuning([(source, loaded[source], name, loaded[name]) for source, name in tuned],
-                                config.report.samples, config.report.seed, folder, config.report.dpi),
+            *figures.finetuning(
+                [(source, loaded[source], name, loaded[name]) for source, name in tuned],
+                config.report.samples,
+                config.report.seed,
+                folder,
+                config.report.dpi,
+            ),
             *(figures.rate_distortion(vae_groups, folder, config.report.dpi) if not vae_groups.empty else []),
-            *(figures.metric_heatmaps(vae_groups, HEATMAP_METRICS, folder, config.report.dpi) if not vae_groups.empty else []),
+            *(
+                figures.metric_heatmaps(vae_groups, HEATMAP_METRICS, folder, config.report.dpi)
+                if not vae_groups.empty
+                else []
+            ),
         ]
         names = [name for name in CAPTIONS if any(p.stem == name for p in written)]
         cells.to_csv(folder / "results.csv", index=False)
@@ -356,7 +412,9 @@ def build_report(config: StudyConfig) -> Path:
 def cell_figures(config: StudyConfig, name: str, folder: Path, test: TestSet | None = None) -> Path:
     """All model figures of one trained and evaluated cell, into `folder` (for `vaebench figures CELL`)."""
     if not (evaluate_dir(config.study, name) / "kl_per_dim.json").is_file():
-        raise ArtifactError(f"cell {name} is not evaluated yet; run `dvc repro {evaluate_stage(config.cell(name))}` first")
+        raise ArtifactError(
+            f"cell {name} is not evaluated yet; run `dvc repro {evaluate_stage(config.cell(name))}` first"
+        )
     with staged_dir(folder) as scratch:
         model_figures(config, load_models(config, [name]), test or TestSet(), scratch)
     return folder

@@ -61,9 +61,11 @@ def _as_cluster_owner(command: list[str]) -> list[str]:
         return command
     runuser = shutil.which("runuser", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")  # often off a user's PATH
     if runuser is None or not _postgres_user_exists():
-        raise ConfigError("as root, PostgreSQL must run as the user postgres, and this machine has no such user (or no "
-                          "runuser); install PostgreSQL's package (it creates the user), run as another user, or give "
-                          "an existing database with --postgres URL")
+        raise ConfigError(
+            "as root, PostgreSQL must run as the user postgres, and this machine has no such user (or no "
+            "runuser); install PostgreSQL's package (it creates the user), run as another user, or give "
+            "an existing database with --postgres URL"
+        )
     return [runuser, "-u", "postgres", "--", *command]
 
 
@@ -110,19 +112,26 @@ class PrivateCluster:
         if not (self.folder / "PG_VERSION").is_file():
             self._init()
         elif not self.password_file.is_file():
-            raise ConfigError(f"{self.password_file} is missing, so the cluster in {self.folder} cannot be logged into; "
-                              f"delete {self.folder} to start a new one")
+            raise ConfigError(
+                f"{self.password_file} is missing, so the cluster in {self.folder} cannot be logged into; "
+                f"delete {self.folder} to start a new one"
+            )
         log_file = self.folder.parent / "postgres.log"
         log_file.touch()
         if os.geteuid() == 0:
             shutil.chown(log_file, "postgres")
         options = f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories=''"
         result = subprocess.run(
-            _as_cluster_owner(["pg_ctl", "-D", str(self.folder), "-l", str(log_file), "-o", options, "-w", "-t", "60", "start"]),
-            capture_output=True, text=True,
+            _as_cluster_owner(
+                ["pg_ctl", "-D", str(self.folder), "-l", str(log_file), "-o", options, "-w", "-t", "60", "start"]
+            ),
+            capture_output=True,
+            text=True,
         )
         if result.returncode != 0:
-            raise TrackingError(f"PostgreSQL in {self.folder} did not start: {_log_tail(log_file) or _last_line(result.stderr)}")
+            raise TrackingError(
+                f"PostgreSQL in {self.folder} did not start: {_log_tail(log_file) or _last_line(result.stderr)}"
+            )
         self.create_database(DATABASE)
 
     def _init(self) -> None:
@@ -144,13 +153,27 @@ class PrivateCluster:
                 reachable = subprocess.run(_as_cluster_owner(["test", "-w", str(self.folder)])).returncode == 0
                 if not reachable:
                     raise ConfigError(
-                        f"the postgres user cannot reach {self.folder} (a folder above it is private); run from a checkout "
+                        f"the postgres user cannot reach {self.folder} (a folder above it is private); run from a "
+                        f"checkout "
                         "other users can read, or give an existing database with --postgres URL"
                     )
             result = subprocess.run(
-                _as_cluster_owner(["initdb", "-D", str(self.folder), "--auth=scram-sha-256", f"--pwfile={initdb_password}",
-                                   "-U", SUPERUSER, "-E", "UTF8", "--no-sync"]),
-                capture_output=True, text=True,
+                _as_cluster_owner(
+                    [
+                        "initdb",
+                        "-D",
+                        str(self.folder),
+                        "--auth=scram-sha-256",
+                        f"--pwfile={initdb_password}",
+                        "-U",
+                        SUPERUSER,
+                        "-E",
+                        "UTF8",
+                        "--no-sync",
+                    ]
+                ),
+                capture_output=True,
+                text=True,
             )
         finally:
             initdb_password.unlink(missing_ok=True)
@@ -163,22 +186,28 @@ class PrivateCluster:
 
         password = self.password_file.read_text().strip()
         try:
-            connection = psycopg.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, password=password,
-                                         dbname="postgres", autocommit=True)
+            connection = psycopg.connect(
+                host="127.0.0.1", port=self.port, user=SUPERUSER, password=password, dbname="postgres", autocommit=True
+            )
             with connection, connection.cursor() as cursor:
                 cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
                 if cursor.fetchone() is None:
                     cursor.execute(f'CREATE DATABASE "{name}"')
         except psycopg.Error as error:
-            raise TrackingError(f"cannot create database {name} in the cluster {self.folder}: {_last_line(str(error))}") from None
+            raise TrackingError(
+                f"cannot create database {name} in the cluster {self.folder}: {_last_line(str(error))}"
+            ) from None
         return self.url(name)
 
     def stop(self) -> None:
         if not (self.folder / "postmaster.pid").is_file():
             return
         pid = self.pid
-        result = subprocess.run(_as_cluster_owner(["pg_ctl", "-D", str(self.folder), "-m", "fast", "-w", "stop"]),
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            _as_cluster_owner(["pg_ctl", "-D", str(self.folder), "-m", "fast", "-w", "stop"]),
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
             raise TrackingError(f"pg_ctl could not stop PostgreSQL in {self.folder}: {_last_line(result.stderr)}")
         wait_gone(pid)
@@ -193,8 +222,9 @@ def check_database(url: str) -> None:
             pass
     except sqlalchemy.exc.SQLAlchemyError as error:
         reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
-        raise TrackingError(f"the PostgreSQL database {hide_password(url)} cannot be reached ({reason}); start it or fix "
-                            "--postgres") from None
+        raise TrackingError(
+            f"the PostgreSQL database {hide_password(url)} cannot be reached ({reason}); start it or fix --postgres"
+        ) from None
 
 
 def read_state() -> dict | None:
@@ -220,12 +250,19 @@ def alive(pid: int) -> bool:
         return True
 
 
-def start(host: str = "127.0.0.1", port: int = 5000, postgres: str | None = None, artifacts: Path | None = None,
-          allowed_hosts: str | None = None) -> dict:
+def start(
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    postgres: str | None = None,
+    artifacts: Path | None = None,
+    allowed_hosts: str | None = None,
+) -> dict:
     state = read_state()
     if state and alive(state["mlflow_pid"]):
-        raise VaebenchError(f"this checkout's server already runs at {state['url']} (PID {state['mlflow_pid']}); "
-                            "stop it first: vaebench server stop")
+        raise VaebenchError(
+            f"this checkout's server already runs at {state['url']} (PID {state['mlflow_pid']}); "
+            "stop it first: vaebench server stop"
+        )
     check_address(host, port)
     SERVER_DIR.mkdir(parents=True, exist_ok=True)
     cluster = process = None
@@ -278,28 +315,55 @@ def check_address(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as error:
-            raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host") from None
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host"
+            ) from None
 
 
 def _start_mlflow(host: str, port: int, postgres: str, artifacts: Path, allowed_hosts: str | None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "mlflow", "server", "--artifacts-destination", str(artifacts), "--host", host,
-               "--port", str(port), "--workers", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+    ]
     if allowed_hosts:
         # MLflow replaces its defaults (localhost, private addresses) with the list given: keep them, and accept
         # each name given with and without the port.
         from mlflow.server.security_utils import get_default_allowed_hosts
 
         names = [name.strip() for name in allowed_hosts.split(",") if name.strip()]
-        command += ["--allowed-hosts", ",".join([*get_default_allowed_hosts(), *names, *(f"{n}:{port}" for n in names)])]
+        command += [
+            "--allowed-hosts",
+            ",".join([*get_default_allowed_hosts(), *names, *(f"{n}:{port}" for n in names)]),
+        ]
     # The store's URL (with its password) goes through the environment, not the command line `ps` shows.
     # MLflow's job runner (LLM judges, scorers: nothing this pipeline uses) is off unless asked for: measured
     # with two workers, 5 processes instead of 13, answering after 9 s instead of 15.
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_BACKEND_STORE_URI": postgres}
+    env = {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        **os.environ,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_BACKEND_STORE_URI": postgres,
+    }
     with open(SERVER_DIR / "mlflow.log", "ab") as log_file:
         # A session of its own: the server's worker processes form one group that stop() ends together.
-        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env)
+        return subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
 
 
 def _wait_until_answering(process: subprocess.Popen, url: str) -> None:
@@ -309,15 +373,19 @@ def _wait_until_answering(process: subprocess.Popen, url: str) -> None:
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise TrackingError(f"mlflow server exited with code {process.returncode}: {_log_tail(SERVER_DIR / 'mlflow.log')} "
-                                f"(full log: {SERVER_DIR / 'mlflow.log'})")
+            raise TrackingError(
+                f"mlflow server exited with code {process.returncode}: {_log_tail(SERVER_DIR / 'mlflow.log')} "
+                f"(full log: {SERVER_DIR / 'mlflow.log'})"
+            )
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):
                 return
         except (urllib.error.URLError, OSError):
             time.sleep(0.5)
     end_group(process.pid)
-    raise TrackingError(f"mlflow server did not answer at {url} within {START_SECONDS} s; see {SERVER_DIR / 'mlflow.log'}")
+    raise TrackingError(
+        f"mlflow server did not answer at {url} within {START_SECONDS} s; see {SERVER_DIR / 'mlflow.log'}"
+    )
 
 
 def end_group(pid: int) -> None:

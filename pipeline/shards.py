@@ -20,7 +20,7 @@ import sys
 from pipeline import tracking
 from pipeline.config import ConfigError, StudyConfig
 from pipeline.errors import VaebenchError
-from pipeline.outputs import evaluate_stage, train_stage
+from pipeline.paths import evaluate_stage, train_stage
 
 log = logging.getLogger(__name__)
 ARRAY_INDEX = "SLURM_ARRAY_TASK_ID"
@@ -33,8 +33,10 @@ def parse_shard(text: str | None, environ: dict = os.environ) -> tuple[int, int]
     """(index, count) from `I/N` (I counts from 0), or from a Slurm job array's variables."""
     if text is None:
         if ARRAY_INDEX not in environ or ARRAY_COUNT not in environ:
-            raise ConfigError(f"say which share to run: --shard I/N (I = 0..N-1), or run inside a Slurm job array "
-                              f"({ARRAY_INDEX} and {ARRAY_COUNT} are not set)")
+            raise ConfigError(
+                f"say which share to run: --shard I/N (I = 0..N-1), or run inside a Slurm job array "
+                f"({ARRAY_INDEX} and {ARRAY_COUNT} are not set)"
+            )
         try:
             offset = int(environ[ARRAY_INDEX]) - int(environ.get(ARRAY_MIN, "0"))
             step = int(environ.get(ARRAY_STEP, "1"))
@@ -42,8 +44,10 @@ def parse_shard(text: str | None, environ: dict = os.environ) -> tuple[int, int]
         except ValueError:
             raise ConfigError(f"{ARRAY_INDEX}, {ARRAY_MIN}, {ARRAY_STEP} and {ARRAY_COUNT} must be integers") from None
         if step < 1 or offset % step or not 0 <= offset // step < count:
-            raise ConfigError(f"the Slurm array task {environ[ARRAY_INDEX]} is not one of {count} evenly spaced tasks "
-                              f"(--array=MIN-MAX[:STEP] without gaps); give --shard I/N instead")
+            raise ConfigError(
+                f"the Slurm array task {environ[ARRAY_INDEX]} is not one of {count} evenly spaced tasks "
+                f"(--array=MIN-MAX[:STEP] without gaps); give --shard I/N instead"
+            )
         text = f"{offset // step}/{count}"
     match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
     if not match or int(match[2]) < 1 or int(match[1]) >= int(match[2]):
@@ -74,14 +78,18 @@ def dvc(*arguments: str) -> None:
 def check_remote() -> None:
     default = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], capture_output=True, text=True)
     if default.returncode != 0:  # "No default remote set"
-        raise ConfigError("shards share their outputs through the default DVC remote, and there is none; add one that "
-                          "every machine reaches: dvc remote add -d shared /shared/vaebench-cache (or s3://..., ssh://...)")
+        raise ConfigError(
+            "shards share their outputs through the default DVC remote, and there is none; add one that "
+            "every machine reaches: dvc remote add -d shared /shared/vaebench-cache (or s3://..., ssh://...)"
+        )
 
 
 def repro_shard(config: StudyConfig, index: int, count: int, push: bool = True) -> list[str]:
     if not tracking.tracking_uri().startswith(("http://", "https://")):
-        raise ConfigError("shards on several machines must log to one tracking server: set MLFLOW_TRACKING_URI="
-                          "http://HOST:PORT (start one with `vaebench server start`)")
+        raise ConfigError(
+            "shards on several machines must log to one tracking server: set MLFLOW_TRACKING_URI="
+            "http://HOST:PORT (start one with `vaebench server start`)"
+        )
     check_remote()
     tracking.check_store()
     tracking.ensure_study(config)  # the experiment and its one parent run, before any stage starts

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -50,8 +49,8 @@ def tracking_uri() -> str:
 
 def check_store() -> None:
     """Run at the start of every stage that logs, before any work: a tracking server that does not answer
-    within a few seconds fails here with one line, not after the work and minutes of retries. A local
-    store copied or moved with its checkout is pointed at the checkout's own artifact folder."""
+    within a few seconds fails here with one line, not after the work and minutes of retries; so does a local
+    store copied or moved with its checkout."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         # MLflow's own HTTP client (its TLS and credential settings), without its minutes of retries; any
@@ -60,8 +59,14 @@ def check_store() -> None:
         from mlflow.utils.rest_utils import http_request
 
         try:
-            http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0,
-                         timeout=HEALTH_TIMEOUT_SECONDS, raise_on_status=False)
+            http_request(
+                get_default_host_creds(uri),
+                "/health",
+                "GET",
+                max_retries=0,
+                timeout=HEALTH_TIMEOUT_SECONDS,
+                raise_on_status=False,
+            )
         except (MlflowException, OSError) as error:
             reason = str(error).split("\n")[0]
             if "Caused by" in reason:  # urllib3's chain: keep its innermost message
@@ -71,29 +76,32 @@ def check_store() -> None:
                 "or unset MLFLOW_TRACKING_URI to log to the local mlflow.db"
             ) from None
     elif not os.environ.get("MLFLOW_TRACKING_URI") and local_store().is_file():
-        try:
-            relocate_local_store()
-        except sqlite3.Error as error:
-            raise TrackingError(f"{local_store()} is not a readable MLflow store ({error}); move it aside to start a new one") from None
+        check_local_store_belongs_here()
 
 
-def relocate_local_store() -> None:
+def check_local_store_belongs_here() -> None:
     """MLflow records absolute artifact locations, so the mlflow.db of a copied (or moved) checkout names
-    the original's mlartifacts/ folder, and logging would write there. Point the study experiments, their
-    runs and models at this checkout's mlartifacts/ (a copy of the checkout holds the same files)."""
+    the original's mlartifacts/ folder, and logging would write there. MLflow's API cannot change an
+    experiment's artifact location, so such a store is refused, with the ways out."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     here = artifact_root().as_uri()
-    with sqlite3.connect(local_store()) as db:
-        locations = [row[0] for row in db.execute("SELECT artifact_location FROM experiments WHERE name LIKE 'vaebench-%'")]
-        elsewhere = {location.rsplit("/", 1)[0] for location in locations if location.rsplit("/", 1)[0] != here}
-        for root in elsewhere:
-            if not root.endswith(f"/{artifact_root().name}"):
-                continue  # not a location this pipeline chose
-            for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location")):
-                db.execute(
-                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
-                    (here, len(root) + 1, len(root) + 1, root + "/"),
-                )
-            log.info("mlflow.db named artifacts under %s (the checkout it was copied from); now under %s", root, here)
+    try:
+        experiments = MlflowClient(tracking_uri()).search_experiments(filter_string="name LIKE 'vaebench-%'")
+    except (MlflowException, SQLAlchemyError) as error:
+        reason = str(error).split("\n")[0]
+        raise TrackingError(
+            f"{local_store()} is not a readable MLflow store ({reason}); move it aside to start a new one"
+        ) from None
+    for experiment in experiments:
+        root = experiment.artifact_location.rsplit("/", 1)[0]
+        if root.endswith(f"/{artifact_root().name}") and root != here:
+            raise TrackingError(
+                f"{local_store()} keeps its artifacts in {root} (experiment {experiment.name}), another checkout's "
+                "folder: MLflow records absolute artifact locations, so this copy would log into that checkout. "
+                f"Move this checkout's mlflow.db and {artifact_root().name}/ aside to start a store of its own, or "
+                "log both checkouts to one tracking server (MLFLOW_TRACKING_URI)"
+            )
 
 
 def experiment_name(study: str) -> str:
@@ -137,8 +145,12 @@ def study_parent_run(client: MlflowClient, experiment_id: str, study: str) -> st
         parent = client.get_experiment(experiment_id).tags.get(PARENT_TAG)
         if parent:
             return parent
-        found = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'",
-                                   order_by=["attributes.start_time ASC"], max_results=1)
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = 'study'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
+        )
         if found:
             return found[0].info.run_id
         time.sleep(0.5)
@@ -162,7 +174,9 @@ def source_tags() -> dict[str, str]:
 
 
 @contextmanager
-def cell_run(config: StudyConfig, cell: CellConfig, stage: str, run_id: str | None = None, system_metrics: bool = False):
+def cell_run(
+    config: StudyConfig, cell: CellConfig, stage: str, run_id: str | None = None, system_metrics: bool = False
+):
     """An active MLflow run for one cell: `run_id` continues an earlier run, else a new child run starts.
     `system_metrics` samples CPU, memory (and GPU) use while the block runs.
 
@@ -183,7 +197,9 @@ def cell_run(config: StudyConfig, cell: CellConfig, stage: str, run_id: str | No
         **source_tags(),
     }
     if run_id is None:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=cell.name, tags=tags, log_system_metrics=system_metrics)
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=cell.name, tags=tags, log_system_metrics=system_metrics
+        )
     else:
         run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
         mlflow.set_tags(tags)
@@ -239,7 +255,8 @@ def recorded_run(run_file: Path, stage: str) -> str:
     if local_store_gone or not run_exists(run_id):
         raise TrackingError(
             f"the MLflow run {run_id} recorded in {run_file} is not in the tracking store {tracking_uri()} "
-            f"(deleted, or logged to another store); point MLFLOW_TRACKING_URI at that store, or retrain: dvc repro -f {stage}"
+            f"(deleted, or logged to another store); point MLFLOW_TRACKING_URI at that store, or retrain: dvc repro "
+            f"-f {stage}"
         )
     return run_id
 
@@ -319,8 +336,11 @@ def logged_model_id(run_id: str, name: str) -> str | None:
     """The latest model named `name` that the run logged (a cell trained again logs it again)."""
     run = MlflowClient().get_run(run_id)
     found = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
-        order_by=[{"field_name": "creation_time", "ascending": False}], max_results=1, output_format="list",
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+        order_by=[{"field_name": "creation_time", "ascending": False}],
+        max_results=1,
+        output_format="list",
     )
     return found[0].model_id if found else None
 
@@ -358,8 +378,12 @@ def log_networks(model, cell: CellConfig) -> None:
         with torch.no_grad():
             output = network(example)
         mlflow.pytorch.log_model(
-            network, name=name, serialization_format="pt2", input_example=example.numpy(),
-            signature=infer_signature(example.numpy(), output.numpy()), pip_requirements=requirements,
+            network,
+            name=name,
+            serialization_format="pt2",
+            input_example=example.numpy(),
+            signature=infer_signature(example.numpy(), output.numpy()),
+            pip_requirements=requirements,
             tags={CELL_TAG: cell.name},
         )
 
@@ -396,16 +420,21 @@ def log_report(config: StudyConfig, folder: Path, cell_folders: dict[str, Path])
         if _run_exists(client, run_id):
             client.log_artifacts(run_id, str(cell_folder), artifact_path="figures")
         else:
-            log.warning("report: the MLflow run %s of %s is not in the tracking store; its figures are only in %s",
-                        run_id, cell_folder.name, cell_folder)
+            log.warning(
+                "report: the MLflow run %s of %s is not in the tracking store; its figures are only in %s",
+                run_id,
+                cell_folder.name,
+                cell_folder,
+            )
 
 
 def registered_model_name(study: str) -> str:
     return f"vaebench-{study}-decoder"
 
 
-def log_study_results(config: StudyConfig, best: list[tuple[str, str, str, float]], run_ids: dict[str, str],
-                      groups: dict[str, str]) -> None:
+def log_study_results(
+    config: StudyConfig, best: list[tuple[str, str, str, float]], run_ids: dict[str, str], groups: dict[str, str]
+) -> None:
     """The study's numbers on its parent run (how many cells are evaluated, each headline metric's best value
     and, as a tag, its cell), with its end time set now so that the UI's duration spans the study; each
     evaluated cell's group of seeds as a tag of its run (the UI's group-by on it averages the seeds). The best
@@ -415,7 +444,9 @@ def log_study_results(config: StudyConfig, best: list[tuple[str, str, str, float
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     parent_id = study_parent_run(client, study_experiment(client, config.study), config.study)
-    runs = {cell: run_id for cell, run_id in run_ids.items() if _run_exists(client, run_id)}  # log_report warned of others
+    runs = {
+        cell: run_id for cell, run_id in run_ids.items() if _run_exists(client, run_id)
+    }  # log_report warned of others
     for cell, run_id in runs.items():
         client.set_tag(run_id, GROUP_TAG, groups[cell])
     now = int(time.time() * 1000)
@@ -435,7 +466,13 @@ def register_best(client: MlflowClient, name: str, alias: str, run_id: str, cell
     """Point `alias` at the cell's logged decoder, registering it as a new version the first time."""
     model_id = logged_model_id(run_id, "decoder")
     if model_id is None:
-        log.warning("report: the run %s of %s logged no decoder model; the alias %s of %s is left as it is", run_id, cell, alias, name)
+        log.warning(
+            "report: the run %s of %s logged no decoder model; the alias %s of %s is left as it is",
+            run_id,
+            cell,
+            alias,
+            name,
+        )
         return
     source = f"models:/{model_id}"
     version = next((v for v in client.search_model_versions(f"name = '{name}'") if v.source == source), None)
@@ -452,12 +489,16 @@ def tune_parent_run(config: StudyConfig, tune_name: str, space: dict) -> str:
     client = MlflowClient()
     experiment_id = study_experiment(client, config.study)
     found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'tune' and tags.`vaebench.tune` = '{tune_name}'", max_results=1
+        [experiment_id],
+        filter_string=f"tags.`{ROLE_TAG}` = 'tune' and tags.`vaebench.tune` = '{tune_name}'",
+        max_results=1,
     )
     if found:
         return found[0].info.run_id
     run = client.create_run(
-        experiment_id, run_name=f"tune-{tune_name}", tags={ROLE_TAG: "tune", "vaebench.tune": tune_name, **source_tags()}
+        experiment_id,
+        run_name=f"tune-{tune_name}",
+        tags={ROLE_TAG: "tune", "vaebench.tune": tune_name, **source_tags()},
     )
     client.log_dict(run.info.run_id, space, "search_space.yaml")
     client.set_terminated(run.info.run_id, "FINISHED")
@@ -519,7 +560,10 @@ def log_tune_results(parent_id: str, summary: dict, folder: Path, best_run_id: s
     client.log_batch(
         parent_id,
         tags=[mlflow.entities.RunTag(key, value) for key, value in tags.items()],
-        metrics=[mlflow.entities.Metric(f"best_{key}", value, now, step) for key, value in zip(summary["metrics"], best["values"])],
+        metrics=[
+            mlflow.entities.Metric(f"best_{key}", value, now, step)
+            for key, value in zip(summary["metrics"], best["values"])
+        ],
     )
     client.log_artifacts(parent_id, str(folder), artifact_path="tune")
     if best_run_id and _run_exists(client, best_run_id):
@@ -527,5 +571,7 @@ def log_tune_results(parent_id: str, summary: dict, folder: Path, best_run_id: s
             model = client.download_artifacts(best_run_id, MODEL_ARTIFACT, scratch)
             client.log_artifacts(parent_id, model, artifact_path=MODEL_ARTIFACT)
     else:
-        log.warning("the best trial's MLflow run %s is not in the tracking store; its model is not on the tuning run",
-                    best_run_id)
+        log.warning(
+            "the best trial's MLflow run %s is not in the tracking store; its model is not on the tuning run",
+            best_run_id,
+        )

@@ -10,30 +10,25 @@ import torch
 
 from pipeline import engine, tracking
 from pipeline.classifier import load_classifier
-from pipeline.config import CellConfig, StudyConfig, cell_as_dict
+from pipeline.config import StudyConfig, cell_as_dict
 from pipeline.data import images_to_tensor, load_prepared
-from pipeline.evaluation.sample_quality import FIDProbe
-from pipeline.models import Autoencoder, build_model
-from pipeline.errors import ArtifactError
-from pipeline.timing import Stopwatch
-from pipeline.outputs import (
+from pipeline.evaluation.probe import FIDProbe
+from pipeline.outputs import read_json, sha256_of, staged_dir, write_json
+from pipeline.paths import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    MODEL_FILE,
     PREPARED_FILE,
     PREPARED_SUMMARY,
-    load_torch_file,
-    read_json,
-    restore_weights,
+    RUN_FILE,
     resume_file,
-    sha256_of,
-    staged_dir,
     train_dir,
     train_stage,
-    write_json,
 )
+from pipeline.timing import Stopwatch
+from pipeline.trained import load_trained
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.pt"
-HISTORY_FILE = "history.json"
-RUN_FILE = "mlflow_run.json"
 
 
 def train_cell(
@@ -63,8 +58,11 @@ def train_cell(
     checkpoint = resume_file(config.study, cell.name)
     run_id = engine.restore_checkpoint(checkpoint, training, inputs)
     if run_id is not None and not tracking.run_exists(run_id):
-        log.warning("%s: the MLflow run %s of the resumed epochs is not in the tracking store; logging them again "
-                    "to a new run", cell.name, run_id)
+        log.warning(
+            "%s: the MLflow run %s of the resumed epochs is not in the tracking store; logging them again to a new run",
+            cell.name,
+            run_id,
+        )
         run_id = None
     prepared = read_json(PREPARED_SUMMARY)
     system_metrics = config.tracking.log_system_metrics
@@ -79,7 +77,14 @@ def train_cell(
             for row in engine.epochs(training, train_images, val_images, probe):
                 tracking.log_epoch(row)
                 validation = "  ".join(f"{key[4:]} {value:.2f}" for key, value in row.items() if key.startswith("val_"))
-                log.info("%s epoch %d/%d  train loss %.2f  val %s", cell.name, row["epoch"], cell.epochs, row["train_loss"], validation)
+                log.info(
+                    "%s epoch %d/%d  train loss %.2f  val %s",
+                    cell.name,
+                    row["epoch"],
+                    cell.epochs,
+                    row["train_loss"],
+                    validation,
+                )
                 engine.save_checkpoint(checkpoint, training, run.info.run_id, inputs)
                 if on_epoch_end is not None:
                     on_epoch_end(row["epoch"])
@@ -88,7 +93,7 @@ def train_cell(
         with stopwatch.part("write_outputs"), staged_dir(train_dir(config.study, cell.name)) as out:
             torch.save({"cell": cell_as_dict(cell), "state_dict": training.model.state_dict()}, out / MODEL_FILE)
             write_json(out / HISTORY_FILE, training.history)
-            write_json(out / "config.json", {"study": config.study, "cell": cell_as_dict(cell)})
+            write_json(out / CONFIG_FILE, {"study": config.study, "cell": cell_as_dict(cell)})
             write_json(out / RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
         with stopwatch.part("log_model"):
             tracking.log_model(training.model, cell)
@@ -96,19 +101,3 @@ def train_cell(
         tracking.log_stage_seconds("train", stopwatch.seconds)
     checkpoint.unlink(missing_ok=True)
     return training.history
-
-
-def load_trained(study: str, cell: CellConfig, device: torch.device) -> Autoencoder:
-    path, stage = train_dir(study, cell.name) / MODEL_FILE, train_stage(cell)
-    saved = load_torch_file(path, stage, device)
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise ArtifactError(f"{path} is not a vaebench model file; re-create it with `dvc repro -f {stage}`")
-    if saved.get("cell") != cell_as_dict(cell):
-        block = "finetuned" if cell.init_from else "cells"
-        raise ArtifactError(f"{path} was trained with other parameters than {block}.{cell.name}; run `dvc repro {stage}`")
-    model = build_model(cell).to(device)
-    restore_weights(model, saved["state_dict"], path, stage)
-    broken = [name for name, value in model.state_dict().items() if value.is_floating_point() and not value.isfinite().all()]
-    if broken:
-        raise ArtifactError(f"{path} holds NaN or infinite weights ({broken[0]}); retrain the cell: dvc repro -f {stage}")
-    return model.eval()

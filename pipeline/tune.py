@@ -32,7 +32,8 @@ from pipeline import engine, tracking
 from pipeline.config import PARAMS_FILE, StudyConfig, cell_as_dict, load_study
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.errors import TrackingError, VaebenchError
-from pipeline.outputs import PREPARED_FILE, repository_root, staged_dir, write_json
+from pipeline.outputs import repository_root, staged_dir, write_json
+from pipeline.paths import PREPARED_FILE
 from pipeline.tuning.search_space import TuneSpace, check_space_fits, load_space, make_pruner, make_sampler, with_values
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,17 @@ def open_storage(url: str, space: TuneSpace) -> optuna.storages.RDBStorage:
                 heartbeat_interval=space.heartbeat_interval,
                 grace_period=space.grace_period,
                 heartbeat_stale_trial_callback=retry_stale_trial,
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
+                engine_kwargs={"connect_args": {"timeout": 60}}
+                if url.startswith("sqlite")
+                else {"pool_pre_ping": True},
             )
         except Exception as error:  # SQLAlchemy's errors for a database that is not there or refuses us
             if type(error).__module__.startswith(("sqlalchemy", "psycopg")):
                 reason = str(error).strip().splitlines()[0]
-                raise TrackingError(f"the Optuna storage {url} cannot be opened ({reason}); start the database or fix "
-                                    f"--storage / {STORAGE_ENV}") from None
+                raise TrackingError(
+                    f"the Optuna storage {url} cannot be opened ({reason}); start the database or fix "
+                    f"--storage / {STORAGE_ENV}"
+                ) from None
             raise
 
 
@@ -169,11 +174,18 @@ def worker(params_file: str, space_file: str, url: str, parent_id: str, index: i
     storage = open_storage(url, space)
     # A different seed per worker and per resumption, so no two samplers replay the same sequence.
     existing = len(optuna.load_study(study_name=study_name(space), storage=storage).trials)
-    study = optuna.load_study(study_name=study_name(space), storage=storage, pruner=make_pruner(space),
-                              sampler=make_sampler(space, seed_offset=1000 * index + existing))
+    study = optuna.load_study(
+        study_name=study_name(space),
+        storage=storage,
+        pruner=make_pruner(space),
+        sampler=make_sampler(space, seed_offset=1000 * index + existing),
+    )
     device = engine.resolve_device(config.cell(space.base_cell).device)
     arrays = load_prepared(PREPARED_FILE)
-    data = {"train": images_to_tensor(arrays["train_images"], device), "val": images_to_tensor(arrays["val_images"], device)}
+    data = {
+        "train": images_to_tensor(arrays["train_images"], device),
+        "val": images_to_tensor(arrays["val_images"], device),
+    }
     objective = partial(run_trial, config, space, data, parent_id)
     failures = StopAfterFailures(space.n_trials)
     callbacks = [MaxTrialsCallback(space.n_trials, states=COUNTED), failures]
@@ -182,8 +194,10 @@ def worker(params_file: str, space_file: str, url: str, parent_id: str, index: i
         if found[TrialState.COMPLETE] + found[TrialState.PRUNED] < space.n_trials or found[TrialState.WAITING]:
             study.optimize(objective, callbacks=callbacks, catch=(TrialFailed,), gc_after_trial=False)
             if failures.failed >= space.n_trials:
-                raise VaebenchError(f"{failures.failed} trials of {space.name} failed here (their errors are in MLflow "
-                                    "and in the Optuna trials' user attribute 'error'); fix the search space")
+                raise VaebenchError(
+                    f"{failures.failed} trials of {space.name} failed here (their errors are in MLflow "
+                    "and in the Optuna trials' user attribute 'error'); fix the search space"
+                )
         elif found[TrialState.RUNNING]:
             wait_for_running(study, space, found[TrialState.RUNNING])
         else:
@@ -193,8 +207,12 @@ def worker(params_file: str, space_file: str, url: str, parent_id: str, index: i
 def wait_for_running(study: optuna.Study, space: TuneSpace, running: int) -> None:
     """Wait one heartbeat interval for trials running elsewhere; fail those of killed workers (no heartbeat
     for the grace period, or killed before their first one) and queue them again."""
-    log.info("waiting for %d running trial(s): another worker's, or a killed worker's, failed after %d s without a "
-             "heartbeat", running, space.grace_period)
+    log.info(
+        "waiting for %d running trial(s): another worker's, or a killed worker's, failed after %d s without a "
+        "heartbeat",
+        running,
+        space.grace_period,
+    )
     time.sleep(space.heartbeat_interval)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -208,8 +226,14 @@ def wait_for_running(study: optuna.Study, space: TuneSpace, running: int) -> Non
             retry_stale_trial(study, study.get_trials(deepcopy=False)[trial.number])
 
 
-def tune(config: StudyConfig, space: TuneSpace, space_file: str, params_file: str = str(PARAMS_FILE),
-         storage: str | None = None, workers: int | None = None) -> dict:
+def tune(
+    config: StudyConfig,
+    space: TuneSpace,
+    space_file: str,
+    params_file: str = str(PARAMS_FILE),
+    storage: str | None = None,
+    workers: int | None = None,
+) -> dict:
     workers = workers or space.workers
     url = storage_url(storage)
     check_space_fits(space, config.cell(space.base_cell))  # every check before a study or a run exists
@@ -221,8 +245,10 @@ def tune(config: StudyConfig, space: TuneSpace, space_file: str, params_file: st
         worker(params_file, space_file, url, parent_id, 0, threads)
     else:
         context = multiprocessing.get_context("spawn")
-        processes = [context.Process(target=worker, args=(params_file, space_file, url, parent_id, i, threads))
-                     for i in range(workers)]
+        processes = [
+            context.Process(target=worker, args=(params_file, space_file, url, parent_id, i, threads))
+            for i in range(workers)
+        ]
         for process in processes:
             process.start()
         for process in processes:
@@ -284,7 +310,8 @@ def export_results(config: StudyConfig, space: TuneSpace, study: optuna.Study, p
         study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
         (folder / "best_study.yaml").write_text(
             f"# The best trial of tuning study {space.name}, as a study the DVC pipeline trains:\n"
-            f"#   vaebench use-study {final / 'best_study.yaml'} && dvc repro\n" + yaml.safe_dump(study_file, sort_keys=False)
+            f"#   vaebench use-study {final / 'best_study.yaml'} && dvc repro\n"
+            + yaml.safe_dump(study_file, sort_keys=False)
         )
         plot_study(study, space, folder)
     tracking.log_tune_results(parent_id, summary, final, best[0].user_attrs.get(RUN_ID_ATTR), len(study.trials))

@@ -17,7 +17,9 @@ def principal_axes(codes: torch.Tensor, count: int) -> tuple[torch.Tensor, torch
     return mean, directions[:count], scales[:count]
 
 
-def point_on_axes(mean: torch.Tensor, directions: torch.Tensor, scales: torch.Tensor, offsets: list[float]) -> torch.Tensor:
+def point_on_axes(
+    mean: torch.Tensor, directions: torch.Tensor, scales: torch.Tensor, offsets: list[float]
+) -> torch.Tensor:
     """The code (1, D) at `offsets` standard deviations along each principal direction from the mean."""
     shift = (torch.tensor(offsets, dtype=mean.dtype)[:, None] * scales[:, None] * directions).sum(0)
     return (mean + shift)[None]

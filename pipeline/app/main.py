@@ -24,9 +24,9 @@ from pipeline.data import images_to_tensor, load_prepared  # noqa: E402
 from pipeline.engine import encode_all, resolve_device  # noqa: E402
 from pipeline.errors import VaebenchError  # noqa: E402
 from pipeline.models import FAMILIES  # noqa: E402
-from pipeline.outputs import PREPARED_FILE, evaluate_stage, train_dir, train_stage  # noqa: E402
+from pipeline.paths import MODEL_FILE, PREPARED_FILE, evaluate_stage, train_dir, train_stage  # noqa: E402
 from pipeline.reporting import results  # noqa: E402
-from pipeline.train import MODEL_FILE, load_trained  # noqa: E402
+from pipeline.trained import load_trained  # noqa: E402
 
 PAGES = {"browser": "Study browser", "explorer": "Latent explorer", "train": "Train, then generate"}
 CODES_SHOWN = 2000  # training codes in the explorer's scatter
@@ -58,8 +58,10 @@ def cells_of(study: str) -> dict:
     try:
         return results.trained_cells(study)
     except (VaebenchError, ValueError, KeyError) as error:
-        st.error(f"vaebench: error: a trained cell of study {study} has an unreadable config.json ({error}); "
-                 f"retrain it with dvc repro")
+        st.error(
+            f"vaebench: error: a trained cell of study {study} has an unreadable config.json ({error}); "
+            f"retrain it with dvc repro"
+        )
         return {}
 
 
@@ -93,8 +95,10 @@ def image_row(images: np.ndarray, captions: list[str], width: int = 90) -> None:
 
 
 def no_study_yet() -> None:
-    st.info("No study has been run yet: run `make study` (or `dvc repro`) in the repository, then reload; "
-            "or train a model on the page *Train, then generate*.")
+    st.info(
+        "No study has been run yet: run `make study` (or `dvc repro`) in the repository, then reload; "
+        "or train a model on the page *Train, then generate*."
+    )
 
 
 def active_study() -> StudyConfig | None:
@@ -115,8 +119,9 @@ def pick_cell(label: str, key: str) -> tuple[str, str] | None:
     studies = results.studies_with_results()
     if not studies:
         return None
-    study = st.sidebar.selectbox(f"{label}: study", studies, index=active_first(studies, active_study()),
-                                 key=f"{key}_study")
+    study = st.sidebar.selectbox(
+        f"{label}: study", studies, index=active_first(studies, active_study()), key=f"{key}_study"
+    )
     cells = list(cells_of(study))
     if not cells:
         return None
@@ -154,8 +159,11 @@ def browser_page() -> None:
             st.warning(f"Cell {name} is trained but not evaluated yet: {how_to_evaluate(study, cell, active)}.")
         else:
             st.subheader("Test metrics")
-            st.dataframe(pd.DataFrame({"metric": list(metrics), "value": list(metrics.values())}), hide_index=True,
-                         key="browse_metrics")
+            st.dataframe(
+                pd.DataFrame({"metric": list(metrics), "value": list(metrics.values())}),
+                hide_index=True,
+                key="browse_metrics",
+            )
         for picture, path in results.cell_images(study, name).items():
             st.image(str(path), caption=f"{picture} (evaluate stage)")
     side_by_side(study, name)
@@ -166,7 +174,9 @@ def how_to_evaluate(study: str, cell, active: StudyConfig | None) -> str:
         return "train it again with *evaluate after training* ticked"
     if active and active.study == study:
         return f"run `dvc repro {evaluate_stage(cell)}`"
-    return f"make study {study} the active one (`vaebench use-study {study}`), then run `dvc repro {evaluate_stage(cell)}`"
+    return (
+        f"make study {study} the active one (`vaebench use-study {study}`), then run `dvc repro {evaluate_stage(cell)}`"
+    )
 
 
 def side_by_side(study: str, name: str) -> None:
@@ -234,14 +244,22 @@ def axes_explorer(model, codes: np.ndarray, labels: np.ndarray) -> None:
     mean, directions, scales = latent.principal_axes(torch.from_numpy(codes), min(AXES_SHOWN, model.latent_dim))
     left, right = st.columns(2)
     with left:
-        offsets = [st.slider(f"direction {i + 1} (standard deviations)", -SLIDER_RANGE, SLIDER_RANGE, 0.0, 0.1,
-                             key=f"axis_{i}") for i in range(len(directions))]
+        offsets = [
+            st.slider(
+                f"direction {i + 1} (standard deviations)", -SLIDER_RANGE, SLIDER_RANGE, 0.0, 0.1, key=f"axis_{i}"
+            )
+            for i in range(len(directions))
+        ]
         z = latent.point_on_axes(mean, directions, scales, offsets)
         digit_image(latent.decode(model, z)[0], "decoded", width=200)
     with right:
         projected = (torch.from_numpy(codes) - mean) @ directions[:2].T
-        scatter(projected.numpy(), labels, ((z[0] - mean) @ directions[:2].T).numpy(),
-                "codes on the first two principal directions; × the decoded point")
+        scatter(
+            projected.numpy(),
+            labels,
+            ((z[0] - mean) @ directions[:2].T).numpy(),
+            "codes on the first two principal directions; × the decoded point",
+        )
 
 
 def scatter(points: np.ndarray, labels: np.ndarray, marked: np.ndarray, title: str) -> None:
@@ -260,8 +278,9 @@ def generator_explorer(model) -> None:
     seed = st.number_input("seed of z ~ N(0, I)", min_value=0, value=0, step=1, key="generator_seed")
     z = torch.randn(1, model.latent_dim, generator=torch.Generator().manual_seed(int(seed)))
     for i in range(min(AXES_SHOWN, model.latent_dim)):  # keyed by the seed: a new seed starts at its own z
-        z[0, i] = st.slider(f"z{i + 1}", -SLIDER_RANGE, SLIDER_RANGE, float(z[0, i]), 0.05,
-                            key=f"generator_z{i}_{seed}")
+        z[0, i] = st.slider(
+            f"z{i + 1}", -SLIDER_RANGE, SLIDER_RANGE, float(z[0, i]), 0.05, key=f"generator_z{i}_{seed}"
+        )
     digit_image(latent.decode_noise(model, z)[0], "generated", width=200)
 
 
@@ -271,14 +290,25 @@ def interpolation(model, arrays: dict[str, np.ndarray]) -> None:
     ends = []
     for side, column in zip(("from", "to"), st.columns(2)):
         with column:
-            how = st.radio(f"{side}: choose", ["by index", "at random from a digit"], horizontal=True, key=f"how_{side}")
+            how = st.radio(
+                f"{side}: choose", ["by index", "at random from a digit"], horizontal=True, key=f"how_{side}"
+            )
             if how == "by index":
-                index = int(st.number_input(f"{side}: test image index", 0, len(labels) - 1,
-                                            0 if side == "from" else 1, key=f"index_{side}"))
+                index = int(
+                    st.number_input(
+                        f"{side}: test image index", 0, len(labels) - 1, 0 if side == "from" else 1, key=f"index_{side}"
+                    )
+                )
             else:
                 digit = st.selectbox(f"{side}: digit", range(10), key=f"digit_{side}")
-                draw = st.number_input(f"{side}: draw", min_value=0, value=0, step=1, key=f"draw_{side}",
-                                       help="another number draws another test image of the digit")
+                draw = st.number_input(
+                    f"{side}: draw",
+                    min_value=0,
+                    value=0,
+                    step=1,
+                    key=f"draw_{side}",
+                    help="another number draws another test image of the digit",
+                )
                 candidates = np.flatnonzero(labels == digit)
                 index = int(np.random.default_rng(int(draw)).choice(candidates))
             ends.append(index)
@@ -295,9 +325,11 @@ def interpolation(model, arrays: dict[str, np.ndarray]) -> None:
 
 def train_page() -> None:
     st.header("Train, then generate")
-    st.caption(f"Trains with the pipeline's own `vaebench train` on {device().type.upper()}; the run is logged to "
-               f"MLflow, experiment vaebench-{training.APP_STUDY}; the model joins study `{training.APP_STUDY}` "
-               "in the browser and the explorer.")
+    st.caption(
+        f"Trains with the pipeline's own `vaebench train` on {device().type.upper()}; the run is logged to "
+        f"MLflow, experiment vaebench-{training.APP_STUDY}; the model joins study `{training.APP_STUDY}` "
+        "in the browser and the explorer."
+    )
     family = st.selectbox("family", list(FAMILIES), key="train_family")
     left, right = st.columns(2)
     with left:
@@ -305,12 +337,17 @@ def train_page() -> None:
         latent_dim = int(st.number_input("latent_dim", min_value=1, value=2, step=1, key="train_latent_dim"))
         epochs = int(st.number_input("epochs", min_value=1, value=3, step=1, key="train_epochs"))
     with right:
-        train_size = int(st.number_input("training images", min_value=100, max_value=55_000, value=5_000, step=500,
-                                         key="train_size"))
-        settings = st.text_area(f"{family} settings (YAML, as on a cell in params.yaml)",
-                                training.FAMILY_SETTINGS[family], key=f"train_settings_{family}")
-    evaluate = st.checkbox("evaluate after training (every test metric, as for a study cell; about 30 s more)",
-                           key="train_evaluate")
+        train_size = int(
+            st.number_input("training images", min_value=100, max_value=55_000, value=5_000, step=500, key="train_size")
+        )
+        settings = st.text_area(
+            f"{family} settings (YAML, as on a cell in params.yaml)",
+            training.FAMILY_SETTINGS[family],
+            key=f"train_settings_{family}",
+        )
+    evaluate = st.checkbox(
+        "evaluate after training (every test metric, as for a study cell; about 30 s more)", key="train_evaluate"
+    )
     request = training.Request(family, arch, latent_dim, epochs, train_size, settings, evaluate=evaluate)
     if st.button("Train", type="primary", key="train_button"):
         run_training(request)
@@ -357,8 +394,9 @@ def main() -> None:
     st.set_page_config(page_title="vaebench", layout="wide")
     chosen = st.query_params.get("page", "browser")
     keys = list(PAGES)
-    page = st.sidebar.radio("page", keys, index=keys.index(chosen) if chosen in keys else 0,
-                            format_func=PAGES.get, key="page")
+    page = st.sidebar.radio(
+        "page", keys, index=keys.index(chosen) if chosen in keys else 0, format_func=PAGES.get, key="page"
+    )
     st.sidebar.caption(f"device: {device()}")
     {"browser": browser_page, "explorer": explorer_page, "train": train_page}[page]()
 

@@ -24,16 +24,9 @@ import yaml
 from pipeline.config import PARAMS_FILE, ConfigError, StudyConfig, load_study, parse_study_text
 from pipeline.errors import VaebenchError
 from pipeline.models import FAMILIES
+from pipeline.outputs import read_json, repository_root, write_text
+from pipeline.paths import CLASSIFIER_DIR, PREPARED_FILE, PREPARED_SUMMARY, RESULTS
 from pipeline.server import end_group
-from pipeline.outputs import (
-    CLASSIFIER_DIR,
-    PREPARED_FILE,
-    PREPARED_SUMMARY,
-    RESULTS,
-    read_json,
-    repository_root,
-    write_text,
-)
 
 APP_STUDY = "app"
 WORKSPACE = Path(".vaebench") / "app"
@@ -85,19 +78,29 @@ def family_settings(request: Request) -> dict:
     try:
         settings = yaml.safe_load(request.settings) if request.settings.strip() else {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"the family settings are not readable YAML ({str(error).splitlines()[0]}); write them as key: value lines") from None
+        raise ConfigError(
+            f"the family settings are not readable YAML ({str(error).splitlines()[0]}); write them as key: value lines"
+        ) from None
     if not isinstance(settings, dict):
         raise ConfigError(f"the family settings must be key: value lines, got {request.settings!r}")
     taken = [key for key in settings if key in PAGE_KEYS]
     if taken:
-        raise ConfigError(f"the family settings set {taken[0]}, which the page's own field sets; remove it from the settings")
+        raise ConfigError(
+            f"the family settings set {taken[0]}, which the page's own field sets; remove it from the settings"
+        )
     return settings
 
 
 def cell_spec(request: Request) -> dict:
     """The cell as it would stand under `cells:` in params.yaml."""
-    return {"family": request.family, "arch": request.arch, "latent_dim": request.latent_dim,
-            "epochs": request.epochs, "seed": request.seed, **family_settings(request)}
+    return {
+        "family": request.family,
+        "arch": request.arch,
+        "latent_dim": request.latent_dim,
+        "epochs": request.epochs,
+        "seed": request.seed,
+        **family_settings(request),
+    }
 
 
 def study_text(request: Request, base: Path = PARAMS_FILE) -> str:
@@ -122,8 +125,9 @@ def app_study(request: Request, base: Path = PARAMS_FILE) -> tuple[StudyConfig, 
 
 def snippet(request: Request) -> str:
     """The cell as a line to paste under `cells:` in params.yaml."""
-    return yaml.safe_dump({request.model_name: cell_spec(request)}, default_flow_style=None, sort_keys=False,
-                          width=1_000).strip()
+    return yaml.safe_dump(
+        {request.model_name: cell_spec(request)}, default_flow_style=None, sort_keys=False, width=1_000
+    ).strip()
 
 
 def prepare_workspace(text: str) -> Path:
@@ -150,8 +154,10 @@ def prepared_for(workspace: Path, config: StudyConfig) -> bool:
     if not summary.is_file() or not (workspace / PREPARED_FILE).is_file():
         return False
     recorded, data = read_json(summary), config.data
-    return (recorded["images"] == {"train": data.train_size, "val": data.val_size, "test": data.test_size}
-            and recorded["split_seed"] == data.split_seed)
+    return (
+        recorded["images"] == {"train": data.train_size, "val": data.val_size, "test": data.test_size}
+        and recorded["split_seed"] == data.split_seed
+    )
 
 
 @contextmanager
@@ -171,8 +177,15 @@ def run_stage(workspace: Path, arguments: list[str], on_line: Callable[[str], No
     closed session), its process group is stopped as `vaebench server stop` stops a server (SIGTERM, then
     SIGKILL after a grace period); the train command ends its MLflow run as KILLED."""
     env = {**os.environ, "DVC_ROOT": str(repository_root())}  # the study's MLflow store and data root
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", *arguments], cwd=workspace, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *arguments],
+        cwd=workspace,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines = []
     try:
         for line in process.stdout:
@@ -194,8 +207,10 @@ def train(request: Request, on_epoch: Callable[[dict], None], base: Path = PARAM
     Bad settings raise ConfigError before anything is written."""
     config, text = app_study(request, base)
     if FAMILIES[request.family].capabilities.adversarial and not (CLASSIFIER_DIR / "model.pt").is_file():
-        raise ConfigError(f"family {request.family} scores its samples every epoch with the MNIST classifier, "
-                          f"which is not trained yet; run `dvc repro classifier` first")
+        raise ConfigError(
+            f"family {request.family} scores its samples every epoch with the MNIST classifier, "
+            f"which is not trained yet; run `dvc repro classifier` first"
+        )
     workspace = prepare_workspace(text)
     with only_training(workspace):
         if not prepared_for(workspace, config):

@@ -9,8 +9,9 @@ import warnings
 import numpy as np
 
 
-def linear_probe_accuracy(train_codes: np.ndarray, train_labels: np.ndarray, test_codes: np.ndarray,
-                          test_labels: np.ndarray) -> float:
+def linear_probe_accuracy(
+    train_codes: np.ndarray, train_labels: np.ndarray, test_codes: np.ndarray, test_labels: np.ndarray
+) -> float:
     """Test accuracy of multinomial logistic regression (L2, C = 1, lbfgs, at most 1,000 iterations) on
     codes standardised with the training codes' mean and standard deviation."""
     from sklearn.exceptions import ConvergenceWarning
@@ -25,8 +26,9 @@ def linear_probe_accuracy(train_codes: np.ndarray, train_labels: np.ndarray, tes
     return float(probe.score(test_codes, test_labels))
 
 
-def knn_accuracy(train_codes: np.ndarray, train_labels: np.ndarray, test_codes: np.ndarray, test_labels: np.ndarray,
-                 k: int = 5) -> float:
+def knn_accuracy(
+    train_codes: np.ndarray, train_labels: np.ndarray, test_codes: np.ndarray, test_labels: np.ndarray, k: int = 5
+) -> float:
     """Test accuracy of a majority vote among the k nearest training codes (Euclidean, codes as they are)."""
     from sklearn.neighbors import KNeighborsClassifier
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch import nn
+
+from pipeline.evaluation.frechet import Precomputed
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -15,31 +16,9 @@ def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_T
     return int((posterior_means.var(dim=0, unbiased=False) > threshold).sum())
 
 
-class _Precomputed(nn.Module):
-    """Hands torchmetrics features that are already computed (the classifier runs once per image set)."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-
-def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between Gaussians fitted to two feature sets.
-    NaN when a feature is not finite (the matrix square root of such a covariance can crash the process)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance  # here: it imports torchvision (3 s a process)
-
-    if not (torch.isfinite(real).all() and torch.isfinite(fake).all()):
-        return float("nan")
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), normalize=True).set_dtype(torch.float64)
-    metric.update(real.double(), real=True)
-    metric.update(fake.double(), real=False)
-    return metric.compute().item()
-
-
-def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int, subset_size: int, seed: int) -> tuple[float, float]:
+def kernel_distance(
+    real: torch.Tensor, fake: torch.Tensor, subsets: int, subset_size: int, seed: int
+) -> tuple[float, float]:
     """KID: the unbiased MMD^2 with the cubic polynomial kernel, mean and std over random subsets."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -47,7 +26,7 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int, subset
     with warnings.catch_warnings():  # its note that it buffers all features: these are small
         warnings.simplefilter("ignore", UserWarning)
         metric = KernelInceptionDistance(
-            feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size, normalize=True
+            feature=Precomputed(real.shape[1]), subsets=subsets, subset_size=size, normalize=True
         )
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
@@ -76,7 +55,9 @@ def kth_neighbour_radii(points: torch.Tensor, k: int, chunk: int = 1000) -> torc
     """Distance from each point to its k-th nearest other point of the same set (the radii of its k-NN
     manifold; those of the real set are the same for every image set scored against it)."""
     points = points.float()
-    radii = [torch.cdist(points[i : i + chunk], points).kthvalue(k + 1, dim=1).values for i in range(0, len(points), chunk)]
+    radii = [
+        torch.cdist(points[i : i + chunk], points).kthvalue(k + 1, dim=1).values for i in range(0, len(points), chunk)
+    ]
     return torch.cat(radii)
 
 
@@ -87,8 +68,9 @@ def _covered(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor, c
     )
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = 1000,
-                     real_radii: torch.Tensor | None = None) -> tuple[float, float]:
+def precision_recall(
+    real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = 1000, real_radii: torch.Tensor | None = None
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al., 2019) with k-nearest-neighbour manifolds:
     precision = share of fakes inside the real manifold, recall = share of reals inside the fake manifold.
     `real_radii`: kth_neighbour_radii(real, k, chunk) when already computed."""

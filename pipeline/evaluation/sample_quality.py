@@ -1,4 +1,4 @@
-"""Sample-quality scores of a model (and of real digits, the floor) in the MNIST classifier's feature space,
+"""Sample-quality scores of a model (and of real digits: pipeline/floor.py) in the MNIST classifier's feature space,
 and the importance-weighted estimate of the test log-likelihood.
 
 Score names end in `_mnist_cnn` because they use the in-project MNIST CNN, not Inception-v3: they are
@@ -10,38 +10,32 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import SampleQualityConfig
-from pipeline.models.losses import reconstruction_nats
+from pipeline.evaluation.features import embed
+from pipeline.evaluation.frechet import frechet_distance
 from pipeline.evaluation.metrics import (
     class_distribution,
-    frechet_distance,
     inception_score,
     kernel_distance,
     kth_neighbour_radii,
     precision_recall,
 )
 from pipeline.models import Autoencoder
+from pipeline.models.losses import reconstruction_nats
 from pipeline.timing import Stopwatch
 
 SUFFIX = "mnist_cnn"
 
 
-@torch.no_grad()
-def embed(classifier, images: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """The classifier's features (N, 128) and class probabilities (N, 10) of images in [0, 1]."""
-    classifier.eval()
-    features, probabilities = [], []
-    for batch in images.split(batch_size):
-        f = classifier.features(batch)
-        features.append(f)
-        probabilities.append(F.softmax(classifier.head(f), dim=1))
-    return torch.cat(features), torch.cat(probabilities)
-
-
-def set_scores(classifier, real_features: torch.Tensor, images: torch.Tensor, settings: SampleQualityConfig,
-               real_radii: torch.Tensor | None = None, stopwatch: Stopwatch | None = None) -> tuple[dict, list[float]]:
+def set_scores(
+    classifier,
+    real_features: torch.Tensor,
+    images: torch.Tensor,
+    settings: SampleQualityConfig,
+    real_radii: torch.Tensor | None = None,
+    stopwatch: Stopwatch | None = None,
+) -> tuple[dict, list[float]]:
     """Scores of an image set against the real (test) features, and its share of each predicted digit.
     `real_radii`: the real features' k-NN radii (precision_recall), when already computed."""
     stopwatch = stopwatch or Stopwatch()
@@ -69,8 +63,14 @@ def set_scores(classifier, real_features: torch.Tensor, images: torch.Tensor, se
 
 
 @torch.no_grad()
-def model_scores(model: Autoencoder, classifier, real_features: torch.Tensor, test_images: torch.Tensor,
-                 settings: SampleQualityConfig, stopwatch: Stopwatch | None = None) -> tuple[dict, dict]:
+def model_scores(
+    model: Autoencoder,
+    classifier,
+    real_features: torch.Tensor,
+    test_images: torch.Tensor,
+    settings: SampleQualityConfig,
+    stopwatch: Stopwatch | None = None,
+) -> tuple[dict, dict]:
     """Scores of N samples and of the reconstructions of N test images, plus the IW likelihood where the
     family has a likelihood bound. Samples decode z ~ N(0, I), or for a family without a prior the same
     noise mapped through the Gaussian fitted to its training codes (ex-post density estimation)."""
@@ -80,7 +80,9 @@ def model_scores(model: Autoencoder, classifier, real_features: torch.Tensor, te
     with stopwatch.part("decode"):
         generator = torch.Generator().manual_seed(settings.seed)
         noise = torch.randn(settings.n_samples, model.latent_dim, generator=generator).to(test_images.device)
-        samples = torch.cat([torch.sigmoid(model.decode(model.latent_from_noise(chunk))) for chunk in noise.split(1000)])
+        samples = torch.cat(
+            [torch.sigmoid(model.decode(model.latent_from_noise(chunk))) for chunk in noise.split(1000)]
+        )
     sample_scores, sample_shares = set_scores(classifier, real_features, samples, settings, real_radii, stopwatch)
     scores = sample_scores
     if model.capabilities.encoder:
@@ -104,8 +106,14 @@ def model_scores(model: Autoencoder, classifier, real_features: torch.Tensor, te
 
 
 @torch.no_grad()
-def importance_weighted_nll(model: Autoencoder, x: torch.Tensor, k: int, likelihood: str, gaussian_std: float = 0.1,
-                            decodes_per_chunk: int = 20_000) -> torch.Tensor:
+def importance_weighted_nll(
+    model: Autoencoder,
+    x: torch.Tensor,
+    k: int,
+    likelihood: str,
+    gaussian_std: float = 0.1,
+    decodes_per_chunk: int = 20_000,
+) -> torch.Tensor:
     """-log p(x) estimated with K importance samples from q(z|x) (Burda et al., 2016), nats per image.
 
     log p(x) >= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x); K = 1 is the ELBO, and the bound tightens as K grows.
@@ -117,31 +125,11 @@ def importance_weighted_nll(model: Autoencoder, x: torch.Tensor, k: int, likelih
         std = torch.exp(0.5 * logvar)
         z = mu + std * torch.randn(k, *mu.shape, device=mu.device)  # (K, B, D)
         logits = model.decode(z.flatten(0, 1)).view(k, len(batch), *batch.shape[1:])
-        log_px_z = -reconstruction_nats(logits.flatten(0, 1), batch.repeat(k, 1, 1, 1), likelihood, gaussian_std).view(k, -1)
+        log_px_z = -reconstruction_nats(logits.flatten(0, 1), batch.repeat(k, 1, 1, 1), likelihood, gaussian_std).view(
+            k, -1
+        )
         log_pz = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
         log_qz = (-0.5 * ((z - mu) / std).pow(2) - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
         log_w = log_px_z + log_pz - log_qz
         results.append(-(torch.logsumexp(log_w, dim=0) - math.log(k)))
     return torch.cat(results)
-
-
-class FIDProbe:
-    """A cheap per-epoch sample-quality probe for the adversarial families: FID, in the classifier's features,
-    of `n` samples decoded from the same fixed z every epoch against `n` validation images."""
-
-    def __init__(self, classifier, val_images: torch.Tensor, latent_dim: int, n: int = 2000, seed: int = 0):
-        self.classifier = classifier
-        self.real_features = embed(classifier, val_images[:n])[0].cpu()
-        self.noise = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed)).to(val_images.device)
-
-    @torch.no_grad()
-    def __call__(self, model: Autoencoder) -> dict[str, float]:
-        model.eval()
-        samples = torch.cat([torch.sigmoid(model.decode(model.latent_from_noise(z))) for z in self.noise.split(1000)])
-        return {"fid_probe": frechet_distance(self.real_features, embed(self.classifier, samples)[0].cpu())}
-
-
-def real_data_floor(classifier, train_images: torch.Tensor, real_features: torch.Tensor, settings: SampleQualityConfig) -> dict:
-    """The same scores for real training digits against the test set: what a perfect generator would score."""
-    scores, shares = set_scores(classifier, real_features, train_images[: settings.n_samples], settings)
-    return {**scores, "class_shares": shares}

@@ -95,8 +95,9 @@ def adversarial_label(settings: AdversarialSettings) -> list[str]:
     return parts + (["D from encoder"] if settings.init_discriminator else [])
 
 
-def make_adversarial_optimizer(players: list[nn.Module], discriminator: nn.Module, lr: float,
-                               settings: AdversarialSettings) -> torch.optim.Optimizer:
+def make_adversarial_optimizer(
+    players: list[nn.Module], discriminator: nn.Module, lr: float, settings: AdversarialSettings
+) -> torch.optim.Optimizer:
     """One Adam over every player, the discriminator in its own parameter group. Adam keeps its state per
     parameter and skips parameters without a gradient, so stepping it after each player's backward pass is
     the same as one Adam per player."""
@@ -105,8 +106,13 @@ def make_adversarial_optimizer(players: list[nn.Module], discriminator: nn.Modul
     return torch.optim.Adam(groups, lr=lr, betas=(settings.adam_beta1, 0.999))
 
 
-def discriminator_step(discriminator: nn.Module, optimizer: torch.optim.Optimizer, real: torch.Tensor,
-                       fakes: list[torch.Tensor], r1_weight: float) -> dict[str, torch.Tensor]:
+def discriminator_step(
+    discriminator: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    real: torch.Tensor,
+    fakes: list[torch.Tensor],
+    r1_weight: float,
+) -> dict[str, torch.Tensor]:
     """One step of the discriminator on real images against detached fakes; its per-image terms."""
     if r1_weight:
         real = real.detach().requires_grad_(True)

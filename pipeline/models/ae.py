@@ -4,9 +4,9 @@ Everything it does is the contract's default behaviour."""
 
 from __future__ import annotations
 
-from pipeline.models.contract import Autoencoder, Capabilities
+from pipeline.models.contract import DETERMINISTIC, Autoencoder
 
 
 class AE(Autoencoder):
     family = "ae"
-    capabilities = Capabilities(posterior=False, prior=False, likelihood_bound=False)
+    capabilities = DETERMINISTIC

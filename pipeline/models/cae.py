@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import number
 from pipeline.models import jacobian
-from pipeline.models.ae import AE
+from pipeline.models.contract import DETERMINISTIC, Autoencoder
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,9 @@ class CAESettings:
         return f"λ={self.contraction_weight:g}"
 
 
-class CAE(AE):
+class CAE(Autoencoder):
     family = "cae"
+    capabilities = DETERMINISTIC
     Settings = CAESettings
 
     @staticmethod
@@ -50,4 +51,8 @@ class CAE(AE):
     def loss_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         recon = self.reconstruction(self(x).logits, x)
         contraction = self.contraction_sq(x)
-        return {"recon": recon, "contraction": contraction, "loss": recon + self.settings.contraction_weight * contraction}
+        return {
+            "recon": recon,
+            "contraction": contraction,
+            "loss": recon + self.settings.contraction_weight * contraction,
+        }

@@ -35,6 +35,9 @@ class Capabilities:
     adversarial: bool = False  # trained against a discriminator: D/G curves and a per-epoch sample-quality probe
 
 
+DETERMINISTIC = Capabilities(posterior=False, prior=False, likelihood_bound=False)  # a code, no distribution
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # decoder logits, (N, 1, 28, 28)
@@ -136,6 +139,10 @@ class Autoencoder(nn.Module):
         codes = codes.double()
         centred = codes - codes.mean(0)
         covariance = centred.T @ centred / max(1, len(codes) - 1)
-        jitter = 1e-6 * covariance.diagonal().mean().clamp_min(1e-12) * torch.eye(self.latent_dim, dtype=codes.dtype, device=codes.device)
+        jitter = (
+            1e-6
+            * covariance.diagonal().mean().clamp_min(1e-12)
+            * torch.eye(self.latent_dim, dtype=codes.dtype, device=codes.device)
+        )
         self.code_mean.copy_(codes.mean(0))
         self.code_scale_tril.copy_(torch.linalg.cholesky(covariance + jitter))

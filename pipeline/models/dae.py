@@ -10,21 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import ConfigError, choice, number, probability
-from pipeline.models.ae import AE
+from pipeline.models.contract import DETERMINISTIC, Autoencoder
+from pipeline.models.corruption import gaussian_noise, mask_pixels
 
 NOISES = ("gaussian", "mask")
-
-
-def gaussian_noise(x: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x + std * eps with eps ~ N(0, I)."""
-    noise = torch.randn(x.shape, generator=generator).to(x.device) if generator else torch.randn_like(x)
-    return x + std * noise
-
-
-def mask_pixels(x: torch.Tensor, drop_prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x with each pixel set to 0 independently with probability drop_prob."""
-    uniform = torch.rand(x.shape, generator=generator).to(x.device) if generator else torch.rand_like(x)
-    return x * (uniform >= drop_prob)
 
 
 @dataclass(frozen=True)
@@ -37,8 +26,9 @@ class DAESettings:
         return f"σ={self.noise_std:g}" if self.noise == "gaussian" else f"mask p={self.mask_prob:g}"
 
 
-class DAE(AE):
+class DAE(Autoencoder):
     family = "dae"
+    capabilities = DETERMINISTIC
     Settings = DAESettings
 
     @staticmethod
@@ -49,7 +39,9 @@ class DAE(AE):
             raise ConfigError(f"{where}.{unused} does not apply to noise: {noise}; remove it or change noise")
         if noise == "gaussian":
             return DAESettings(noise, noise_std=number(raw.get("noise_std", 0.5), f"{where}.noise_std", low=0.0))
-        return DAESettings(noise, noise_std=None, mask_prob=probability(raw.get("mask_prob", 0.25), f"{where}.mask_prob"))
+        return DAESettings(
+            noise, noise_std=None, mask_prob=probability(raw.get("mask_prob", 0.25), f"{where}.mask_prob")
+        )
 
     def corrupt(self, x: torch.Tensor) -> torch.Tensor:
         if self.settings.noise == "gaussian":

@@ -14,8 +14,11 @@ import torch
 from torch import nn
 
 
-def _squared_vjp_norms(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                       directions: Callable[[torch.Tensor], Iterable[torch.Tensor]]) -> torch.Tensor:
+def _squared_vjp_norms(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    directions: Callable[[torch.Tensor], Iterable[torch.Tensor]],
+) -> torch.Tensor:
     """Per image, the sum over code-space directions v of ||J^T v||^2, one backward pass per direction.
 
     Images of a batch are independent, so the gradient of sum_n (h_n . v_n) holds each image's J_n^T v_n.
@@ -37,7 +40,9 @@ def frobenius_sq_exact(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.
     return _squared_vjp_norms(encode, x, lambda h: torch.eye(h.shape[1], dtype=h.dtype, device=h.device).unbind(0))
 
 
-def frobenius_sq_projection(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, projections: int = 1) -> torch.Tensor:
+def frobenius_sq_projection(
+    encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, projections: int = 1
+) -> torch.Tensor:
     """Unbiased estimate of ||J||_F^2 per image: E ||J^T v||^2 = tr(J J^T) for v ~ N(0, I) in code space."""
     return _squared_vjp_norms(encode, x, lambda h: (torch.randn_like(h) for _ in range(projections))) / projections
 

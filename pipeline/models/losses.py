@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 
-def reconstruction_nats(logits: torch.Tensor, x: torch.Tensor, likelihood: str, gaussian_std: float = 0.1) -> torch.Tensor:
+def reconstruction_nats(
+    logits: torch.Tensor, x: torch.Tensor, likelihood: str, gaussian_std: float = 0.1
+) -> torch.Tensor:
     """-log p(x|z) summed over pixels, one value per image.
 
     bernoulli: binary cross-entropy on the logits, with pixel intensities in [0, 1] as targets.

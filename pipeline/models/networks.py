@@ -30,7 +30,8 @@ def conv_sides(channels: tuple[int, ...]) -> list[int]:
 
 
 def linear_networks(outputs: int, latent_dim: int, hidden: tuple[int, ...]) -> tuple[nn.Module, nn.Module]:
-    """MLP encoder 784-hidden-outputs and mirrored decoder latent-hidden-784 (the classic 784-400-20 VAE with hidden=(400,))."""
+    """MLP encoder 784-hidden-outputs and mirrored decoder latent-hidden-784 (the classic 784-400-20 VAE with
+    hidden=(400,))."""
     encoder = nn.Sequential(nn.Flatten(), mlp([PIXELS, *hidden, outputs]))
     decoder = mlp([latent_dim, *reversed(hidden), PIXELS])
     return encoder, decoder
@@ -47,7 +48,11 @@ def conv_networks(outputs: int, latent_dim: int, channels: tuple[int, ...]) -> t
     flat = channels[-1] * sides[-1] ** 2
     encoder = nn.Sequential(*down, nn.Flatten(), nn.Linear(flat, outputs))
 
-    up: list[nn.Module] = [nn.Linear(latent_dim, flat), nn.ReLU(), nn.Unflatten(1, (channels[-1], sides[-1], sides[-1]))]
+    up: list[nn.Module] = [
+        nn.Linear(latent_dim, flat),
+        nn.ReLU(),
+        nn.Unflatten(1, (channels[-1], sides[-1], sides[-1])),
+    ]
     outs = (*reversed(channels[:-1]), 1)
     for i, (fan_in, fan_out) in enumerate(zip(reversed(channels), outs)):
         side_in, side_out = sides[-1 - i], sides[-2 - i]

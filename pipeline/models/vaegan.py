@@ -21,10 +21,10 @@ import torch
 from pipeline.config import choice, number
 from pipeline.models import adversarial
 from pipeline.models.adversarial import AdversarialSettings, frozen
-from pipeline.models.contract import Capabilities
+from pipeline.models.contract import Autoencoder, Capabilities
+from pipeline.models.gaussian import GaussianAutoencoder, reparameterize
 from pipeline.models.losses import kl_divergence
 from pipeline.models.networks import build_networks
-from pipeline.models.vae import VAE, reparameterize
 
 RECON_SPACES = ("features", "pixels")
 
@@ -36,10 +36,12 @@ class VAEGANSettings(AdversarialSettings):
     gamma: float = 1.0  # weight of the reconstruction against the GAN loss in the decoder's loss
 
     def label(self) -> str:
-        return ", ".join([f"β={self.beta:g}", self.recon_space, f"γ={self.gamma:g}", *adversarial.adversarial_label(self)])
+        return ", ".join(
+            [f"β={self.beta:g}", self.recon_space, f"γ={self.gamma:g}", *adversarial.adversarial_label(self)]
+        )
 
 
-class VAEGAN(VAE):
+class VAEGAN(GaussianAutoencoder):
     family = "vaegan"
     capabilities = Capabilities(posterior=True, prior=True, likelihood_bound=True, adversarial=True)
     Settings = VAEGANSettings
@@ -52,8 +54,10 @@ class VAEGAN(VAE):
     def parse_settings(raw: dict, where: str) -> VAEGANSettings:
         return VAEGANSettings(
             **adversarial.parse_adversarial(raw, where),
-            beta=VAE.parse_settings(raw, where).beta,
-            recon_space=choice(raw.get("recon_space", VAEGANSettings.recon_space), f"{where}.recon_space", RECON_SPACES),
+            beta=number(raw.get("beta", VAEGANSettings.beta), f"{where}.beta", low=0.0),
+            recon_space=choice(
+                raw.get("recon_space", VAEGANSettings.recon_space), f"{where}.recon_space", RECON_SPACES
+            ),
             gamma=number(raw.get("gamma", VAEGANSettings.gamma), f"{where}.gamma", low=0.0),
         )
 
@@ -62,7 +66,9 @@ class VAEGAN(VAE):
         return adversarial.feature_extractor(self.discriminator)(images)
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        return adversarial.make_adversarial_optimizer([self.encoder, self.decoder], self.discriminator, lr, self.settings)
+        return adversarial.make_adversarial_optimizer(
+            [self.encoder, self.decoder], self.discriminator, lr, self.settings
+        )
 
     def fakes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """mu, logvar, the reconstruction logits, and the two fakes: reconstructions and prior samples."""
@@ -71,8 +77,9 @@ class VAEGAN(VAE):
         prior = torch.sigmoid(self.decode(torch.randn_like(mu)))
         return mu, logvar, logits, [torch.sigmoid(logits), prior]
 
-    def player_terms(self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, logits: torch.Tensor,
-                     reconstructed: torch.Tensor) -> dict[str, torch.Tensor]:
+    def player_terms(
+        self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, logits: torch.Tensor, reconstructed: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """The encoder's and decoder's per-image terms but the GAN loss: pixel reconstruction under the cell's
         likelihood, KL, and with recon_space features the reconstruction in the discriminator's features."""
         terms = {"recon": self.reconstruction(logits, x), "kl": kl_divergence(mu, logvar)}
@@ -108,10 +115,12 @@ class VAEGAN(VAE):
 
     def loss_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, logvar, logits, fakes = self.fakes(x)
-        terms = self.player_terms(x, mu, logvar, logits, fakes[0]) | adversarial.game_terms(self.discriminator, x, fakes)
+        terms = self.player_terms(x, mu, logvar, logits, fakes[0]) | adversarial.game_terms(
+            self.discriminator, x, fakes
+        )
         return terms | {"loss": self.encoder_loss(terms) + self.decoder_loss(terms)}
 
-    def start_from(self, vae: VAE) -> None:
+    def start_from(self, vae: Autoencoder) -> None:
         """Encoder and decoder from a trained VAE; optionally the discriminator from its encoder's body."""
         self.encoder.load_state_dict(vae.encoder.state_dict())
         self.decoder.load_state_dict(vae.decoder.state_dict())

@@ -12,11 +12,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.models import Autoencoder  # noqa: E402
 
@@ -60,18 +60,26 @@ def reconstructions(models: dict[str, Autoencoder], digits: torch.Tensor, folder
     """The same test digits for every model: originals on top, each model's reconstruction from its code below."""
     rows = [("original", digits)]
     rows += [(name, torch.sigmoid(model.decode(model.encode(digits)))) for name, model in models.items()]
-    return save(image_rows(rows, "Test digits (top) and their reconstructions from the code (posterior mean for a VAE)"),
-                folder, "reconstructions", dpi)
+    return save(
+        image_rows(rows, "Test digits (top) and their reconstructions from the code (posterior mean for a VAE)"),
+        folder,
+        "reconstructions",
+        dpi,
+    )
 
 
 @torch.no_grad()
-def denoising(models: dict[str, Autoencoder], digits: torch.Tensor, corrupted: dict[str, torch.Tensor], folder: Path,
-              dpi: int) -> list[Path]:
+def denoising(
+    models: dict[str, Autoencoder], digits: torch.Tensor, corrupted: dict[str, torch.Tensor], folder: Path, dpi: int
+) -> list[Path]:
     """Corrupted test digits (each corruption in turn) and every model's reconstruction of them."""
     rows = [("clean", digits)]
     for corruption, inputs in corrupted.items():
         rows.append((corruption, inputs.clamp(0, 1)))
-        rows += [(f"{name} ← {corruption}", torch.sigmoid(model.decode(model.encode(inputs)))) for name, model in models.items()]
+        rows += [
+            (f"{name} ← {corruption}", torch.sigmoid(model.decode(model.encode(inputs))))
+            for name, model in models.items()
+        ]
     title = "Corrupted test digits and every model's reconstruction of them (the clean digits on top)"
     return save(image_rows(rows, title), folder, "denoising", dpi)
 
@@ -85,8 +93,10 @@ def prior_samples(latent_dims: set[int], count: int, seed: int) -> dict[int, tor
 def samples(models: dict[str, Autoencoder], count: int, seed: int, folder: Path, dpi: int) -> list[Path]:
     noise = prior_samples({m.latent_dim for m in models.values()}, count, seed)
     rows = [
-        (name if model.capabilities.prior else f"{name} (ex-post)",
-         torch.sigmoid(model.decode(model.latent_from_noise(noise[model.latent_dim]))))
+        (
+            name if model.capabilities.prior else f"{name} (ex-post)",
+            torch.sigmoid(model.decode(model.latent_from_noise(noise[model.latent_dim]))),
+        )
         for name, model in models.items()
     ]
     title = "Samples: decoder means for z ~ N(0, I), or the same noise through the ex-post Gaussian of the codes"
@@ -95,7 +105,11 @@ def samples(models: dict[str, Autoencoder], count: int, seed: int, folder: Path,
 
 @torch.no_grad()
 def interpolations(
-    models: dict[str, Autoencoder], pairs: list[tuple[int, torch.Tensor, int, torch.Tensor]], steps: int, folder: Path, dpi: int
+    models: dict[str, Autoencoder],
+    pairs: list[tuple[int, torch.Tensor, int, torch.Tensor]],
+    steps: int,
+    folder: Path,
+    dpi: int,
 ) -> list[Path]:
     """Decoded points on the straight line between the codes (posterior means) of two test digits."""
     weights = torch.linspace(0, 1, steps).unsqueeze(1)
@@ -103,9 +117,15 @@ def interpolations(
     for name, model in models.items():
         for label_a, image_a, label_b, image_b in pairs:
             mu_a, mu_b = model.encode(image_a[None]), model.encode(image_b[None])
-            rows.append((f"{name} {label_a}→{label_b}", torch.sigmoid(model.decode((1 - weights) * mu_a + weights * mu_b))))
-    return save(image_rows(rows, "Latent interpolation between the codes (posterior means) of two test digits"),
-                folder, "interpolation", dpi)
+            rows.append(
+                (f"{name} {label_a}→{label_b}", torch.sigmoid(model.decode((1 - weights) * mu_a + weights * mu_b)))
+            )
+    return save(
+        image_rows(rows, "Latent interpolation between the codes (posterior means) of two test digits"),
+        folder,
+        "interpolation",
+        dpi,
+    )
 
 
 @torch.no_grad()
@@ -142,7 +162,9 @@ def project_2d(points: torch.Tensor) -> tuple[torch.Tensor, str, str]:
 
 
 @torch.no_grad()
-def latent_scatter(models: dict[str, Autoencoder], images: torch.Tensor, labels: np.ndarray, folder: Path, dpi: int) -> list[Path]:
+def latent_scatter(
+    models: dict[str, Autoencoder], images: torch.Tensor, labels: np.ndarray, folder: Path, dpi: int
+) -> list[Path]:
     columns = min(4, len(models))
     rows = -(-len(models) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.4 * rows), squeeze=False)
@@ -155,7 +177,7 @@ def latent_scatter(models: dict[str, Autoencoder], images: torch.Tensor, labels:
         ax.set_title(name if model.latent_dim == 2 else f"{name} (PCA)", fontsize=9)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-    for ax in list(axes.flat)[len(models):]:
+    for ax in list(axes.flat)[len(models) :]:
         ax.set_visible(False)
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, title="digit", loc="center right", markerscale=4, fontsize=8)
@@ -170,9 +192,21 @@ def loss_curves(history: pd.DataFrame, folder: Path, dpi: int) -> list[Path]:
     if history.empty:
         return []
     grid = sns.relplot(
-        data=history, x="epoch", y="loss", row="split", col="model", hue="latent_dim", style="setting",
-        kind="line", palette=PALETTE, height=2.8, aspect=1.3, facet_kws={"sharey": False}, markers=True,
-        estimator="mean", errorbar=("sd", 1),
+        data=history,
+        x="epoch",
+        y="loss",
+        row="split",
+        col="model",
+        hue="latent_dim",
+        style="setting",
+        kind="line",
+        palette=PALETTE,
+        height=2.8,
+        aspect=1.3,
+        facet_kws={"sharey": False},
+        markers=True,
+        estimator="mean",
+        errorbar=("sd", 1),
     )
     grid.set_axis_labels("epoch", "training objective (nats/image)")
     grid.set_titles("{row_name} · {col_name}")
@@ -182,9 +216,13 @@ def loss_curves(history: pd.DataFrame, folder: Path, dpi: int) -> list[Path]:
 
 def rate_distortion(groups: pd.DataFrame, folder: Path, dpi: int) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    sns.scatterplot(data=groups, x="kl_mean", y="recon_mean", hue="latent_dim", style="arch", s=70, palette=PALETTE, ax=ax)
+    sns.scatterplot(
+        data=groups, x="kl_mean", y="recon_mean", hue="latent_dim", style="arch", s=70, palette=PALETTE, ax=ax
+    )
     for row in groups.itertuples():
-        ax.annotate(f"β={row.beta:g}", (row.kl_mean, row.recon_mean), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.annotate(
+            f"β={row.beta:g}", (row.kl_mean, row.recon_mean), textcoords="offset points", xytext=(5, 4), fontsize=7
+        )
     ax.set_xlabel("rate: test KL (nats/image)")
     ax.set_ylabel("distortion: test reconstruction (nats/image)")
     ax.set_title("Rate–distortion of every cell (mean over seeds)", fontsize=10)
@@ -197,7 +235,9 @@ def metric_heatmaps(groups: pd.DataFrame, metrics: dict[str, str], folder: Path,
     fig, axes = plt.subplots(len(metrics), len(archs), figsize=(3.8 * len(archs), 2.9 * len(metrics)), squeeze=False)
     for i, (metric, label) in enumerate(metrics.items()):
         for j, arch in enumerate(archs):
-            table = groups[groups["arch"] == arch].pivot_table(index="latent_dim", columns="beta", values=f"{metric}_mean")
+            table = groups[groups["arch"] == arch].pivot_table(
+                index="latent_dim", columns="beta", values=f"{metric}_mean"
+            )
             sns.heatmap(table, annot=True, fmt=".1f", cmap="viridis", ax=axes[i, j], cbar_kws={"label": label})
             axes[i, j].grid(False)
             axes[i, j].set_title(f"{arch}: {label}", fontsize=9)
@@ -224,7 +264,7 @@ def kl_per_dimension(kl_dims: dict[str, list[float]], folder: Path, dpi: int) ->
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("latent dimension (sorted)")
         ax.set_ylabel("KL (nats/image)")
-    for ax in list(axes.flat)[len(kl_dims):]:
+    for ax in list(axes.flat)[len(kl_dims) :]:
         ax.set_visible(False)
     fig.suptitle("Test KL per latent dimension", fontsize=10)
     fig.tight_layout()
@@ -244,15 +284,27 @@ def adversarial_curves(histories: dict[str, list[dict]], folder: Path, dpi: int)
     """Per epoch, for every adversarial cell: both players' losses, D's mean outputs and the FID probe."""
     rows = [
         {"cell": cell, "epoch": row["epoch"], "panel": title, "value": row[key]}
-        for cell, history in histories.items() for row in history
-        for key, title in ADVERSARIAL_CURVES.items() if key in row
+        for cell, history in histories.items()
+        for row in history
+        for key, title in ADVERSARIAL_CURVES.items()
+        if key in row
     ]
     if not rows:
         return []
     palette = sns.color_palette(PALETTE if len(histories) <= 10 else "husl", len(histories))  # one colour per cell
     grid = sns.relplot(
-        data=pd.DataFrame(rows), x="epoch", y="value", col="panel", hue="cell", kind="line", marker="o",
-        col_wrap=3, height=2.6, aspect=1.3, facet_kws={"sharey": False}, palette=palette,
+        data=pd.DataFrame(rows),
+        x="epoch",
+        y="value",
+        col="panel",
+        hue="cell",
+        kind="line",
+        marker="o",
+        col_wrap=3,
+        height=2.6,
+        aspect=1.3,
+        facet_kws={"sharey": False},
+        palette=palette,
     )
     grid.set_titles("{col_name}")
     grid.set_axis_labels("epoch", "")
@@ -261,8 +313,9 @@ def adversarial_curves(histories: dict[str, list[dict]], folder: Path, dpi: int)
 
 
 @torch.no_grad()
-def finetuning(pairs: list[tuple[str, Autoencoder, str, Autoencoder]], count: int, seed: int, folder: Path,
-               dpi: int) -> list[Path]:
+def finetuning(
+    pairs: list[tuple[str, Autoencoder, str, Autoencoder]], count: int, seed: int, folder: Path, dpi: int
+) -> list[Path]:
     """For each fine-tuned cell: its source VAE's samples and its own from the same z, one row above the other."""
     if not pairs:
         return []
@@ -270,6 +323,9 @@ def finetuning(pairs: list[tuple[str, Autoencoder, str, Autoencoder]], count: in
     rows = []
     for source_name, source, name, tuned in pairs:
         z = noise[tuned.latent_dim]
-        rows += [(f"{source_name} (VAE)", torch.sigmoid(source.decode(z))), (f"{name} (fine-tuned)", torch.sigmoid(tuned.decode(z)))]
+        rows += [
+            (f"{source_name} (VAE)", torch.sigmoid(source.decode(z))),
+            (f"{name} (fine-tuned)", torch.sigmoid(tuned.decode(z))),
+        ]
     title = "The same z ~ N(0, I) through the VAE's decoder before (top) and after adversarial fine-tuning"
     return save(image_rows(rows, title), folder, "finetuning", dpi)

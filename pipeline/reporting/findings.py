@@ -21,7 +21,8 @@ QUESTIONS = {
     "family_codes": "Which family gives the best codes for a linear probe?",
     "family_robustness": "Which family is most robust to noise?",
     "family_samples": "Which family generates best?",
-    "adversarial": "Does adversarial training make samples more realistic (precision, FID), and at what cost in diversity (recall, class entropy)?",
+    "adversarial": "Does adversarial training make samples more realistic (precision, FID), and at what cost in "
+    "diversity (recall, class entropy)?",
     "initialisation": "Does starting from the VAE's decoder help the GAN?",
     "collapse": "Does any generator collapse onto a few digits?",
 }
@@ -80,11 +81,15 @@ def conv_vs_linear(cells: pd.DataFrame, groups: pd.DataFrame) -> list[str]:
     if settings == 0:
         return ["Not answered: no setting of latent_dim and β was trained with both architectures."]
     if conv_wins == settings:
-        summary = f"Yes: the convolutional VAE has the lower (better) test ELBO in each of the {settings} settings trained with both."
+        summary = f"Yes: the convolutional VAE has the lower (better) test ELBO in each of the {settings} settings "
+        "trained with both."
     elif conv_wins == 0:
-        summary = f"No: the linear VAE has the lower (better) test ELBO in each of the {settings} settings trained with both."
+        summary = (
+            f"No: the linear VAE has the lower (better) test ELBO in each of the {settings} settings trained with both."
+        )
     else:
-        summary = f"Mixed: the convolutional VAE has the lower test ELBO in {conv_wins} of {settings} settings trained with both."
+        summary = f"Mixed: the convolutional VAE has the lower test ELBO in {conv_wins} of {settings} settings "
+        "trained with both."
     return [summary, *sentences]
 
 
@@ -104,7 +109,8 @@ def latent_dim_effect(cells: pd.DataFrame, groups: pd.DataFrame) -> list[str]:
         sentences.append(
             f"{arch}, β {beta:g}, latent_dim {' → '.join(map(str, same['latent_dim']))}: reconstruction "
             f"{trend(recon)} ({series(recon)} nats/image){tests}, KL {trend(kl)} ({series(kl)}), "
-            f"ELBO {series(same['elbo_mean'])}; active units {' → '.join(str(round(a)) for a in same['active_units_mean'])}."
+            f"ELBO {series(same['elbo_mean'])}; active units "
+            f"{' → '.join(str(round(a)) for a in same['active_units_mean'])}."
         )
     if comparisons == 0:
         return ["Not answered: no architecture and β were trained at two or more latent sizes."]
@@ -198,8 +204,15 @@ def seed_caveat(cells: pd.DataFrame, ordered: pd.DataFrame, metric: str) -> str:
     return f" (only {seeds} seeds per cell: too few for a t-test)"
 
 
-def family_ranking(cells: pd.DataFrame, groups: pd.DataFrame, metric: str, lower_is_better: bool, label: str,
-                   digits: int, note: str = "") -> list[str]:
+def family_ranking(
+    cells: pd.DataFrame,
+    groups: pd.DataFrame,
+    metric: str,
+    lower_is_better: bool,
+    label: str,
+    digits: int,
+    note: str = "",
+) -> list[str]:
     sentences, wins, settings = [], {}, 0
     for arch, latent_dim, same in family_settings(groups):
         ordered = same.dropna(subset=[f"{metric}_mean"]).sort_values(f"{metric}_mean", ascending=lower_is_better)
@@ -218,7 +231,9 @@ def family_ranking(cells: pd.DataFrame, groups: pd.DataFrame, metric: str, lower
         return ["Not answered: no arch and latent_dim were trained with two or more families."]
     leader = max(wins, key=wins.get)
     compared = "setting" if settings == 1 else "settings"
-    summary = f"{label[0].upper()}{label[1:]}: {leader} is best in {wins[leader]} of {settings} {compared} compared." + note
+    summary = (
+        f"{label[0].upper()}{label[1:]}: {leader} is best in {wins[leader]} of {settings} {compared} compared." + note
+    )
     return [summary, *sentences]
 
 
@@ -230,21 +245,49 @@ def both(first: list[str], second: list[str]) -> list[str]:
 def family_findings(cells: pd.DataFrame, groups: pd.DataFrame) -> dict[str, list[str]]:
     return {
         QUESTIONS["family_recon"]: both(
-            family_ranking(cells, groups, "recon_bernoulli", True, "test reconstruction in Bernoulli nats/image (lower is better)", 2),
+            family_ranking(
+                cells,
+                groups,
+                "recon_bernoulli",
+                True,
+                "test reconstruction in Bernoulli nats/image (lower is better)",
+                2,
+            ),
             family_ranking(cells, groups, "recon_mse", True, "test reconstruction MSE per pixel (lower is better)", 4),
         ),
         QUESTIONS["family_codes"]: both(
-            family_ranking(cells, groups, "probe_accuracy", False, "linear-probe test accuracy on the codes (higher is better)", 4),
-            family_ranking(cells, groups, "knn_accuracy", False, "k-NN test accuracy on the codes (higher is better)", 4),
+            family_ranking(
+                cells, groups, "probe_accuracy", False, "linear-probe test accuracy on the codes (higher is better)", 4
+            ),
+            family_ranking(
+                cells, groups, "knn_accuracy", False, "k-NN test accuracy on the codes (higher is better)", 4
+            ),
         ),
         QUESTIONS["family_robustness"]: both(
-            family_ranking(cells, groups, "noisy_recon_mse", True,
-                           "MSE of reconstructions of noisy test digits against the clean ones (lower is better)", 4),
-            family_ranking(cells, groups, "masked_recon_mse", True,
-                           "MSE of reconstructions of masked test digits against the clean ones (lower is better)", 4),
+            family_ranking(
+                cells,
+                groups,
+                "noisy_recon_mse",
+                True,
+                "MSE of reconstructions of noisy test digits against the clean ones (lower is better)",
+                4,
+            ),
+            family_ranking(
+                cells,
+                groups,
+                "masked_recon_mse",
+                True,
+                "MSE of reconstructions of masked test digits against the clean ones (lower is better)",
+                4,
+            ),
         ),
         QUESTIONS["family_samples"]: family_ranking(
-            cells, groups, "fid_mnist_cnn", True, "sample FID in MNIST-CNN features (lower is better)", 1,
+            cells,
+            groups,
+            "fid_mnist_cnn",
+            True,
+            "sample FID in MNIST-CNN features (lower is better)",
+            1,
             note=" Families without a prior (ae, dae, cae) are sampled from a Gaussian fitted to their training "
             "codes (ex-post density estimation), the VAE from its prior N(0, I).",
         ),
@@ -315,12 +358,16 @@ def mode_collapse(cells: pd.DataFrame, collapse_share: float) -> list[str]:
     shares = done[[f"share_{digit}" for digit in range(10)]].to_numpy()
     top = shares.max(1)
     flagged = [
-        f"{row.cell}: {share:.0%} of its samples are the digit {digit} (class entropy {row.class_entropy_mnist_cnn:.3f} nats)."
+        f"{row.cell}: {share:.0%} of its samples are the digit {digit} (class entropy "
+        f"{row.class_entropy_mnist_cnn:.3f} nats)."
         for row, share, digit in zip(done.itertuples(), top, shares.argmax(1))
         if share > collapse_share
     ]
     if flagged:
-        return [f"Flagged where one digit takes more than {collapse_share:.0%} of the samples (uniform: 10%):", *flagged]
+        return [
+            f"Flagged where one digit takes more than {collapse_share:.0%} of the samples (uniform: 10%):",
+            *flagged,
+        ]
     worst = int(top.argmax())
     return [
         f"No: in every cell each digit takes at most {collapse_share:.0%} of the samples (uniform: 10%); the largest "

@@ -17,15 +17,29 @@ import pandas as pd
 
 from pipeline.config import CellConfig, StudyConfig, cell_as_dict, parse_cell
 from pipeline.models import FAMILIES
-from pipeline.evaluate import METRICS_FILE
-from pipeline.outputs import RESULTS, evaluate_dir, read_json, train_dir
-from pipeline.train import HISTORY_FILE, MODEL_FILE
+from pipeline.outputs import read_json
+from pipeline.paths import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE, RESULTS, evaluate_dir, train_dir
 
 METRICS = ("recon", "kl", "elbo", "active_units")
-FAMILY_METRICS = ("recon_bernoulli", "recon_mse", "noisy_recon_mse", "masked_recon_mse", "contraction",
-                  "probe_accuracy", "knn_accuracy")
-SAMPLE_METRICS = ("fid_mnist_cnn", "kid_mnist_cnn_mean", "is_mnist_cnn", "precision_mnist_cnn", "recall_mnist_cnn",
-                  "class_entropy_mnist_cnn", "fid_mnist_cnn_recon", "iw_nll")
+FAMILY_METRICS = (
+    "recon_bernoulli",
+    "recon_mse",
+    "noisy_recon_mse",
+    "masked_recon_mse",
+    "contraction",
+    "probe_accuracy",
+    "knn_accuracy",
+)
+SAMPLE_METRICS = (
+    "fid_mnist_cnn",
+    "kid_mnist_cnn_mean",
+    "is_mnist_cnn",
+    "precision_mnist_cnn",
+    "recall_mnist_cnn",
+    "class_entropy_mnist_cnn",
+    "fid_mnist_cnn_recon",
+    "iw_nll",
+)
 ALL_METRICS = METRICS + FAMILY_METRICS + SAMPLE_METRICS
 SHARES = tuple(f"share_{digit}" for digit in range(10))  # share of the samples the classifier calls each digit
 GROUP_KEYS = ["group", "family", "arch", "latent_dim", "beta", "variant", "init_from", "adversarial"]
@@ -33,7 +47,6 @@ SEED_SUFFIX = re.compile(r"-s\d+$")
 MISSING = "–"
 
 
-CONFIG_FILE = "config.json"  # the cell as its train stage recorded it
 IMAGES = ("reconstructions", "samples")  # the evaluate stage's pictures of a cell
 
 
@@ -290,7 +303,8 @@ def markdown_class_share_table(cells: pd.DataFrame, collapse_share: float) -> st
         shares = [getattr(row, key) for key in SHARES]
         flag = f"yes: digit {shares.index(max(shares))}" if max(shares) > collapse_share else "no"
         lines.append(
-            f"| {row.cell} | " + " | ".join(f"{share:.2f}" for share in shares)
+            f"| {row.cell} | "
+            + " | ".join(f"{share:.2f}" for share in shares)
             + f" | {number(row.class_entropy_mnist_cnn, 3)} | {flag} |"
         )
     return "\n".join(lines)

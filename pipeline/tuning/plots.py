@@ -24,7 +24,9 @@ def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     of the objectives (for rate and distortion, their sum is the negative ELBO)."""
     if len(study.directions) == 1:
         if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
-            raise VaebenchError(f"tuning study {study.study_name} has no completed trial; see the FAIL errors in MLflow")
+            raise VaebenchError(
+                f"tuning study {study.study_name} has no completed trial; see the FAIL errors in MLflow"
+            )
         return [study.best_trial]
     front = study.best_trials
     if not front:
@@ -48,7 +50,9 @@ def plot_study(study: optuna.Study, space: TuneSpace, folder: Path, dpi: int = 2
         labels = list(space.metrics)
         plots = {
             "pareto_front": lambda: optuna_plots.plot_pareto_front(study, target_names=labels),
-            "parallel_coordinate": lambda: optuna_plots.plot_parallel_coordinate(study, target=lambda t: sum(t.values), target_name="sum"),
+            "parallel_coordinate": lambda: optuna_plots.plot_parallel_coordinate(
+                study, target=lambda t: sum(t.values), target_name="sum"
+            ),
         }
     written = []
     for name, draw in plots.items():

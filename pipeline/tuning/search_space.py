@@ -127,7 +127,18 @@ def load_space(path: Path | str) -> TuneSpace:
 
 
 def parse_space(raw: dict, where: str = "search space") -> TuneSpace:
-    allowed = ("name", "n_trials", "base_cell", "objective", "sampler", "pruner", "workers", "heartbeat", "fixed", "space")
+    allowed = (
+        "name",
+        "n_trials",
+        "base_cell",
+        "objective",
+        "sampler",
+        "pruner",
+        "workers",
+        "heartbeat",
+        "fixed",
+        "space",
+    )
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(allowed)}")
@@ -143,7 +154,9 @@ def parse_space(raw: dict, where: str = "search space") -> TuneSpace:
     if sampler.get("name") not in SAMPLERS:
         raise ConfigError(f"{where}: unknown sampler {sampler.get('name')!r}; choose one of {', '.join(SAMPLERS)}")
     if set(sampler) - {"name", "seed"}:
-        raise ConfigError(f"{where}: sampler takes name and seed only, got {sorted(set(sampler) - {'name', 'seed'})[0]!r}")
+        raise ConfigError(
+            f"{where}: sampler takes name and seed only, got {sorted(set(sampler) - {'name', 'seed'})[0]!r}"
+        )
     seed = sampler.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"{where}: sampler seed must be an integer >= 0, got {seed!r}")
@@ -208,7 +221,9 @@ def _parse_param(name: str, spec: object, where: str) -> Param:
     kind = spec["type"]
     allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log", "step"}
     if set(spec) - allowed:
-        raise ConfigError(f"{where}: a {kind} parameter takes {', '.join(sorted(allowed))}, not {sorted(set(spec) - allowed)[0]}")
+        raise ConfigError(
+            f"{where}: a {kind} parameter takes {', '.join(sorted(allowed))}, not {sorted(set(spec) - allowed)[0]}"
+        )
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -219,7 +234,9 @@ def _parse_param(name: str, spec: object, where: str) -> Param:
     number = (int,) if kind == "int" else (int, float)
     bounds = [spec.get("low"), spec.get("high")]
     if not all(isinstance(bound, number) and not isinstance(bound, bool) for bound in bounds):
-        raise ConfigError(f"{where}: {kind} parameters need {'integer' if kind == 'int' else 'numeric'} low and high, got {bounds}")
+        raise ConfigError(
+            f"{where}: {kind} parameters need {'integer' if kind == 'int' else 'numeric'} low and high, got {bounds}"
+        )
     low, high = bounds
     if not (math.isfinite(low) and math.isfinite(high)) or low > high:
         raise ConfigError(f"{where}: low ({low:g}) must not exceed high ({high:g})")
@@ -249,13 +266,19 @@ def make_sampler(space: TuneSpace, seed_offset: int) -> optuna.samplers.BaseSamp
 
 
 def build_pruner(name: str, options: dict, where: str = "search space") -> optuna.pruners.BasePruner:
-    classes = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+    classes = {
+        "median": optuna.pruners.MedianPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "none": optuna.pruners.NopPruner,
+    }
     if name == "median":
         options = {"n_startup_trials": 4, "n_warmup_steps": 2, **options}
     accepted = [key for key in inspect.signature(classes[name]).parameters if key != "self"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ConfigError(f"{where}: unknown option {unknown[0]!r} of pruner {name}; it takes {', '.join(accepted) or 'none'}")
+        raise ConfigError(
+            f"{where}: unknown option {unknown[0]!r} of pruner {name}; it takes {', '.join(accepted) or 'none'}"
+        )
     try:
         return classes[name](**options)
     except (TypeError, ValueError) as error:
@@ -297,14 +320,19 @@ def check_space_fits(space: TuneSpace, base: CellConfig) -> None:
             try:
                 with_values(base, space.cell_values({param.name: value}))
             except ConfigError as error:
-                raise ConfigError(f"search space {space.name}: {param.name} = {value!r} is in the space but not a valid "
-                                  f"cell: {error}") from None
-    weakened = [p.name for p in space.params if p.name in REGULARISERS] if space.objective in ("val_loss", "val_recon") else []
+                raise ConfigError(
+                    f"search space {space.name}: {param.name} = {value!r} is in the space but not a valid cell: {error}"
+                ) from None
+    weakened = (
+        [p.name for p in space.params if p.name in REGULARISERS] if space.objective in ("val_loss", "val_recon") else []
+    )
     if weakened:
         log.warning(
             "search space %s: %s is searched against %s, which is lowest with the least regularisation (the DAE "
             "validates on corrupted inputs, the CAE's loss holds its penalty); read such trials with care",
-            space.name, ", ".join(weakened), space.objective,
+            space.name,
+            ", ".join(weakened),
+            space.objective,
         )
 
 
@@ -317,4 +345,3 @@ def with_values(cell, values: dict):
     merged = {**base, **values}
     name = merged.pop("name")
     return parse_cell(name, merged, {})
-
