@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup study test ui tune server server-stop dashboard app
+.PHONY: setup study lint test test-fast ui tune server server-stop dashboard app
 
 setup: $(VENV)/.installed
 
@@ -22,9 +22,19 @@ study: setup
 	vaebench check
 	dvc repro
 
-test: setup
+# ruff, pinned in constraints.txt and configured in pyproject.toml; `make test` (CI's command) runs it first.
+lint: setup
+	ruff check .
+	ruff format --check .
+
+test: setup lint
 	bash tests/system_packages.sh
 	pytest
+
+# The fast tier: no slow, system-package or browser test (pyproject.toml's markers): no root, no system
+# package, at most 90 s on 2 cores.
+test-fast: setup
+	pytest -m "not slow and not system and not browser"
 
 # `make tune` adds studies/tune/default.yaml to params.yaml's tune: block, then runs (or resumes) stage tune@default.
 TUNE ?= default
