@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import datasets, transforms
 
-from pipeline.bench import torchvision_root
+from pipeline.bench.throughput import torchvision_root
 from pipeline.config import load_study
 from pipeline.data import verify_checksums
 

@@ -200,17 +200,10 @@ def parse_study(raw: dict, source: str = "params") -> StudyConfig:
     cells_raw = _section(raw, "cells", source)
     if not cells_raw:
         raise ConfigError(f"{source}: cells is empty; add at least one cell")
-    for block in ("cells", "finetuned"):
-        for name, spec in (raw.get(block) or {}).items():
-            if isinstance(spec, dict) and "family" not in spec:
-                raise ConfigError(
-                    f"{source}: {block}.{name}.family is missing; name the cell's family ({', '.join(families())}): "
-                    "dvc.yaml makes the cell's stages depend on pipeline/models/<family>.py"
-                )
-    cells = {
-        name: parse_cell(check_name(name, f"{source}: cell name"), spec, train_defaults)
-        for name, spec in cells_raw.items()
-    }
+    cells = {}
+    for name, spec in cells_raw.items():
+        _require_family(spec, f"cells.{check_name(name, f'{source}: cell name')}", source)
+        cells[name] = parse_cell(name, spec, train_defaults)
     for cell in cells.values():
         if getattr(cell.settings, "init_discriminator", False):
             raise ConfigError(
@@ -308,6 +301,15 @@ def parse_cell(name: str, spec: object, defaults: dict, where: str | None = None
     )
 
 
+def _require_family(spec: object, where: str, source: str) -> None:
+    """A study's cells name their family: dvc.yaml reads it to make the cell's stages depend on its module."""
+    if isinstance(spec, dict) and "family" not in spec:
+        raise ConfigError(
+            f"{source}: {where}.family is missing; name the cell's family ({', '.join(families())}): "
+            "dvc.yaml makes the cell's stages depend on pipeline/models/<family>.py"
+        )
+
+
 def _parse_finetuned(raw: object, cells: dict[str, CellConfig], defaults: dict, source: str) -> dict[str, CellConfig]:
     """The `finetuned:` block: cells that start from a trained VAE cell of `cells:` (init_from). They sit in
     their own block so that DVC's stage for them can depend on the source cell's model."""
@@ -324,6 +326,7 @@ def _parse_finetuned(raw: object, cells: dict[str, CellConfig], defaults: dict, 
         if not isinstance(source_name, str) or source_name not in cells:
             known = ", ".join(n for n, c in cells.items() if c.family == "vae") or "none"
             raise ConfigError(f"{where}.init_from is {source_name!r}, not a cell under cells:; VAE cells: {known}")
+        _require_family(spec, where, source)
         origin = cells[source_name]
         cell = parse_cell(name, {k: v for k, v in spec.items() if k != "init_from"}, defaults, where)
         _check_init_from(cell, origin, where)
