@@ -29,14 +29,14 @@ from pipeline.data import images_to_tensor, load_prepared
 from pipeline.engine import evaluate_split, model_epoch, set_threads
 from pipeline.models import build_model
 from pipeline.models.contract import Autoencoder
-from pipeline.models.vae import VAE
+from pipeline.models.gaussian import GaussianAutoencoder
 from pipeline.paths import PREPARED_FILE
 
 
 def float32_outside_the_layers() -> None:
     """The encoder's outputs and the decoder's logits in float32 whatever the layers computed them in."""
-    posterior, decode = VAE.posterior, Autoencoder.decode
-    VAE.posterior = lambda self, x: tuple(part.float() for part in posterior(self, x))
+    posterior, decode = GaussianAutoencoder.posterior, Autoencoder.decode
+    GaussianAutoencoder.posterior = lambda self, x: tuple(part.float() for part in posterior(self, x))
     Autoencoder.decode = lambda self, z: decode(self, z).float()
 
 

@@ -19,7 +19,7 @@ from pipeline import engine
 from pipeline.classifier import load_classifier
 from pipeline.config import load_study
 from pipeline.data import images_to_tensor, load_prepared
-from pipeline.evaluation.sample_quality import FIDProbe
+from pipeline.evaluation.probe import FIDProbe
 from pipeline.paths import PREPARED_FILE
 
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -87,7 +88,9 @@ def check_local_store_belongs_here() -> None:
 
     here = artifact_root().as_uri()
     try:
-        experiments = MlflowClient(tracking_uri()).search_experiments(filter_string="name LIKE 'vaebench-%'")
+        experiments = MlflowClient(tracking_uri()).search_experiments(
+            view_type=ViewType.ALL, filter_string="name LIKE 'vaebench-%'"
+        )
     except (MlflowException, SQLAlchemyError) as error:
         reason = str(error).split("\n")[0]
         raise TrackingError(
@@ -444,9 +447,8 @@ def log_study_results(
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     parent_id = study_parent_run(client, study_experiment(client, config.study), config.study)
-    runs = {
-        cell: run_id for cell, run_id in run_ids.items() if _run_exists(client, run_id)
-    }  # log_report warned of others
+    # log_report warned of the cells whose run is not in the store
+    runs = {cell: run_id for cell, run_id in run_ids.items() if _run_exists(client, run_id)}
     for cell, run_id in runs.items():
         client.set_tag(run_id, GROUP_TAG, groups[cell])
     now = int(time.time() * 1000)

@@ -67,7 +67,8 @@ def conv_networks(outputs: int, latent_dim: int, channels: tuple[int, ...]) -> t
 
 
 def build_networks(arch: str, outputs: int, latent_dim: int, hidden: tuple[int, ...], channels: tuple[int, ...]):
-    """(encoder, decoder) of an arch; the encoder is built first, so a seed gives the same weights in every family."""
+    """(encoder, decoder) of an arch, the encoder built first: a seed gives the same decoder to the families whose
+    encoders have as many outputs (vae and vaegan; ae, dae and cae), not across them."""
     if arch == "linear":
         return linear_networks(outputs, latent_dim, hidden)
     if arch == "conv":

@@ -81,15 +81,19 @@ def conv_vs_linear(cells: pd.DataFrame, groups: pd.DataFrame) -> list[str]:
     if settings == 0:
         return ["Not answered: no setting of latent_dim and β was trained with both architectures."]
     if conv_wins == settings:
-        summary = f"Yes: the convolutional VAE has the lower (better) test ELBO in each of the {settings} settings "
-        "trained with both."
+        summary = (
+            f"Yes: the convolutional VAE has the lower (better) test ELBO in each of the {settings} settings "
+            "trained with both."
+        )
     elif conv_wins == 0:
         summary = (
             f"No: the linear VAE has the lower (better) test ELBO in each of the {settings} settings trained with both."
         )
     else:
-        summary = f"Mixed: the convolutional VAE has the lower test ELBO in {conv_wins} of {settings} settings "
-        "trained with both."
+        summary = (
+            f"Mixed: the convolutional VAE has the lower test ELBO in {conv_wins} of {settings} settings "
+            "trained with both."
+        )
     return [summary, *sentences]
 
 
