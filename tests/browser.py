@@ -21,8 +21,15 @@ from pipeline.server import alive, end_group, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the last four, Chromium keeps trying to reach Google's services, which a closed network refuses.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 VIEWPORT = {"width": 1400, "height": 900}
 SERVER_START_SECONDS = 60
 SERVER_STOP_SECONDS = 20
@@ -32,7 +39,9 @@ RENDER_SECONDS = 30
 def chromium_path() -> str:
     found = CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium")
     if found is None:
-        raise RuntimeError("Chromium is not installed; run tests/system_packages.sh as root, or apt-get install -y chromium")
+        raise RuntimeError(
+            "Chromium is not installed; run tests/system_packages.sh as root, or apt-get install -y chromium"
+        )
     return found
 
 
@@ -44,7 +53,11 @@ def browser_page() -> Iterator["playwright.sync_api.Page"]:  # noqa: F821
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile, sync_playwright() as playwright:
         # Playwright refuses --user-data-dir in args: a persistent context is how it takes a profile folder.
         context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS, viewport=VIEWPORT,
+            profile,
+            executable_path=chromium_path(),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport=VIEWPORT,
         )
         try:
             page = context.pages[0] if context.pages else context.new_page()
@@ -66,9 +79,22 @@ def mlflow_ui(store_folder: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     # The study's experiments name their artifact folders (file://.../mlartifacts/...) themselves; the
     # destination only matters for what the server would create, which must land in the store's folder too.
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{store_folder / 'mlflow.db'}",
-               "--artifacts-destination", str(store_folder / "mlartifacts")]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{store_folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(store_folder / "mlartifacts"),
+    ]
     # Without job execution (judges, scorers: nothing these pages use) the server is 2 processes, not 9,
     # and answers in about 8 s rather than 13 s on two cores.
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -87,8 +113,21 @@ def streamlit_app(folder: Path, script: Path) -> Iterator[str]:
     with params.yaml and results/); yields its base URL; stopped by PID like mlflow_ui."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", "127.0.0.1",
-               "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(script),
+        "--server.address",
+        "127.0.0.1",
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     with _serving(command, Path(folder), dict(os.environ), f"{url}/_stcore/health", "streamlit"):
         yield url
 
@@ -99,8 +138,15 @@ def _serving(command: list[str], cwd: Path, env: dict, health_url: str, name: st
     with tempfile.TemporaryDirectory(prefix="server-log-") as scratch:
         log_path = Path(scratch) / "server.log"
         with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(command, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+            process = subprocess.Popen(
+                command,
+                cwd=cwd,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+            )
         try:
             _wait_for_health(process, health_url, log_path, name)
             yield
@@ -116,8 +162,9 @@ def _wait_for_health(process: subprocess.Popen, health_url: str, log_path: Path,
     deadline = time.monotonic() + SERVER_START_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"{name} exited with code {process.returncode} before answering; its log ends:\n"
-                                 f"{_log_tail(log_path)}")
+            raise AssertionError(
+                f"{name} exited with code {process.returncode} before answering; its log ends:\n{_log_tail(log_path)}"
+            )
         try:
             with urllib.request.urlopen(health_url, timeout=2) as response:
                 if response.status == 200:
@@ -125,8 +172,9 @@ def _wait_for_health(process: subprocess.Popen, health_url: str, log_path: Path,
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
-    raise AssertionError(f"{name} did not answer {health_url} within {SERVER_START_SECONDS} s; its log ends:\n"
-                         f"{_log_tail(log_path)}")
+    raise AssertionError(
+        f"{name} did not answer {health_url} within {SERVER_START_SECONDS} s; its log ends:\n{_log_tail(log_path)}"
+    )
 
 
 def _group_pids(group: int) -> list[int]:
@@ -155,8 +203,9 @@ def _stop_group(process: subprocess.Popen, name: str) -> None:
     assert not left, f"{name} processes {left} outlived the stop of their group {process.pid}"
 
 
-def screenshot_when_rendered(page, texts: Iterable[str], path: Path, timeout_s: float = RENDER_SECONDS,
-                             gone: str | None = None) -> None:
+def screenshot_when_rendered(
+    page, texts: Iterable[str], path: Path, timeout_s: float = RENDER_SECONDS, gone: str | None = None
+) -> None:
     """Wait until each text is shown in the page (an element whose whole text it is, visible) and, when
     `gone` is a CSS selector, until nothing matches it (a busy indicator, placeholders), then save a
     full-page screenshot to `path`, and a copy to the folder VAEBENCH_SCREENSHOTS names when it is set."""

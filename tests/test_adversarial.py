@@ -13,12 +13,22 @@ from pipeline.models import adversarial, build_model
 from pipeline.models.adversarial import discriminator_loss, generator_loss, r1_penalty
 from pipeline.models.losses import kl_divergence
 
-DEFAULTS = {"epochs": 1, "batch_size": 32, "lr": 1e-3, "likelihood": "bernoulli", "gaussian_std": 0.1,
-            "hidden": [32], "channels": [4, 8], "device": "cpu"}
+DEFAULTS = {
+    "epochs": 1,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "likelihood": "bernoulli",
+    "gaussian_std": 0.1,
+    "hidden": [32],
+    "channels": [4, 8],
+    "device": "cpu",
+}
 
 
 def cell(family="gan", arch="linear", **settings):
-    return parse_cell(f"{family}-{arch}", {"family": family, "arch": arch, "latent_dim": 3, "seed": 0, **settings}, DEFAULTS)
+    return parse_cell(
+        f"{family}-{arch}", {"family": family, "arch": arch, "latent_dim": 3, "seed": 0, **settings}, DEFAULTS
+    )
 
 
 def images(count=64, seed=0):
@@ -35,7 +45,9 @@ def test_gan_losses_match_hand_computed_values():
         [3 * math.log(2), expected[1] - math.log(1 - 1 / (1 + math.exp(1)))]
     )
     # Non-saturating: -log D(G(z)).
-    assert generator_loss(torch.tensor([0.0, 3.0])).tolist() == pytest.approx([math.log(2), -math.log(1 / (1 + math.exp(-3)))])
+    assert generator_loss(torch.tensor([0.0, 3.0])).tolist() == pytest.approx(
+        [math.log(2), -math.log(1 / (1 + math.exp(-3)))]
+    )
 
 
 def test_r1_penalty_of_a_linear_discriminator_is_the_squared_weight_norm():
@@ -55,7 +67,11 @@ def test_one_discriminator_step_lowers_its_loss_and_leaves_the_generator(arch):
 
     def loss() -> float:
         with torch.no_grad():
-            return discriminator_loss(model.discriminator(real).squeeze(1), model.discriminator(fake).squeeze(1)).mean().item()
+            return (
+                discriminator_loss(model.discriminator(real).squeeze(1), model.discriminator(fake).squeeze(1))
+                .mean()
+                .item()
+            )
 
     before = loss()
     adversarial.discriminator_step(model.discriminator, optimizer, real, [fake], r1_weight=0.0)
@@ -89,6 +105,7 @@ def test_the_optimizer_uses_the_adversarial_settings():
     assert generator_group["lr"] == 2e-4 and discriminator_group["lr"] == 5e-4
     assert generator_group["betas"] == (0.3, 0.999)
     assert {id(p) for p in discriminator_group["params"]} == {id(p) for p in model.discriminator.parameters()}
+    assert {id(p) for p in generator_group["params"]} == {id(p) for p in model.decoder.parameters()}
 
 
 @pytest.mark.parametrize("family", ["gan", "vaegan"])
@@ -101,16 +118,25 @@ def test_init_from_copies_the_vae_decoder_weight_for_weight(family, arch):
         fresh_output_layer = adversarial.layers(model.discriminator)[-1].weight.clone()
         model.start_from(vae)
         assert model.decoder.state_dict().keys() == vae.decoder.state_dict().keys()
-        assert all(torch.equal(a, b) for a, b in zip(model.decoder.state_dict().values(), vae.decoder.state_dict().values()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(model.decoder.state_dict().values(), vae.decoder.state_dict().values())
+        )
         body, source = adversarial.layers(model.discriminator)[:-1], adversarial.layers(vae.encoder)[:-1]
-        copied = [torch.equal(a, b) for mine, theirs in zip(body, source)
-                  for a, b in zip(mine.state_dict().values(), theirs.state_dict().values())]
+        copied = [
+            torch.equal(a, b)
+            for mine, theirs in zip(body, source)
+            for a, b in zip(mine.state_dict().values(), theirs.state_dict().values())
+        ]
         assert copied and all(copied) == init_discriminator
-        assert torch.equal(adversarial.layers(model.discriminator)[-1].weight, fresh_output_layer)  # 1 logit vs 2 x latent
+        assert torch.equal(
+            adversarial.layers(model.discriminator)[-1].weight, fresh_output_layer
+        )  # 1 logit vs 2 x latent
 
 
-@pytest.mark.parametrize("family, settings", [("gan", {}), ("gan", {"r1_weight": 0.0}), ("vaegan", {}),
-                                              ("vaegan", {"recon_space": "pixels", "r1_weight": 0.0})])
+@pytest.mark.parametrize(
+    "family, settings",
+    [("gan", {}), ("gan", {"r1_weight": 0.0}), ("vaegan", {}), ("vaegan", {"recon_space": "pixels", "r1_weight": 0.0})],
+)
 def test_training_is_deterministic_for_a_seed_on_cpu(family, settings):
     data = images(96)
 

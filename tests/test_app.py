@@ -88,6 +88,7 @@ def captions(app) -> list[str]:
     return [image.proto.imgs[0].caption for image in app.get("image")]
 
 
+@pytest.mark.slow
 def test_the_browser_shows_a_cells_metrics_as_its_evaluate_stage_wrote_them(in_study):
     app = app_on("browser")
     app.sidebar.selectbox(key="browse_study").set_value("tiny").run()
@@ -100,6 +101,7 @@ def test_the_browser_shows_a_cells_metrics_as_its_evaluate_stage_wrote_them(in_s
     assert "Cell conv-z2-b1-s0 has no trained model yet: run `dvc repro train@conv-z2-b1-s0`." in app.warning[0].value
 
 
+@pytest.mark.slow
 def test_the_browser_decodes_the_same_z_with_two_cells(in_study):
     app = app_on("browser")
     app.sidebar.selectbox(key="browse_cell").set_value("linear-z2-b1-s0").run()
@@ -115,6 +117,7 @@ def test_the_browser_decodes_the_same_z_with_two_cells(in_study):
     assert not set(decoded_images(app)[-8:]) & set(vae_row)
 
 
+@pytest.mark.slow
 def test_moving_the_latent_point_changes_the_decoded_digit(in_study):
     app = app_on("explorer")
     app.sidebar.selectbox(key="explore_cell").set_value("linear-z2-b1-s0").run()
@@ -126,6 +129,7 @@ def test_moving_the_latent_point_changes_the_decoded_digit(in_study):
     assert "decoded at (2.50, 0.00)" in captions(app)
 
 
+@pytest.mark.slow
 def test_the_generator_alone_for_a_gan(in_study):
     app = app_on("explorer")
     app.sidebar.selectbox(key="explore_cell").set_value("gan-conv-z2-s0").run()
@@ -136,6 +140,7 @@ def test_the_generator_alone_for_a_gan(in_study):
     assert decoded_images(app)[0] != before[0]
 
 
+@pytest.mark.slow
 def test_train_then_generate(own_study):
     import mlflow
 
@@ -171,6 +176,7 @@ def test_train_then_generate(own_study):
     assert dict(zip(shown["metric"], shown["value"])) == written
 
 
+@pytest.mark.slow
 def test_a_corrupt_model_file_is_one_line_with_its_fix(own_study):
     path = own_study / "results/tiny/train/linear-z2-b1-s0/model.pt"
     path.write_bytes(path.read_bytes()[:1000])
@@ -181,6 +187,7 @@ def test_a_corrupt_model_file_is_one_line_with_its_fix(own_study):
     assert "dvc repro -f train@linear-z2-b1-s0" in app.error[0].value
 
 
+@pytest.mark.slow
 def test_a_bad_setting_shows_the_command_lines_error_and_writes_nothing(own_study):
     app = app_on("train")
     app.selectbox(key="train_family").set_value("vae").run()
@@ -193,7 +200,9 @@ def test_a_bad_setting_shows_the_command_lines_error_and_writes_nothing(own_stud
     request = training.Request("vae", "linear", 2, 3, 5000, "beta: -1")
     bad = own_study / "bad.yaml"
     bad.write_text(training.study_text(request))
-    check = subprocess.run([sys.executable, "-m", "pipeline", "--params", str(bad), "check"], capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--params", str(bad), "check"], capture_output=True, text=True
+    )
     assert check.returncode == 2
     assert shown == check.stderr.strip().splitlines()[-1]
     assert not (own_study / ".vaebench" / "app").exists() and not (own_study / "results" / "app").exists()
@@ -230,17 +239,27 @@ def test_latent_arithmetic_against_closed_forms():
     assert torch.equal(line, torch.tensor([[0.0, 2.0], [1.0, 1.0], [2.0, 0.0], [3.0, -1.0], [4.0, -2.0]]))
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_the_app_in_a_browser(own_study, tmp_path):
     """`streamlit run` on loopback, each page opened in headless Chromium: its text rendered, a screenshot."""
     from browser import STREAMLIT_BUSY, browser_page, screenshot_when_rendered, streamlit_app
 
     with streamlit_app(own_study, APP) as url, browser_page() as page:
         page.goto(f"{url}/?page=browser")
-        screenshot_when_rendered(page, ["Study browser", "Test metrics", "Two cells decoding the same z"],
-                                 tmp_path / "app-browser.png", gone=STREAMLIT_BUSY)
+        screenshot_when_rendered(
+            page,
+            ["Study browser", "Test metrics", "Two cells decoding the same z"],
+            tmp_path / "app-browser.png",
+            gone=STREAMLIT_BUSY,
+        )
         page.goto(f"{url}/?page=explorer")
-        screenshot_when_rendered(page, ["Latent explorer", "The 2-D latent plane", "Interpolation between two test digits"],
-                                 tmp_path / "app-explorer.png", gone=STREAMLIT_BUSY)
+        screenshot_when_rendered(
+            page,
+            ["Latent explorer", "The 2-D latent plane", "Interpolation between two test digits"],
+            tmp_path / "app-explorer.png",
+            gone=STREAMLIT_BUSY,
+        )
         page.goto(f"{url}/?page=train")
         page.get_by_text("Train, then generate", exact=True).first.wait_for(timeout=30_000)
         for label, value in (("epochs", "2"), ("training images", "500")):
@@ -253,7 +272,8 @@ def test_the_app_in_a_browser(own_study, tmp_path):
 
         name = training.Request("vae", "linear", 2, 2, 500, "beta: 1.0").cell_name
         trained = f"Trained {name}: open it in the Latent explorer (study app)."
-        screenshot_when_rendered(page, [trained, "epoch 2/2"], tmp_path / "app-train.png", timeout_s=TIMEOUT,
-                                 gone=STREAMLIT_BUSY)
+        screenshot_when_rendered(
+            page, [trained, "epoch 2/2"], tmp_path / "app-train.png", timeout_s=TIMEOUT, gone=STREAMLIT_BUSY
+        )
     for name in ("app-browser", "app-explorer", "app-train"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000

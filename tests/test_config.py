@@ -4,10 +4,9 @@ import sys
 import pytest
 import yaml
 
+from conftest import REPO, TINY_STUDY
 from pipeline import cli
 from pipeline.config import ConfigError, load_study, parse_study, parse_study_text
-
-from conftest import REPO, TINY_STUDY
 
 
 def tiny_raw() -> dict:
@@ -23,8 +22,8 @@ def with_cell(**changes) -> dict:
 def finetuned(name="ft", **changes) -> dict:
     """The tiny study with one fine-tuned cell (a GAN from linear-z2-b1-s0, with changes)."""
     raw = tiny_raw()
-    raw["finetuned"] = {name: {"family": "gan", "arch": "linear", "latent_dim": 2, "seed": 0,
-                               "init_from": "linear-z2-b1-s0", **changes}}
+    spec = {"family": "gan", "arch": "linear", "latent_dim": 2, "seed": 0, "init_from": "linear-z2-b1-s0", **changes}
+    raw["finetuned"] = {name: {key: value for key, value in spec.items() if value is not None}}  # None: key left out
     return raw
 
 
@@ -48,38 +47,81 @@ def as_family(family: str, **settings) -> dict:
         (with_cell(device="tpu"), "cells.linear-z2-b1-s0.device is 'tpu'"),
         (with_cell(width=3), "cells.linear-z2-b1-s0: unknown key 'width'"),
         ({**tiny_raw(), "cells": {}}, "cells is empty"),
-        (with_cell(family="flow"), "cells.linear-z2-b1-s0.family is 'flow'; choose one of vae, ae, dae, cae, gan, vaegan"),
-        (with_cell(noise_std=0.3), "cells.linear-z2-b1-s0.noise_std is a setting of family dae, not of vae; "
-                                   "remove it or set family: dae"),
+        (
+            with_cell(family="flow"),
+            "cells.linear-z2-b1-s0.family is 'flow'; choose one of vae, ae, dae, cae, gan, vaegan",
+        ),
+        (
+            with_cell(noise_std=0.3),
+            "cells.linear-z2-b1-s0.noise_std is a setting of family dae, not of vae; remove it or set family: dae",
+        ),
         (as_family("ae", beta=1.0), "cells.linear-z2-b1-s0.beta is a setting of family vae and vaegan, not of ae"),
-        (with_cell(r1_weight=1.0), "cells.linear-z2-b1-s0.r1_weight is a setting of family gan and vaegan, not of vae; "
-                                   "remove it or set family: gan"),
+        (
+            with_cell(r1_weight=1.0),
+            "cells.linear-z2-b1-s0.r1_weight is a setting of family gan and vaegan, not of vae; "
+            "remove it or set family: gan",
+        ),
         (as_family("gan", r1_weight=-1), "cells.linear-z2-b1-s0.r1_weight must be >= 0, got -1"),
         (as_family("gan", disc_lr=-0.001), "cells.linear-z2-b1-s0.disc_lr must be > 0, got -0.001"),
         (as_family("gan", lr=-0.001), "cells.linear-z2-b1-s0.lr must be > 0, got -0.001"),
         (as_family("gan", adam_beta1=1.0), "cells.linear-z2-b1-s0.adam_beta1 must be in [0, 1), got 1"),
-        (as_family("vaegan", recon_space="latent"), "cells.linear-z2-b1-s0.recon_space is 'latent'; choose one of features, pixels"),
-        (with_cell(init_from="conv-z2-b1-s0"), "cells.linear-z2-b1-s0.init_from: a fine-tuned cell goes under finetuned:"),
-        (finetuned(init_from="nowhere"), "finetuned.ft.init_from is 'nowhere', not a cell under cells:; VAE cells: "
-                                         "linear-z2-b1-s0, conv-z2-b1-s0"),
-        (finetuned(init_from="ae-linear-z2-s0", arch="linear"), "finetuned.ft.init_from: ae-linear-z2-s0 is a cell of family ae; name a vae cell"),
-        (finetuned(init_from="conv-z2-b1-s0", arch="linear"), "finetuned.ft.arch is 'linear' but its init_from cell conv-z2-b1-s0 "
-                                                               "has 'conv'; the networks must match to copy the weights"),
+        (
+            as_family("vaegan", recon_space="latent"),
+            "cells.linear-z2-b1-s0.recon_space is 'latent'; choose one of features, pixels",
+        ),
+        (
+            with_cell(init_from="conv-z2-b1-s0"),
+            "cells.linear-z2-b1-s0.init_from: a fine-tuned cell goes under finetuned:",
+        ),
+        (
+            finetuned(init_from="nowhere"),
+            "finetuned.ft.init_from is 'nowhere', not a cell under cells:; VAE cells: linear-z2-b1-s0, conv-z2-b1-s0",
+        ),
+        (
+            finetuned(init_from="ae-linear-z2-s0", arch="linear"),
+            "finetuned.ft.init_from: ae-linear-z2-s0 is a cell of family ae; name a vae cell",
+        ),
+        (
+            finetuned(init_from="conv-z2-b1-s0", arch="linear"),
+            "finetuned.ft.arch is 'linear' but its init_from cell conv-z2-b1-s0 "
+            "has 'conv'; the networks must match to copy the weights",
+        ),
         (finetuned(latent_dim=3), "finetuned.ft.latent_dim is 3 but its init_from cell linear-z2-b1-s0 has 2"),
-        (finetuned(init_from=["linear-z2-b1-s0"]), "finetuned.ft.init_from is ['linear-z2-b1-s0'], not a cell under cells:"),
-        (as_family("gan", init_discriminator=True), "cells.linear-z2-b1-s0.init_discriminator starts the discriminator "
-                                                   "from a VAE's encoder, so it needs init_from"),
+        (
+            finetuned(init_from=["linear-z2-b1-s0"]),
+            "finetuned.ft.init_from is ['linear-z2-b1-s0'], not a cell under cells:",
+        ),
+        (
+            as_family("gan", init_discriminator=True),
+            "cells.linear-z2-b1-s0.init_discriminator starts the discriminator "
+            "from a VAE's encoder, so it needs init_from",
+        ),
         (finetuned(family="ae"), "finetuned.ft: family ae cannot start from a VAE; use family gan, vaegan"),
         (finetuned(name="linear-z2-b1-s0"), "finetuned.linear-z2-b1-s0: the name is already a cell under cells:"),
         (as_family("dae", noise_std=-0.1), "cells.linear-z2-b1-s0.noise_std must be >= 0, got -0.1"),
         (as_family("dae", noise="mask", mask_prob=1.0), "cells.linear-z2-b1-s0.mask_prob must be in [0, 1), got 1"),
         (as_family("dae", noise="mask", mask_prob=-0.2), "cells.linear-z2-b1-s0.mask_prob must be >= 0, got -0.2"),
-        (as_family("dae", noise="mask", noise_std=0.5), "cells.linear-z2-b1-s0.noise_std does not apply to noise: mask"),
+        (
+            as_family("dae", noise="mask", noise_std=0.5),
+            "cells.linear-z2-b1-s0.noise_std does not apply to noise: mask",
+        ),
         (as_family("dae", noise="salt"), "cells.linear-z2-b1-s0.noise is 'salt'; choose one of gaussian, mask"),
         (as_family("cae", contraction_weight=-1), "cells.linear-z2-b1-s0.contraction_weight must be >= 0, got -1"),
-        (with_cell(arch="conv", channels=[4, 8, 16, 32, 64]), "cells.linear-z2-b1-s0.channels = [4, 8, 16, 32, 64]: 5 strided "
-                                                               "convolutions shrink a 28x28 image to nothing; use at most 4 entries"),
+        (
+            with_cell(arch="conv", channels=[4, 8, 16, 32, 64]),
+            "cells.linear-z2-b1-s0.channels = [4, 8, 16, 32, 64]: 5 strided "
+            "convolutions shrink a 28x28 image to nothing; use at most 4 entries",
+        ),
         ({**tiny_raw(), "cells": {"a.b": {"arch": "linear"}}}, "cell name 'a.b' must use only"),
+        (
+            {**tiny_raw(), "cells": {"lin": {"arch": "linear", "latent_dim": 2, "seed": 0}}},
+            "params: cells.lin.family is missing; name the cell's family (vae, ae, dae, cae, gan, vaegan): "
+            "dvc.yaml makes the cell's stages depend on pipeline/models/<family>.py",
+        ),
+        (
+            finetuned(family=None),
+            "params: finetuned.ft.family is missing; name the cell's family",
+        ),
     ],
 )
 def test_bad_values_are_named_with_the_fix(raw, message):
@@ -93,7 +135,12 @@ def test_family_settings_default_and_round_trip():
 
     config = parse_study(as_family("dae", noise="mask"))
     cell = config.cell("linear-z2-b1-s0")
-    assert (cell.family, cell.settings.noise, cell.settings.mask_prob, cell.settings.noise_std) == ("dae", "mask", 0.25, None)
+    assert (cell.family, cell.settings.noise, cell.settings.mask_prob, cell.settings.noise_std) == (
+        "dae",
+        "mask",
+        0.25,
+        None,
+    )
     assert config.cell("conv-z2-b1-s0").settings.beta == 1.0
     for cell in config.cells.values():
         flat = cell_as_dict(cell)
@@ -124,7 +171,9 @@ def test_data_sizes_must_fit_mnist():
 
 def committed_params() -> str:
     """params.yaml as committed: the working copy is the user's to switch (`make study STUDY=...`)."""
-    return subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_every_shipped_study_is_valid():

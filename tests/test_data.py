@@ -5,11 +5,10 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import data
-from pipeline.outputs import PREPARED_DIR, PREPARED_FILE
-from pipeline.prepare import prepare
-
 from conftest import SHARED_DATA
+from pipeline import data
+from pipeline.paths import PREPARED_DIR, PREPARED_FILE
+from pipeline.prepare import prepare
 
 
 def with_data(config, **changes):
@@ -42,6 +41,19 @@ def test_split_is_deterministic_and_disjoint():
     # MNIST has a handful of byte-identical duplicate images, so allow a few collisions.
     assert sum(img.tobytes() in train for img in first["val_images"]) < 10
     assert len(first["train_images"]) + len(first["val_images"]) == 60_000
+    # Exactly disjoint, and every image with its own label: split the positions 0..59999 themselves.
+    positions = {
+        "train_images": np.arange(60_000),
+        "train_labels": np.arange(60_000),
+        "test_images": np.arange(10_000),
+        "test_labels": np.arange(10_000),
+    }
+    parts = data.split(positions, 55_000, 5_000, 10_000, seed=0)
+    assert not set(parts["train_images"].tolist()) & set(parts["val_images"].tolist())
+    assert sorted([*parts["train_images"].tolist(), *parts["val_images"].tolist()]) == list(range(60_000))
+    assert np.array_equal(parts["train_labels"], parts["train_images"])
+    assert np.array_equal(parts["val_labels"], parts["val_images"])
+    assert np.array_equal(parts["test_images"], np.arange(10_000))
 
 
 def test_prepare_writes_uint8_splits(prepared):
@@ -101,14 +113,20 @@ def test_download_writes_only_the_missing_checked_file(tiny_study, workdir, monk
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         # The first mirror refuses the connection; the second serves the files.
-        monkeypatch.setattr(pipeline.prepare, "mirrors",
-                            lambda: ["http://127.0.0.1:9/", f"http://127.0.0.1:{server.server_address[1]}/"])
+        monkeypatch.setattr(
+            pipeline.prepare,
+            "mirrors",
+            lambda: ["http://127.0.0.1:9/", f"http://127.0.0.1:{server.server_address[1]}/"],
+        )
         root = workdir / "three-of-four"
         copy_raw(root)
         (data.raw_dir(root) / "t10k-labels-idx1-ubyte.gz").unlink()
+        present = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in data.raw_dir(root).iterdir()}
         prepare(with_data(tiny_study, root=str(root)))
     finally:
         server.shutdown()
+    # The three files it had are the very same files, untouched; only the missing one was written.
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in present} == present
     assert files_in(root) == ["MNIST", "MNIST/raw", *sorted(f"MNIST/raw/{name}" for name in data.MNIST_SHA256)]
     data.verify_checksums(root)
     assert PREPARED_FILE.is_file()
@@ -122,7 +140,9 @@ def test_not_an_idx_file_is_reported(tmp_path):
         data.read_idx(bogus)
 
 
-def test_a_temporary_dvc_workspace_finds_the_stores_and_a_relative_data_root_in_the_repository(tiny_study, workdir, monkeypatch):
+def test_a_temporary_dvc_workspace_finds_the_stores_and_a_relative_data_root_in_the_repository(
+    tiny_study, workdir, monkeypatch
+):
     """`dvc exp run --temp` runs a stage in a throw-away folder under .dvc/tmp/exps and names the repository
     in DVC_ROOT: the data and the stores are the repository's, the stage's outputs stay in the workspace."""
     from pipeline import tracking, tune

@@ -17,16 +17,16 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from conftest import TINY_STUDY
 from pipeline import cli, tracking
 from pipeline.config import load_study, parse_study
 from pipeline.errors import ArtifactError, TrackingError, VaebenchError
 from pipeline.evaluate import evaluate_cell
-from pipeline.outputs import evaluate_dir, load_torch_file, read_json, resume_file, train_dir
+from pipeline.outputs import load_torch_file, read_json
+from pipeline.paths import MODEL_FILE, RUN_FILE, evaluate_dir, resume_file, train_dir
 from pipeline.prepare import prepare
 from pipeline.reporting.results import seed_groups
-from pipeline.train import MODEL_FILE, RUN_FILE, train_cell
-
-from conftest import TINY_STUDY
+from pipeline.train import train_cell
 from test_train import CELL, interrupt, with_cell
 
 AE = "ae-linear-z2-s0"
@@ -43,8 +43,15 @@ def one_cell_study(folder, epochs: int):
 
 
 def vaebench(*args, cwd, env=None, **options):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600, **options)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+        **options,
+    )
 
 
 def one_error_line(result, code=1):
@@ -73,6 +80,7 @@ def runs_of(study, cell):
 
 
 # 1. Nothing the pipeline loads can run code.
+
 
 def test_loading_a_crafted_pickle_runs_no_code_and_names_the_file(tmp_path):
     marker = tmp_path / "pwned"
@@ -124,6 +132,7 @@ def test_the_mlflow_model_is_weights_and_cell_and_loads_back(prepared):
 
 # 2. An unreachable tracking server fails at once, before any work.
 
+
 def test_an_unreachable_tracking_server_is_one_line_before_any_work(tmp_path):
     uri = f"http://127.0.0.1:{closed_port()}"
     result = vaebench("--params", str(TINY_STUDY), "evaluate", CELL, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
@@ -153,11 +162,13 @@ def test_a_tracking_server_that_never_answers_times_out(monkeypatch):
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setattr(tracking, "HEALTH_TIMEOUT_SECONDS", 0.5)  # the same time-out, not 5 s of waiting
         with pytest.raises(TrackingError, match="does not answer .*timed out"):
             tracking.check_store()
 
 
 # 3. The CLI prints a project error as one line; a bug keeps its traceback.
+
 
 def test_the_cli_prints_project_errors_and_lets_bugs_through(monkeypatch, capsys):
     def fails(args):
@@ -195,11 +206,14 @@ def test_a_resume_checkpoint_of_another_type_is_ignored(prepared, caplog):
 def test_bench_before_prepare_says_so(tiny_study):
     from pipeline.bench import run_bench
 
-    with pytest.raises(VaebenchError, match=r"prepared data results/prepare/mnist.npz is missing; run `dvc repro prepare`"):
+    with pytest.raises(
+        VaebenchError, match=r"prepared data results/prepare/mnist.npz is missing; run `dvc repro prepare`"
+    ):
         run_bench(tiny_study, [CELL], 256, None)
 
 
 # 4. No run stays RUNNING or is silently replaced; signals end runs KILLED; a closed pipe does not stop work.
+
 
 def test_a_run_left_running_by_a_killed_process_ends_killed_when_the_cell_reruns(prepared):
     with pytest.raises(KeyboardInterrupt):
@@ -247,6 +261,7 @@ def stop_after(process, checkpoint, epochs: int, signum) -> None:
     process.wait(timeout=300)
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigkill_mid_training_resume_to_the_uninterrupted_result(prepared):
     folder = Path.cwd()
     params = one_cell_study(folder, epochs=20)
@@ -258,7 +273,7 @@ def test_sigterm_and_sigkill_mid_training_resume_to_the_uninterrupted_result(pre
     stop_after(terminated, checkpoint, 1, signal.SIGTERM)
     message = terminated.stderr.read()
     assert terminated.returncode == 128 + signal.SIGTERM and "Traceback" not in message
-    assert f"vaebench train: terminated (SIGTERM); its MLflow run ended KILLED" in message
+    assert "vaebench train: terminated (SIGTERM); its MLflow run ended KILLED" in message
     run_id = torch.load(checkpoint, weights_only=True)["run_id"]
     assert store().get_run(run_id).info.status == "KILLED"
 
@@ -274,6 +289,9 @@ def test_sigterm_and_sigkill_mid_training_resume_to_the_uninterrupted_result(pre
     assert f"resuming after epoch {len(state['history'])}" in resumed.stderr
     reference = train_cell(dataclasses.replace(config, study="uninterrupted"), CELL)
     assert read_json(train_dir(config.study, CELL) / "history.json") == reference
+    weights = torch.load(train_dir(config.study, CELL) / MODEL_FILE, weights_only=True)["state_dict"]
+    expected = torch.load(train_dir("uninterrupted", CELL) / MODEL_FILE, weights_only=True)["state_dict"]
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[key], expected[key]) for key in expected)
     assert store().get_run(run_id).info.status == "FINISHED"
     steps = {m.step for m in store().get_metric_history(run_id, "train_loss")}
     assert steps == set(range(1, 21))
@@ -302,6 +320,7 @@ def test_training_piped_into_a_reader_that_stops_finishes(prepared, reader):
 
 # 6. Wrong results: resume on changed data, seed groups, non-finite metrics.
 
+
 def test_a_checkpoint_of_other_prepared_data_is_not_resumed(prepared, caplog):
     caplog.set_level(logging.INFO)
     config = with_cell(prepared, epochs=2)
@@ -318,10 +337,10 @@ def test_seed_groups_hold_cells_that_differ_only_in_seed():
     raw = yaml.safe_load(TINY_STUDY.read_text())
     raw["finetuned"] = {}
     raw["cells"] = {
-        "vae-s0": {"arch": "linear", "latent_dim": 2, "seed": 0},
-        "vae-s1": {"arch": "linear", "latent_dim": 2, "seed": 1},
-        "vae-s2": {"arch": "linear", "latent_dim": 2, "seed": 2, "lr": 0.01},  # not a seed of vae
-        "other-s0": {"arch": "linear", "latent_dim": 2, "seed": 3, "epochs": 2},
+        "vae-s0": {"family": "vae", "arch": "linear", "latent_dim": 2, "seed": 0},
+        "vae-s1": {"family": "vae", "arch": "linear", "latent_dim": 2, "seed": 1},
+        "vae-s2": {"family": "vae", "arch": "linear", "latent_dim": 2, "seed": 2, "lr": 0.01},  # not a seed of vae
+        "other-s0": {"family": "vae", "arch": "linear", "latent_dim": 2, "seed": 3, "epochs": 2},
     }
     assert seed_groups(parse_study(raw)) == {"vae-s0": "vae", "vae-s1": "vae", "vae-s2": "vae-s2", "other-s0": "other"}
 
@@ -342,16 +361,19 @@ def test_a_non_finite_test_metric_is_refused_and_nothing_is_written(prepared, mo
     train_cell(prepared, AE)
     monkeypatch.setattr(pipeline.evaluate, "load_classifier", lambda device: None)
     monkeypatch.setattr(pipeline.evaluate, "load_test_features", lambda device: None)
-    monkeypatch.setattr(pipeline.evaluate, "model_scores", lambda *args: ({"fid_mnist_cnn": float("nan")}, {"samples": [0.1] * 10}))
+    monkeypatch.setattr(
+        pipeline.evaluate, "model_scores", lambda *args: ({"fid_mnist_cnn": float("nan")}, {"samples": [0.1] * 10})
+    )
     with pytest.raises(VaebenchError, match=f"cell {AE}: test metric fid_mnist_cnn is nan"):
         evaluate_cell(prepared, AE)
     assert not evaluate_dir(prepared.study, AE).exists()
     assert [run.info.status for run in runs_of(prepared.study, AE)] == ["FINISHED"]  # the training run, untouched
 
 
-# 7. A copied checkout writes only inside itself.
+# 7. A copied checkout writes only inside itself: its copied store is refused, a store of its own works.
 
-def test_a_copied_checkout_logs_into_its_own_artifact_folder(tiny_study, workdir, monkeypatch):
+
+def test_a_copied_checkout_refuses_the_copied_store_and_logs_into_its_own(tiny_study, workdir, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the local store mlflow.db, as a user has it
     original, copy = workdir / "original", workdir / "copy"
     original.mkdir()
@@ -366,15 +388,28 @@ def test_a_copied_checkout_logs_into_its_own_artifact_folder(tiny_study, workdir
     before = sorted(p for p in (original / "mlartifacts").rglob("*"))
     monkeypatch.chdir(copy)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # as a new process finds it (mlflow.set_tracking_uri exports it)
+    with pytest.raises(
+        TrackingError,
+        match=f"artifacts in {(original / 'mlartifacts').as_uri()} .*another checkout's "
+        "folder.*Move this checkout's mlflow.db and mlartifacts/ aside",
+    ):
+        tracking.check_store()
+    assert sorted(p for p in (original / "mlartifacts").rglob("*")) == before
+    # The way out the message gives, in a new folder (MLflow keeps one store per URI in a process, as a new
+    # process would not): the copy without the original's store starts one of its own.
+    fresh = workdir / "fresh"
+    shutil.copytree(original, fresh, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    monkeypatch.chdir(fresh)
     tracking.check_store()
     with tracking.cell_run(tiny_study, cell, stage="train@" + CELL) as run:
         tracking.log_artifacts(figures, artifact_path="second")
     assert sorted(p for p in (original / "mlartifacts").rglob("*")) == before
-    assert run.info.artifact_uri.startswith((copy / "mlartifacts").as_uri())
+    assert run.info.artifact_uri.startswith((fresh / "mlartifacts").as_uri())
     assert [a.path for a in MlflowClient(tracking.tracking_uri()).list_artifacts(run.info.run_id)] == ["second"]
 
 
 # 9. params.yaml is replaced whole, only after validation, never over unsaved edits.
+
 
 def test_use_study_keeps_unsaved_edits_unless_forced(workdir, capsys):
     (workdir / "studies").mkdir()

@@ -6,7 +6,6 @@ import pytest
 from pipeline.reporting.findings import QUESTIONS, significance, study_findings, trend
 from pipeline.reporting.results import ALL_METRICS, group_name, seed_table
 
-
 COLLAPSE = 0.2
 
 
@@ -48,7 +47,10 @@ def findings(rows):
 def test_conv_beating_linear_follows_the_numbers():
     answer = findings(LAB_GRID)[QUESTIONS["arch"]]
     assert answer[0].startswith("Yes: the convolutional VAE has the lower (better) test ELBO in each of the 2 settings")
-    assert "At latent_dim 10, β 1: test ELBO conv 105.90 vs linear 110.80 nats/image; conv is lower (better) by 4.90." in answer
+    assert (
+        "At latent_dim 10, β 1: test ELBO conv 105.90 vs linear 110.80 nats/image; conv is lower (better) by 4.90."
+        in answer
+    )
     # Make the linear model better at latent_dim 10: the answer changes with the table.
     changed = [row if row[0] != "conv-z10-b1-s0" else (*row[:5], 95.0, 18.9) for row in LAB_GRID]
     answer = findings(changed)[QUESTIONS["arch"]]
@@ -114,9 +116,19 @@ def with_sample_scores(rows, fid):
 def test_sample_fid_findings_follow_the_scores():
     fid = {"linear-z2-b1-s0": 20.0, "linear-z10-b1-s0": 35.0, "conv-z2-b1-s0": 18.0, "conv-z10-b1-s0": 30.0}
     answer = with_sample_scores(LAB_GRID[:4], fid)
-    assert any(s.startswith("Samples: a larger latent_dim gives a worse (higher) sample FID in 2 of 2 comparisons") for s in answer)
-    assert any("holds in 0 of 2 comparisons when artefacts are read as lower precision, and in 2 of 2 when read as a higher FID" in s for s in answer)
-    assert any("conv, β 1, latent_dim 2 → 10: sample FID (MNIST-CNN features, lower is better) rises (18.00 → 30.00)" in s for s in answer)
+    assert any(
+        s.startswith("Samples: a larger latent_dim gives a worse (higher) sample FID in 2 of 2 comparisons")
+        for s in answer
+    )
+    assert any(
+        "holds in 0 of 2 comparisons when artefacts are read as lower precision, and in 2 of 2 when read as a "
+        "higher FID" in s
+        for s in answer
+    )
+    assert any(
+        "conv, β 1, latent_dim 2 → 10: sample FID (MNIST-CNN features, lower is better) rises (18.00 → 30.00)" in s
+        for s in answer
+    )
     fid["conv-z10-b1-s0"] = 10.0
     answer = with_sample_scores(LAB_GRID[:4], fid)
     assert any("worse (higher) sample FID in 1 of 2 comparisons" in s for s in answer)
@@ -125,8 +137,19 @@ def test_sample_fid_findings_follow_the_scores():
     assert without[-1].startswith("Sample quality is not scored")
 
 
-FAMILY_COLUMNS = ["cell", "family", "variant", "seed", "recon_bernoulli", "recon_mse", "probe_accuracy", "knn_accuracy",
-                  "noisy_recon_mse", "masked_recon_mse", "fid_mnist_cnn"]
+FAMILY_COLUMNS = [
+    "cell",
+    "family",
+    "variant",
+    "seed",
+    "recon_bernoulli",
+    "recon_mse",
+    "probe_accuracy",
+    "knn_accuracy",
+    "noisy_recon_mse",
+    "masked_recon_mse",
+    "fid_mnist_cnn",
+]
 FAMILIES = [  # one seed each, linear, latent_dim 10
     ("linear-z10-b1-s0", "vae", "β=1", 0, 92.8, 0.030, 0.90, 0.95, 0.040, 0.050, 270.0),
     ("ae-linear-z10-s0", "ae", "", 0, 70.1, 0.010, 0.85, 0.96, 0.060, 0.045, 300.0),
@@ -137,8 +160,10 @@ FAMILIES = [  # one seed each, linear, latent_dim 10
 
 
 def family_findings(rows, seeds=(0,)):
-    frame = pd.DataFrame([(f"{row[0][:-3]}-s{seed}", *row[1:3], seed, *row[4:]) for row in rows for seed in seeds],
-                         columns=FAMILY_COLUMNS)
+    frame = pd.DataFrame(
+        [(f"{row[0][:-3]}-s{seed}", *row[1:3], seed, *row[4:]) for row in rows for seed in seeds],
+        columns=FAMILY_COLUMNS,
+    )
     frame["arch"], frame["latent_dim"], frame["status"] = "linear", 10, "ok"
     for metric in FAMILY_COLUMNS[4:]:  # seeds differ, as real ones do
         frame[metric] *= frame["seed"].map({0: 1.0, 1: 1.013, 2: 0.992})
@@ -152,9 +177,14 @@ def family_findings(rows, seeds=(0,)):
 def test_family_questions_are_answered_from_the_numbers_of_the_controlled_cells():
     found = family_findings(FAMILIES)
     recon = found[QUESTIONS["family_recon"]]
-    assert recon[0] == "Test reconstruction in Bernoulli nats/image (lower is better): ae is best in 1 of 1 setting compared."
-    assert recon[1].startswith("linear, latent_dim 10: test reconstruction in Bernoulli nats/image (lower is better), "
-                               "best first: ae 70.10, cae (λ=0.1) 72.00, dae (σ=0.5) 75.00, vae (β=1) 92.80; ae leads cae (λ=0.1) by 1.90")
+    assert (
+        recon[0]
+        == "Test reconstruction in Bernoulli nats/image (lower is better): ae is best in 1 of 1 setting compared."
+    )
+    assert recon[1].startswith(
+        "linear, latent_dim 10: test reconstruction in Bernoulli nats/image (lower is better), "
+        "best first: ae 70.10, cae (λ=0.1) 72.00, dae (σ=0.5) 75.00, vae (β=1) 92.80; ae leads cae (λ=0.1) by 1.90"
+    )
     assert "(one seed per cell: a ranking of single runs, not tested for significance)" in recon[1]
     assert found[QUESTIONS["family_codes"]][0].endswith(": cae (λ=0.1) is best in 1 of 1 setting compared.")
     assert found[QUESTIONS["family_robustness"]][0].endswith(": dae (σ=0.5) is best in 1 of 1 setting compared.")
@@ -163,7 +193,9 @@ def test_family_questions_are_answered_from_the_numbers_of_the_controlled_cells(
     assert all("β=4" not in sentence for answer in found.values() for sentence in answer if "best first" in sentence)
     # Another table gives another answer.
     changed = [row if row[1] != "ae" else (*row[:4], 95.0, *row[5:]) for row in FAMILIES]
-    assert family_findings(changed)[QUESTIONS["family_recon"]][0].endswith(": cae (λ=0.1) is best in 1 of 1 setting compared.")
+    assert family_findings(changed)[QUESTIONS["family_recon"]][0].endswith(
+        ": cae (λ=0.1) is best in 1 of 1 setting compared."
+    )
 
 
 def test_family_ranking_with_three_seeds_comes_with_a_t_test():
@@ -183,16 +215,21 @@ ADVERSARIAL_GRID = [  # cell, family, init_from, precision, FID, recall, class e
 
 
 def adversarial_findings(rows, shares=None):
-    frame = generator_columns(pd.DataFrame(
-        [(cell, family, p, f, r) for cell, family, _, p, f, r, _ in rows],
-        columns=["cell", "family", "precision_mnist_cnn", "fid_mnist_cnn", "recall_mnist_cnn"],
-    ))
+    frame = generator_columns(
+        pd.DataFrame(
+            [(cell, family, p, f, r) for cell, family, _, p, f, r, _ in rows],
+            columns=["cell", "family", "precision_mnist_cnn", "fid_mnist_cnn", "recall_mnist_cnn"],
+        )
+    )
     frame["init_from"] = [row[2] for row in rows]
     frame["class_entropy_mnist_cnn"] = [row[6] for row in rows]
     frame["adversarial"] = frame["family"] != "vae"
     frame["arch"], frame["latent_dim"], frame["seed"], frame["status"] = "linear", 10, 0, "ok"
     frame["beta"] = [1.0 if family == "vae" else float("nan") for family in frame["family"]]
-    frame["variant"] = ["β=1" if family == "vae" else (f"from {init}" if init else "") for family, init in zip(frame["family"], frame["init_from"])]
+    frame["variant"] = [
+        "β=1" if family == "vae" else (f"from {init}" if init else "")
+        for family, init in zip(frame["family"], frame["init_from"])
+    ]
     for metric in ALL_METRICS:  # the rest is not measured here
         if metric not in frame:
             frame[metric] = float("nan")
@@ -206,28 +243,40 @@ def adversarial_findings(rows, shares=None):
 def test_adversarial_questions_are_answered_from_the_numbers():
     found = adversarial_findings(ADVERSARIAL_GRID)
     realism = found[QUESTIONS["adversarial"]]
-    assert realism[0] == ("Against the VAE of the same networks, adversarial training improved precision in 2 of 2, "
-                          "FID in 2 of 2 models (higher precision, lower FID); it lowered recall in 2 of 2, class entropy in 2 of 2.")
-    assert ("linear, latent_dim 10: vae (β=1) → gan (from linear-z10-b1-s0): precision 0.600 → 0.850, FID 30.0 → 12.0, "
-            "recall 0.800 → 0.600, class entropy 2.290 → 2.250.") in realism
+    assert realism[0] == (
+        "Against the VAE of the same networks, adversarial training improved precision in 2 of 2, "
+        "FID in 2 of 2 models (higher precision, lower FID); it lowered recall in 2 of 2, class entropy in 2 of 2."
+    )
+    assert (
+        "linear, latent_dim 10: vae (β=1) → gan (from linear-z10-b1-s0): precision 0.600 → 0.850, FID 30.0 → 12.0, "
+        "recall 0.800 → 0.600, class entropy 2.290 → 2.250."
+    ) in realism
     start = found[QUESTIONS["initialisation"]]
-    assert start[0] == "Starting from the VAE's decoder improved FID in 1 of 1, precision in 1 of 1, recall in 1 of 1 comparisons."
+    assert (
+        start[0]
+        == "Starting from the VAE's decoder improved FID in 1 of 1, precision in 1 of 1, recall in 1 of 1 comparisons."
+    )
     assert "from scratch → gan (from linear-z10-b1-s0): precision 0.750 → 0.850, FID 20.0 → 12.0" in start[1]
     # A worse fine-tuned GAN changes the answer.
     worse = [row if row[0] != "gan-linear-z10-ft-s0" else (*row[:3], 0.70, 25.0, 0.30, 2.0) for row in ADVERSARIAL_GRID]
     assert adversarial_findings(worse)[QUESTIONS["initialisation"]][0].startswith(
-        "Starting from the VAE's decoder improved FID in 0 of 1, precision in 0 of 1, recall in 0 of 1")
+        "Starting from the VAE's decoder improved FID in 0 of 1, precision in 0 of 1, recall in 0 of 1"
+    )
     without_scratch = adversarial_findings([ADVERSARIAL_GRID[0], ADVERSARIAL_GRID[2]])
     assert without_scratch[QUESTIONS["initialisation"]][0].startswith("Not answered")
 
 
 def test_mode_collapse_is_flagged_above_the_threshold():
     found = adversarial_findings(ADVERSARIAL_GRID)[QUESTIONS["collapse"]]
-    assert found == ["No: in every cell each digit takes at most 20% of the samples (uniform: 10%); the largest share "
-                     "is 10%, digit 0 in linear-z10-b1-s0."]
+    assert found == [
+        "No: in every cell each digit takes at most 20% of the samples (uniform: 10%); the largest share "
+        "is 10%, digit 0 in linear-z10-b1-s0."
+    ]
     collapsed = [0.02] * 10
     collapsed[1] = 0.82
     found = adversarial_findings(ADVERSARIAL_GRID, {"gan-linear-z10-s0": collapsed})[QUESTIONS["collapse"]]
-    assert found == ["Flagged where one digit takes more than 20% of the samples (uniform: 10%):",
-                     "gan-linear-z10-s0: 82% of its samples are the digit 1 (class entropy 2.100 nats)."]
+    assert found == [
+        "Flagged where one digit takes more than 20% of the samples (uniform: 10%):",
+        "gan-linear-z10-s0: 82% of its samples are the digit 1 (class entropy 2.100 nats).",
+    ]
     assert QUESTIONS["adversarial"] not in findings(LAB_GRID)  # asked only where a study has adversarial cells

@@ -10,9 +10,9 @@ from pipeline.models.networks import linear_networks
 
 def reference(encode, x):
     """||J||_F^2 per image from torch.autograd.functional.jacobian, one image at a time."""
-    return torch.stack([
-        torch.autograd.functional.jacobian(lambda image: encode(image[None])[0], image).pow(2).sum() for image in x
-    ])
+    return torch.stack(
+        [torch.autograd.functional.jacobian(lambda image: encode(image[None])[0], image).pow(2).sum() for image in x]
+    )
 
 
 @pytest.fixture

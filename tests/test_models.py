@@ -5,23 +5,39 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import REPO
 from pipeline.config import load_study, parse_cell
 from pipeline.models import FAMILIES, build_model
 from pipeline.models.contract import ModelOutput
-from pipeline.models.dae import gaussian_noise, mask_pixels
-from pipeline.models.vae import reparameterize
+from pipeline.models.corruption import gaussian_noise, mask_pixels
+from pipeline.models.gaussian import reparameterize
+from pipeline.models.losses import reconstruction_nats
 
-from conftest import REPO
+SETTINGS = {
+    "vae": {"beta": 1.0},
+    "ae": {},
+    "dae": {"noise": "gaussian", "noise_std": 0.5},
+    "cae": {"contraction_weight": 0.1},
+    "gan": {},
+    "vaegan": {},
+}
 
-SETTINGS = {"vae": {"beta": 1.0}, "ae": {}, "dae": {"noise": "gaussian", "noise_std": 0.5}, "cae": {"contraction_weight": 0.1},
-            "gan": {}, "vaegan": {}}
+
+TRAIN_DEFAULTS = {
+    "epochs": 1,
+    "batch_size": 8,
+    "lr": 1e-3,
+    "likelihood": "bernoulli",
+    "gaussian_std": 0.1,
+    "hidden": [32],
+    "channels": [4, 8],
+    "device": "cpu",
+}
 
 
 def small_cell(family: str, arch: str, latent_dim: int = 3, **changes):
-    spec = {"family": family, "arch": arch, "latent_dim": latent_dim, "seed": 0, "epochs": 1, "batch_size": 8,
-            "lr": 1e-3, "likelihood": "bernoulli", "gaussian_std": 0.1, "hidden": [32], "channels": [4, 8],
-            "device": "cpu", **SETTINGS[family], **changes}
-    return parse_cell(f"{family}-{arch}", spec, {})
+    spec = {"family": family, "arch": arch, "latent_dim": latent_dim, "seed": 0, **SETTINGS[family], **changes}
+    return parse_cell(f"{family}-{arch}", spec, TRAIN_DEFAULTS)
 
 
 @pytest.mark.parametrize("arch", ["linear", "conv"])
@@ -54,6 +70,8 @@ def test_deterministic_families_have_the_code_as_latent_and_no_posterior(family)
     x = torch.rand(4, 1, 28, 28)
     out = model(x)
     assert torch.equal(out.code, out.z) and torch.equal(out.code, model.encode(x))
+    assert out.logvar is None and not hasattr(model, "posterior")
+    assert not model.capabilities.posterior
     assert not model.capabilities.prior and not model.capabilities.likelihood_bound
 
 
@@ -67,20 +85,41 @@ def test_vae_loss_terms_are_recon_plus_beta_kl_and_report_the_elbo():
 
 def test_cae_loss_adds_the_weighted_squared_jacobian_norm():
     model = build_model(small_cell("cae", "linear", contraction_weight=0.5))
-    terms = model.loss_terms(torch.rand(4, 1, 28, 28))
+    x = torch.rand(4, 1, 28, 28)
+    terms = model.loss_terms(x)
     assert torch.allclose(terms["loss"], terms["recon"] + 0.5 * terms["contraction"])
+    # ||dh/dx||_F^2 of the code h = encode(x), from the full Jacobian by autograd, one image at a time.
+    jacobian_sq = torch.stack(
+        [torch.autograd.functional.jacobian(lambda one: model.encode(one[None])[0], image).pow(2).sum() for image in x]
+    )
+    assert torch.allclose(terms["contraction"], jacobian_sq, rtol=1e-4)
     assert (terms["contraction"] > 0).all()
 
 
-def test_dae_reconstructs_the_clean_image_from_a_corrupted_one():
-    model = build_model(small_cell("dae", "linear", noise_std=0.0))
-    clean = build_model(small_cell("ae", "linear"))
-    clean.load_state_dict(model.state_dict())
-    x = torch.rand(4, 1, 28, 28)
-    assert torch.allclose(model.loss_terms(x)["loss"], clean.loss_terms(x)["loss"])  # no noise: the plain AE
-    noisy = build_model(small_cell("dae", "linear", noise_std=1.0))
-    noisy.load_state_dict(model.state_dict())
-    assert not torch.allclose(noisy.loss_terms(x)["loss"], clean.loss_terms(x)["loss"])
+@pytest.mark.parametrize("settings", [{"noise": "gaussian", "noise_std": 0.5}, {"noise": "mask", "mask_prob": 0.3}])
+def test_dae_reconstructs_the_clean_image_from_a_corrupted_one(settings):
+    torch.manual_seed(0)
+    model = build_model(
+        parse_cell(
+            "dae-linear", {"family": "dae", "arch": "linear", "latent_dim": 3, "seed": 0, **settings}, TRAIN_DEFAULTS
+        )
+    )
+    x = torch.rand(4, 1, 28, 28) + 0.1  # no pixel is 0 before masking
+    seen = []  # what the encoder was given
+    model.encoder.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    terms = model.loss_terms(x)
+    (corrupted,) = seen
+    assert corrupted.shape == x.shape and not torch.equal(corrupted, x)  # the encoder read a corrupted copy ...
+    with torch.no_grad():
+        logits = model.decode(model.encode(corrupted))
+    # ... and the loss compares its reconstruction with the clean image, not with the corrupted input.
+    torch.testing.assert_close(terms["recon"], reconstruction_nats(logits, x, "bernoulli"))
+    assert not torch.allclose(terms["recon"], reconstruction_nats(logits, corrupted, "bernoulli"))
+    assert torch.equal(terms["loss"], terms["recon"])
+    no_noise = build_model(small_cell("dae", "linear", noise_std=0.0))
+    plain = build_model(small_cell("ae", "linear"))
+    plain.load_state_dict(no_noise.state_dict())
+    assert torch.allclose(no_noise.loss_terms(x)["loss"], plain.loss_terms(x)["loss"])  # no noise: the plain AE
 
 
 def test_gaussian_corruption_has_the_set_mean_and_variance():
@@ -103,7 +142,9 @@ def test_masking_drops_the_set_share_of_pixels_and_keeps_the_rest():
 def test_ex_post_gaussian_reproduces_the_codes_mean_and_covariance():
     model = build_model(small_cell("ae", "linear", latent_dim=2))
     generator = torch.Generator().manual_seed(0)
-    codes = torch.randn(50_000, 2, generator=generator) @ torch.tensor([[2.0, 0.0], [1.0, 0.5]]) + torch.tensor([3.0, -1.0])
+    codes = torch.randn(50_000, 2, generator=generator) @ torch.tensor([[2.0, 0.0], [1.0, 0.5]]) + torch.tensor(
+        [3.0, -1.0]
+    )
     model.fit_code_distribution(codes)
     drawn = model.latent_from_noise(torch.randn(50_000, 2, generator=generator))
     assert torch.allclose(drawn.mean(0), codes.mean(0), atol=0.05)
@@ -119,15 +160,30 @@ def test_conv_depths_decode_to_28x28(channels):
     assert model.decode(torch.zeros(2, 3)).shape == (2, 1, 28, 28)
 
 
-def test_the_same_seed_gives_every_family_the_same_decoder_start():
-    """The networks are built encoder first, so a family's decoder starts like the VAE's (the encoder's
-    output layer is the only difference)."""
-    decoders = {}
-    for family in FAMILIES:
-        torch.manual_seed(0)
-        decoders[family] = build_model(small_cell(family, "conv", latent_dim=3)).decoder.state_dict()
-    shapes = {family: [tuple(t.shape) for t in state.values()] for family, state in decoders.items()}
+@pytest.mark.parametrize("arch", ["linear", "conv"])
+def test_a_seed_starts_the_same_decoder_in_families_whose_encoders_give_as_many_outputs(arch):
+    """Every family's decoder is the same network. The encoder is built first, so the decoder's starting
+    weights depend on the seed and on the size of the encoder's output layer: vae and vaegan (2 x latent_dim
+    numbers) start from one decoder, ae, dae and cae (latent_dim) from another; the gan's (one logit) differs."""
+
+    def decoder(family, seed=0):
+        torch.manual_seed(seed)
+        return build_model(small_cell(family, arch, latent_dim=3)).decoder.state_dict()
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+    decoders = {family: decoder(family) for family in FAMILIES}
+    shapes = {family: [(key, tuple(t.shape)) for key, t in state.items()] for family, state in decoders.items()}
     assert len({tuple(s) for s in shapes.values()}) == 1
+    outputs = {family: FAMILIES[family].encoder_outputs(3) for family in FAMILIES}
+    assert outputs == {"vae": 6, "vaegan": 6, "ae": 3, "dae": 3, "cae": 3, "gan": 1}
+    for family in FAMILIES:
+        for other in FAMILIES:
+            if outputs[family] == outputs[other]:
+                assert same(decoders[family], decoders[other]), (family, other)
+        assert same(decoder(family), decoders[family])  # the seed alone decides them
+        assert not same(decoder(family, seed=1), decoders[family])
 
 
 def test_reparameterization_passes_gradients_to_mu_and_logvar():
@@ -149,7 +205,13 @@ def test_reparameterized_samples_have_the_posterior_moments():
 
 def test_default_study_has_the_classic_mlp_reference_cell():
     cell = load_study(REPO / "studies" / "default.yaml").cell("linear-z20-b1-s0")
-    assert (cell.family, cell.arch, cell.latent_dim, cell.hidden, cell.settings.beta) == ("vae", "linear", 20, (400,), 1.0)
+    assert (cell.family, cell.arch, cell.latent_dim, cell.hidden, cell.settings.beta) == (
+        "vae",
+        "linear",
+        20,
+        (400,),
+        1.0,
+    )
     assert (cell.lr, cell.batch_size, cell.epochs, cell.likelihood) == (1e-3, 128, 10, "bernoulli")
     model = build_model(cell)
     # 784-400-(20+20) encoder and 20-400-784 decoder, as in the reference script's fc1, fc21, fc22, fc3, fc4.
@@ -165,8 +227,9 @@ def test_default_study_compares_each_family_on_the_network_of_the_lab_cell():
     others = [cell for cell in config.cells.values() if cell.family != "vae"]
     assert sorted(cell.family for cell in others) == ["ae", "cae", "dae", "gan"]
     for cell in others:
-        same_network = dataclasses.replace(cell, name=reference.name, family="vae", settings=reference.settings,
-                                           lr=reference.lr, init_from=None)
+        same_network = dataclasses.replace(
+            cell, name=reference.name, family="vae", settings=reference.settings, lr=reference.lr, init_from=None
+        )
         assert same_network == reference
     # The fine-tuned generator starts from that very cell, at the GAN learning rate.
     tuned = config.cell("gan-linear-z10-ft-s0")

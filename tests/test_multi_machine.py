@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -23,7 +24,11 @@ EVALUATE_STAGES = ["evaluate@linear-z2-b1-s0", "evaluate@ae-linear-z2-s0"]
 
 
 def environment(**extra):
-    env = {name: value for name, value in os.environ.items() if name not in ("MLFLOW_TRACKING_URI", "VAEBENCH_OPTUNA_STORAGE")}
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("MLFLOW_TRACKING_URI", "VAEBENCH_OPTUNA_STORAGE")
+    }
     return {
         **env,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -45,8 +50,20 @@ def server(postgres, tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
     database = postgres.create_database("mlflow_multi_machine")
     port = free_port()
-    output = run(folder, sys.executable, "-m", "pipeline", "server", "start", "--postgres", database,
-                 "--port", str(port), "--artifacts", str(folder / "artifacts"))
+    output = run(
+        folder,
+        sys.executable,
+        "-m",
+        "pipeline",
+        "server",
+        "start",
+        "--postgres",
+        database,
+        "--port",
+        str(port),
+        "--artifacts",
+        str(folder / "artifacts"),
+    )
     assert f"http://127.0.0.1:{port}" in output
     yield f"http://127.0.0.1:{port}"
     state = yaml.safe_load((folder / ".vaebench/server/state.json").read_text())
@@ -66,6 +83,8 @@ def mini_study(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
+@pytest.mark.system
 def test_a_study_sharded_over_two_clones_is_restored_whole_by_a_third(tmp_path, server):
     remote = tmp_path / "dvc-remote"
     remote.mkdir()
@@ -75,8 +94,13 @@ def test_a_study_sharded_over_two_clones_is_restored_whole_by_a_third(tmp_path, 
         run(clone, "dvc", "remote", "add", "-d", "shared", str(remote))
     logs = [clone / "shard.log" for clone in clones[:2]]
     shards = [
-        subprocess.Popen([sys.executable, "-m", "pipeline", "repro", "--shard", f"{i}/2"], cwd=clones[i],
-                         env=environment(MLFLOW_TRACKING_URI=server), stdout=logs[i].open("w"), stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "repro", "--shard", f"{i}/2"],
+            cwd=clones[i],
+            env=environment(MLFLOW_TRACKING_URI=server),
+            stdout=logs[i].open("w"),
+            stderr=subprocess.STDOUT,
+        )
         for i in (0, 1)
     ]
     codes = [shard.wait(timeout=900) for shard in shards]
@@ -99,13 +123,17 @@ def test_a_study_sharded_over_two_clones_is_restored_whole_by_a_third(tmp_path, 
     parents = [r for r in runs if r.data.tags.get("vaebench.role") == "study"]
     cells = [r for r in runs if r.data.tags.get("vaebench.role") == "cell"]
     assert len(parents) == 1
-    assert sorted(r.data.tags["vaebench.cell"] for r in cells) == sorted(c for share in SHARD_CELLS.values() for c in share)
+    assert sorted(r.data.tags["vaebench.cell"] for r in cells) == sorted(
+        c for share in SHARD_CELLS.values() for c in share
+    )
     assert {r.data.tags["mlflow.parentRunId"] for r in cells} == {parents[0].info.run_id}
     assert {r.info.status for r in cells} == {"FINISHED"}
     assert all("test_fid_mnist_cnn" in r.data.metrics for r in cells)  # evaluated on its shard's machine
     assert "report/report.md" in [f.path for f in client.list_artifacts(parents[0].info.run_id, "report")]
-    print(f"\ncells trained per machine {dict((i, len(c)) for i, c in SHARD_CELLS.items())}, 0 on the third; "
-          f"runs per status {dict((s, [r.info.status for r in runs].count(s)) for s in {r.info.status for r in runs})}")
+    print(
+        f"\ncells trained per machine {dict((i, len(c)) for i, c in SHARD_CELLS.items())}, 0 on the third; "
+        f"runs per status {dict((s, [r.info.status for r in runs].count(s)) for s in {r.info.status for r in runs})}"
+    )
 
 
 def tuning_space(clone: Path) -> Path:
@@ -116,9 +144,11 @@ def tuning_space(clone: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
+@pytest.mark.system
 def test_two_tuning_workers_on_two_clones_share_postgres_and_survive_a_killed_one(tmp_path, server, postgres):
-    from pipeline.tuning.search_space import load_space
     from pipeline.tune import study_name
+    from pipeline.tuning.search_space import load_space
 
     storage = postgres.create_database("optuna_two_workers")
     clones = [copy_repo(tmp_path / f"machine-{i}", TINY_STUDY) for i in range(3)]
@@ -127,8 +157,16 @@ def test_two_tuning_workers_on_two_clones_share_postgres_and_survive_a_killed_on
         run(clone, sys.executable, "-m", "pipeline", "prepare")
     env = environment(MLFLOW_TRACKING_URI=server, VAEBENCH_OPTUNA_STORAGE=storage)
     logs = [clone / "tune.log" for clone in clones[:2]]  # files, not pipes: a full pipe would stall a worker
-    workers = [subprocess.Popen([sys.executable, "-m", "pipeline", "tune", str(spaces[i])], cwd=clones[i], env=env,
-                                stdout=logs[i].open("w"), stderr=subprocess.STDOUT) for i in (0, 1)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "tune", str(spaces[i])],
+            cwd=clones[i],
+            env=env,
+            stdout=logs[i].open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for i in (0, 1)
+    ]
     name = study_name(load_space(spaces[0]))
     victim = f":{workers[1].pid}"
     killed = None
@@ -142,8 +180,13 @@ def test_two_tuning_workers_on_two_clones_share_postgres_and_survive_a_killed_on
         except KeyError:  # not created yet
             trials = []
         others_done = any(t.state.is_finished() and not t.user_attrs.get("worker", "").endswith(victim) for t in trials)
-        mid_trial = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and 1 <= len(t.intermediate_values) <= 8
-                     and t.user_attrs.get("worker", "").endswith(victim)]
+        mid_trial = [
+            t
+            for t in trials
+            if t.state == optuna.trial.TrialState.RUNNING
+            and 1 <= len(t.intermediate_values) <= 8
+            and t.user_attrs.get("worker", "").endswith(victim)
+        ]
         if others_done and mid_trial:
             killed = mid_trial[0].number
             workers[1].send_signal(signal.SIGKILL)
@@ -175,17 +218,26 @@ def test_two_tuning_workers_on_two_clones_share_postgres_and_survive_a_killed_on
     assert len(parent) == 1
     best_run = parent[0].data.tags["vaebench.best_run"]
 
-    loaded = run(clones[2], sys.executable, "-c",
-                 "import sys, torch; from pipeline.tracking import load_logged_model; "
-                 "model = load_logged_model(sys.argv[1]); "
-                 "print('decoded', tuple(model.decode(torch.zeros(1, model.latent_dim)).shape))", best_run,
-                 MLFLOW_TRACKING_URI=server)
+    loaded = run(
+        clones[2],
+        sys.executable,
+        "-c",
+        "import sys, torch; from pipeline.tracking import load_logged_model; "
+        "model = load_logged_model(sys.argv[1]); "
+        "print('decoded', tuple(model.decode(torch.zeros(1, model.latent_dim)).shape))",
+        best_run,
+        MLFLOW_TRACKING_URI=server,
+    )
     assert "decoded (1, 1, 28, 28)" in loaded
-    print(f"\ntrials per state {dict((s, states.count(s)) for s in set(states))}; killed trial {killed}, retried as "
-          f"{retried[0].number}; trials per worker {dict((w, per_worker.count(w)) for w in set(per_worker))}; "
-          f"trial runs per status {dict((s, [r.info.status for r in runs].count(s)) for s in {r.info.status for r in runs})}")
+    print(
+        f"\ntrials per state {dict((s, states.count(s)) for s in set(states))}; killed trial {killed}, retried as "
+        f"{retried[0].number}; trials per worker {dict((w, per_worker.count(w)) for w in set(per_worker))}; "
+        f"trial runs per status {Counter(r.info.status for r in runs)}"
+    )
 
 
+@pytest.mark.slow
+@pytest.mark.system
 def test_server_with_a_private_cluster_starts_logs_and_stops_what_it_started(tmp_path):
     """`vaebench server start` without --postgres: initdb/pg_ctl under .vaebench/server/postgres."""
     import tempfile
@@ -199,7 +251,10 @@ def test_server_with_a_private_cluster_starts_logs_and_stops_what_it_started(tmp
         started = run(checkout, sys.executable, "-m", "pipeline", "server", "start", "--port", str(port))
         assert "a private PostgreSQL cluster in" in started and f"http://127.0.0.1:{port}" in started
         state = yaml.safe_load((checkout / ".vaebench/server/state.json").read_text())
-        assert state["backend_store"].startswith("postgresql://") and (checkout / ".vaebench/server/postgres/PG_VERSION").is_file()
+        assert (
+            state["backend_store"].startswith("postgresql://")
+            and (checkout / ".vaebench/server/postgres/PG_VERSION").is_file()
+        )
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
             assert answer.status == 200
         client = MlflowClient(f"http://127.0.0.1:{port}")
@@ -209,8 +264,13 @@ def test_server_with_a_private_cluster_starts_logs_and_stops_what_it_started(tmp
         assert client.get_run(run_id).data.metrics["x"] == 1.5
         assert list((checkout / ".vaebench/server/artifacts").rglob("note.txt"))
         assert "running at" in run(checkout, sys.executable, "-m", "pipeline", "server", "status")
-        refused = subprocess.run([sys.executable, "-m", "pipeline", "server", "start", "--port", str(port)], cwd=checkout,
-                                 env=environment(), capture_output=True, text=True)
+        refused = subprocess.run(
+            [sys.executable, "-m", "pipeline", "server", "start", "--port", str(port)],
+            cwd=checkout,
+            env=environment(),
+            capture_output=True,
+            text=True,
+        )
         assert refused.returncode == 1 and "already runs at" in refused.stderr
         assert "stopped the server" in run(checkout, sys.executable, "-m", "pipeline", "server", "stop")
         with pytest.raises(ProcessLookupError):
@@ -228,8 +288,11 @@ def test_optuna_dashboard_serves_the_tuning_storage_on_loopback(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="seen-by-the-dashboard", storage=storage)
     port = free_port()
-    dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), storage, "--host", "127.0.0.1",
-                                  "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dashboard = subprocess.Popen(
+        [str(Path(sys.executable).parent / "optuna-dashboard"), storage, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -252,8 +315,16 @@ def test_optuna_dashboard_serves_the_tuning_storage_on_loopback(tmp_path):
         ("1/3", {}, (1, 3)),
         (None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "2"}, (3, 4)),
         (None, {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"}, (0, 2)),
-        (None, {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0",
-                "SLURM_ARRAY_TASK_STEP": "2"}, (3, 4)),
+        (
+            None,
+            {
+                "SLURM_ARRAY_TASK_ID": "6",
+                "SLURM_ARRAY_TASK_COUNT": "4",
+                "SLURM_ARRAY_TASK_MIN": "0",
+                "SLURM_ARRAY_TASK_STEP": "2",
+            },
+            (3, 4),
+        ),
     ],
 )
 def test_the_share_comes_from_the_command_line_or_a_slurm_array(shard, environ, expected):
@@ -262,13 +333,19 @@ def test_the_share_comes_from_the_command_line_or_a_slurm_array(shard, environ, 
     assert parse_shard(shard, environ) == expected
 
 
-@pytest.mark.parametrize("shard, environ, message", [
-    ("3/3", {}, "--shard must be I/N with 0 <= I < N, got '3/3'"),
-    ("a/b", {}, "--shard must be I/N"),
-    (None, {}, "say which share to run: --shard I/N"),
-    (None, {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_STEP": "2"},
-     "the Slurm array task 3 is not one of 4 evenly spaced tasks"),
-])
+@pytest.mark.parametrize(
+    "shard, environ, message",
+    [
+        ("3/3", {}, "--shard must be I/N with 0 <= I < N, got '3/3'"),
+        ("a/b", {}, "--shard must be I/N"),
+        (None, {}, "say which share to run: --shard I/N"),
+        (
+            None,
+            {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_STEP": "2"},
+            "the Slurm array task 3 is not one of 4 evenly spaced tasks",
+        ),
+    ],
+)
 def test_a_bad_share_is_one_clear_error(shard, environ, message):
     from pipeline.config import ConfigError
     from pipeline.shards import parse_shard
@@ -292,17 +369,20 @@ def test_a_shard_refuses_to_start_without_a_tracking_server_or_a_remote(tmp_path
     command = [sys.executable, "-m", "pipeline", "repro", "--shard", "0/2"]
     local = subprocess.run(command, cwd=clone, env=environment(), capture_output=True, text=True)
     assert local.returncode == 2 and "must log to one tracking server: set MLFLOW_TRACKING_URI" in local.stderr
-    no_remote = subprocess.run(command, cwd=clone, env=environment(MLFLOW_TRACKING_URI="http://127.0.0.1:9"),
-                               capture_output=True, text=True)
+    no_remote = subprocess.run(
+        command, cwd=clone, env=environment(MLFLOW_TRACKING_URI="http://127.0.0.1:9"), capture_output=True, text=True
+    )
     assert no_remote.returncode == 2 and "dvc remote add -d shared" in no_remote.stderr
     assert not (clone / "results").exists() and not (clone / "mlflow.db").exists()
 
 
 def test_an_unreachable_optuna_storage_is_one_line_before_any_run(tmp_path):
     from pipeline.errors import TrackingError
-    from pipeline.tuning.search_space import load_space
     from pipeline.tune import open_storage
+    from pipeline.tuning.search_space import load_space
 
     space = load_space(REPO / "studies/tune/tiny.yaml")
-    with pytest.raises(TrackingError, match=r"the Optuna storage postgresql://nobody@127.0.0.1:9/optuna cannot be opened"):
+    with pytest.raises(
+        TrackingError, match=r"the Optuna storage postgresql://nobody@127.0.0.1:9/optuna cannot be opened"
+    ):
         open_storage(f"postgresql://nobody@127.0.0.1:{9}/optuna", space)

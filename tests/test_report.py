@@ -9,11 +9,14 @@ from PIL import Image
 from pipeline.classifier import train_classifier
 from pipeline.evaluate import evaluate_cell
 from pipeline.models import FAMILIES
-from pipeline.outputs import read_json, train_dir
-from pipeline.report import CAPTIONS, REPORTS, build_report, cell_figures
-from pipeline.train import RUN_FILE, train_cell
+from pipeline.outputs import read_json
+from pipeline.paths import REPORTS, RUN_FILE, train_dir
+from pipeline.report import CAPTIONS, build_report, cell_figures
+from pipeline.train import train_cell
 
 STUDY_FIGURES = set(CAPTIONS)
+pytestmark = pytest.mark.slow  # every test reads the whole tiny study, trained and evaluated
+
 CELL_FIGURES = {"reconstructions", "denoising", "samples", "interpolation", "latent_map", "latent_scatter"}
 
 
@@ -58,7 +61,7 @@ def test_report_has_every_figure_table_and_finding(evaluated):
     assert "Does the convolutional VAE beat the linear one on test ELBO?" in report
     page = (folder / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(STUDY_FIGURES)
-    assert "src=\"http" not in page and "<link" not in page and "<script" not in page
+    assert 'src="http' not in page and "<link" not in page and "<script" not in page
     for name in evaluated.cells:
         assert {p.stem for p in (folder / "cells" / name).glob("*.png")} == cell_figure_names(evaluated, name)
     assert_compares_the_families_and_shows_missing_metrics_as_dashes(report)
@@ -66,8 +69,12 @@ def test_report_has_every_figure_table_and_finding(evaluated):
 
 
 def assert_compares_the_families_and_shows_missing_metrics_as_dashes(report: str) -> None:
-    for question in ("Which model family reconstructs best?", "Which family gives the best codes for a linear probe?",
-                     "Which family is most robust to noise?", "Which family generates best?"):
+    for question in (
+        "Which model family reconstructs best?",
+        "Which family gives the best codes for a linear probe?",
+        "Which family is most robust to noise?",
+        "Which family generates best?",
+    ):
         assert f"### {question}" in report
     assert "one seed per cell" in report
     assert "### Every family in the same units" in report
@@ -86,7 +93,10 @@ def assert_compares_the_families_and_shows_missing_metrics_as_dashes(report: str
 def assert_figures_reach_mlflow(evaluated) -> None:
     client = MlflowClient()
     run_id = read_json(train_dir(evaluated.study, "conv-z2-b1-s0") / RUN_FILE)["run_id"]
-    assert {a.path for a in client.list_artifacts(run_id, "figures")} >= {"figures/latent_map.png", "figures/samples.png"}
+    assert {a.path for a in client.list_artifacts(run_id, "figures")} >= {
+        "figures/latent_map.png",
+        "figures/samples.png",
+    }
     parent = client.get_run(run_id).data.tags["mlflow.parentRunId"]
     assert "report/report.html" in {a.path for a in client.list_artifacts(parent, "report")}
 

@@ -5,17 +5,17 @@ import pytest
 import torch
 from scipy import linalg
 
+from pipeline.config import parse_cell
+from pipeline.evaluation.frechet import frechet_distance
 from pipeline.evaluation.metrics import (
     class_distribution,
-    frechet_distance,
     inception_score,
     kernel_distance,
     kth_neighbour_radii,
     precision_recall,
 )
-from pipeline.config import parse_cell
-from pipeline.models import build_model
 from pipeline.evaluation.sample_quality import importance_weighted_nll
+from pipeline.models import build_model
 from pipeline.models.losses import kl_divergence, reconstruction_nats
 
 
@@ -87,9 +87,24 @@ def test_inception_score_and_class_distribution_limits():
 
 def test_importance_weighted_bound_is_at_least_the_elbo_and_tightens_with_k():
     torch.manual_seed(0)
-    cell = parse_cell("vae", {"family": "vae", "arch": "linear", "latent_dim": 4, "seed": 0, "epochs": 1, "batch_size": 8,
-                              "lr": 1e-3, "likelihood": "bernoulli", "gaussian_std": 0.1, "hidden": [32],
-                              "channels": [4], "device": "cpu"}, {})
+    cell = parse_cell(
+        "vae",
+        {
+            "family": "vae",
+            "arch": "linear",
+            "latent_dim": 4,
+            "seed": 0,
+            "epochs": 1,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "likelihood": "bernoulli",
+            "gaussian_std": 0.1,
+            "hidden": [32],
+            "channels": [4],
+            "device": "cpu",
+        },
+        {},
+    )
     model = build_model(cell)
     x = torch.rand(200, 1, 28, 28)
     with torch.no_grad():
@@ -103,3 +118,92 @@ def test_importance_weighted_bound_is_at_least_the_elbo_and_tightens_with_k():
     assert nll[1] == pytest.approx(elbo_nll, abs=0.5)  # K = 1 is the ELBO
     assert nll[1000] <= nll[100] <= nll[10] <= nll[1]
     assert nll[1000] < elbo_nll - 1.0
+
+
+class LinearGaussian:
+    """p(z) = N(0, I), p(x|z) = N(Wz + b, sigma^2 I): log p(x) = log N(x; b, W W^T + sigma^2 I) in closed form.
+
+    W = Q diag(s) with orthonormal columns Q, so the exact posterior p(z|x) = N(m(x), S) has a diagonal
+    S = diag(1 / (1 + s^2 / sigma^2)) and m(x) = S W^T (x - b) / sigma^2, which a diagonal q(z|x) can equal.
+    Images are (B, 1, 2, 3): six pixels. importance_weighted_nll reads the decoder's mean as sigmoid(logits)
+    (the Gaussian branch of reconstruction_nats), so decode returns logit(Wz + b); b = 0.5 and a small W keep
+    Wz + b inside (0, 1) for every z drawn here, and decode refuses any that is not."""
+
+    shape = (1, 2, 3)
+
+    def __init__(self, sigma=0.05, scales=(0.06, 0.04), shift=0.0, widen=1.0):
+        pixels, latent = 6, len(scales)
+        generator = torch.Generator().manual_seed(3)
+        q, _ = torch.linalg.qr(torch.randn(pixels, latent, generator=generator, dtype=torch.float64))
+        self.W = q * torch.tensor(scales, dtype=torch.float64)
+        self.b = torch.full((pixels,), 0.5, dtype=torch.float64)
+        self.sigma = sigma
+        self.posterior_var = 1.0 / (1.0 + torch.tensor(scales, dtype=torch.float64) ** 2 / sigma**2)
+        # q(z|x) = N(m(x) + shift, widen^2 S): the exact posterior when shift = 0 and widen = 1.
+        self.shift, self.widen = shift, widen
+
+    def sample(self, count, seed):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(count, self.W.shape[1], generator=g, dtype=torch.float64)
+        x = z @ self.W.T + self.b + self.sigma * torch.randn(count, len(self.b), generator=g, dtype=torch.float64)
+        return x.view(count, *self.shape)
+
+    def exact_nll(self, x):
+        covariance = self.W @ self.W.T + self.sigma**2 * torch.eye(len(self.b), dtype=torch.float64)
+        return -torch.distributions.MultivariateNormal(self.b, covariance).log_prob(x.flatten(1))
+
+    def exact_posterior(self, x):
+        return self.posterior_var * ((x.flatten(1) - self.b) @ self.W) / self.sigma**2, self.posterior_var
+
+    def posterior(self, x):
+        mean, var = self.exact_posterior(x)
+        return mean + self.shift, torch.log(self.widen**2 * var).expand_as(mean)
+
+    def decode(self, z):
+        mean = z.double() @ self.W.T + self.b
+        assert ((mean > 0) & (mean < 1)).all(), "a decoded mean left (0, 1): the sigmoid cannot represent it"
+        return torch.logit(mean).view(len(z), *self.shape)
+
+    def kl_from_the_exact_posterior(self, x):
+        """KL(q(z|x) || p(z|x)) between the two diagonal Gaussians, per image."""
+        mean, var = self.exact_posterior(x)
+        q_mean, q_logvar = self.posterior(x)
+        q_var = q_logvar.exp()
+        return 0.5 * (q_var / var + (q_mean - mean) ** 2 / var - 1 + torch.log(var / q_var)).sum(1)
+
+
+# reconstruction_nats' Gaussian branch includes the normalising constant, pixels * (log sigma + log(2 pi) / 2),
+# so -log p(x|z) is the exact negative log density and no constant has to be added back to compare with
+# -log N(x; b, W W^T + sigma^2 I). (Were the constant dropped, every estimate below would be off by exactly it.)
+def iw_nll(model, x, k, seed=0):
+    torch.manual_seed(seed)
+    return importance_weighted_nll(model, x, k, "gaussian", gaussian_std=model.sigma)
+
+
+def test_the_iw_bound_with_the_exact_posterior_is_exactly_minus_log_p_x_for_any_k():
+    model = LinearGaussian()
+    x = model.sample(200, seed=1)
+    exact = model.exact_nll(x)
+    for k in (1, 7, 100):
+        # Every importance weight p(x, z) / q(z|x) equals p(x): no Monte-Carlo error at all, for any K.
+        torch.testing.assert_close(iw_nll(model, x, k, seed=k), exact, rtol=0, atol=1e-8)
+    assert exact.std() > 1.0  # the images differ: the check is not of one constant
+
+
+def test_the_iw_bound_with_a_mismatched_posterior_is_above_minus_log_p_x_and_closes_in_as_k_grows():
+    model = LinearGaussian(shift=0.5, widen=1.8)
+    x = model.sample(4000, seed=2)
+    exact = model.exact_nll(x)
+    kl = model.kl_from_the_exact_posterior(x)
+    assert kl.mean() > 1.0  # q is far enough from the posterior for K to matter
+    # K = 1000 on fewer images: its estimate varies far less, and it costs 1000 decodes an image.
+    gap = {k: iw_nll(model, x[:count], k) - exact[:count] for k, count in ((1, 4000), (10, 4000), (1000, 500))}
+    mean = {k: g.mean().item() for k, g in gap.items()}
+    error = {k: 4 * g.std().item() / len(g) ** 0.5 for k, g in gap.items()}  # 4 standard errors
+    # K = 1 is the negative ELBO, whose expectation is -log p(x) + KL(q(z|x) || p(z|x)), exactly.
+    assert mean[1] == pytest.approx(kl.mean().item(), abs=error[1])
+    # Each K's bound is above -log p(x) (up to Monte-Carlo error), and tighter for a larger K ...
+    assert all(mean[k] >= -error[k] for k in gap)
+    assert mean[1] - error[1] > mean[10] + error[10] and mean[10] - error[10] > mean[1000] + error[1000]
+    # ... until at K = 1000 it is -log p(x) to a hundredth of a nat.
+    assert abs(mean[1000]) < 0.01 and error[1000] < 0.01

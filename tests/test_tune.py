@@ -10,11 +10,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.config import ConfigError
-from pipeline.tuning.search_space import check_space_fits, load_space, parse_space
-from pipeline.tune import open_storage, storage_url, study_name, tune
-
 from conftest import REPO
+from pipeline.config import ConfigError
+from pipeline.tune import open_storage, storage_url, study_name, tune
+from pipeline.tuning.search_space import check_space_fits, load_space, parse_space
 
 TINY_SPACE = REPO / "studies" / "tune" / "tiny.yaml"
 
@@ -36,8 +35,12 @@ def trials(space):
 
 
 def new_or_existing_study(space):
-    return optuna.create_study(study_name=study_name(space), storage=open_storage(storage_url(), space),
-                               directions=list(space.directions), load_if_exists=True)
+    return optuna.create_study(
+        study_name=study_name(space),
+        storage=open_storage(storage_url(), space),
+        directions=list(space.directions),
+        load_if_exists=True,
+    )
 
 
 @pytest.mark.parametrize(
@@ -51,13 +54,28 @@ def new_or_existing_study(space):
         ({"space": {"batch_size": {"type": "categorical", "choices": []}}}, "needs a non-empty list of choices"),
         ({"objective": "fid"}, "unknown objective 'fid'"),
         ({"objective": "rate_distortion"}, "cannot prune multi-objective studies"),
-        ({"space": {"latent_dim": {"type": "int", "low": 0.5, "high": 4, "log": True}}}, "int parameters need integer low and high"),
-        ({"space": {"latent_dim": {"type": "int", "low": 2, "high": 8, "step": 0}}}, "step must be an integer > 0, got 0"),
-        ({"space": {"lr": {"type": "float", "low": 0.1, "high": 0.2, "stp": 0.1}}}, "a float parameter takes high, log, low, step, type, not stp"),
+        (
+            {"space": {"latent_dim": {"type": "int", "low": 0.5, "high": 4, "log": True}}},
+            "int parameters need integer low and high",
+        ),
+        (
+            {"space": {"latent_dim": {"type": "int", "low": 2, "high": 8, "step": 0}}},
+            "step must be an integer > 0, got 0",
+        ),
+        (
+            {"space": {"lr": {"type": "float", "low": 0.1, "high": 0.2, "stp": 0.1}}},
+            "a float parameter takes high, log, low, step, type, not stp",
+        ),
         ({"sampler": "tpe"}, "sampler must be a mapping such as {name: tpe, seed: 0}, got 'tpe'"),
         ({"sampler": {"name": "tpe", "sed": 1}}, "sampler takes name and seed only, got 'sed'"),
-        ({"pruner": {"name": "median", "patience": 3}}, "unknown option 'patience' of pruner median; it takes n_startup_trials"),
-        ({"pruner": {"name": "median", "n_startup_trials": -1}}, "pruner median: Number of startup trials cannot be negative"),
+        (
+            {"pruner": {"name": "median", "patience": 3}},
+            "unknown option 'patience' of pruner median; it takes n_startup_trials",
+        ),
+        (
+            {"pruner": {"name": "median", "n_startup_trials": -1}},
+            "pruner median: Number of startup trials cannot be negative",
+        ),
         ({"fixed": {"epochs": 2, "lr": 0.1}}, "lr is both fixed and searched"),
         ({"heartbeat": {"interval": 10, "grace": 5}}, "heartbeat.grace (5 s) must exceed heartbeat.interval (10 s)"),
         ({"workers": 0}, "workers must be an integer >= 1, got 0"),
@@ -72,8 +90,14 @@ def test_bad_search_spaces_fail_with_one_clear_message(changes, message):
     "changes, message",
     [
         ({"fixed": {"epochs": 0}}, "the fixed values do not make a valid cell"),
-        ({"space": {"latent_dim": {"type": "int", "low": 0, "high": 4}}}, "latent_dim = 0 is in the space but not a valid cell"),
-        ({"space": {"batch_size": {"type": "categorical", "choices": [64, -1]}}}, "batch_size = -1 is in the space but not a valid cell"),
+        (
+            {"space": {"latent_dim": {"type": "int", "low": 0, "high": 4}}},
+            "latent_dim = 0 is in the space but not a valid cell",
+        ),
+        (
+            {"space": {"batch_size": {"type": "categorical", "choices": [64, -1]}}},
+            "batch_size = -1 is in the space but not a valid cell",
+        ),
     ],
 )
 def test_values_no_cell_accepts_fail_before_any_trial(tiny_study, changes, message):
@@ -82,8 +106,13 @@ def test_values_no_cell_accepts_fail_before_any_trial(tiny_study, changes, messa
 
 
 def test_family_settings_are_tunable_on_a_cell_of_that_family_only(tiny_study):
-    dae_space = parse_space(space_raw(base_cell="dae-linear-z2-s0", objective="val_loss",
-                                      space={"mask_prob": {"type": "float", "low": 0.1, "high": 0.5}}))
+    dae_space = parse_space(
+        space_raw(
+            base_cell="dae-linear-z2-s0",
+            objective="val_loss",
+            space={"mask_prob": {"type": "float", "low": 0.1, "high": 0.5}},
+        )
+    )
     check_space_fits(dae_space, tiny_study.cell("dae-linear-z2-s0"))
     with pytest.raises(ConfigError, match="mask_prob is not a setting of family vae"):
         check_space_fits(dae_space, tiny_study.cell("linear-z2-b1-s0"))
@@ -99,16 +128,29 @@ def test_a_dae_switching_its_noise_kind_keeps_only_the_level_that_kind_reads(tin
 
     masked = tiny_study.cell("dae-linear-z2-s0")  # noise: mask, mask_prob: 0.25
     gaussian = with_values(masked, {"noise": "gaussian"})
-    assert (gaussian.settings.noise, gaussian.settings.noise_std, gaussian.settings.mask_prob) == ("gaussian", 0.5, None)
+    assert (gaussian.settings.noise, gaussian.settings.noise_std, gaussian.settings.mask_prob) == (
+        "gaussian",
+        0.5,
+        None,
+    )
     assert with_values(gaussian, {"noise": "mask", "mask_prob": 0.4}).settings.mask_prob == 0.4
     assert with_values(masked, {"lr": 0.01}).settings == masked.settings
 
 
+@pytest.mark.slow
 def test_a_family_setting_is_searched_and_lands_in_the_best_cell(prepared, workdir):
-    path = write_space(workdir, n_trials=2, base_cell="cae-conv-z2-s0", objective="val_loss", pruner={"name": "none"},
-                       space={"contraction_weight": {"type": "float", "low": 0.01, "high": 1.0, "log": True}})
+    path = write_space(
+        workdir,
+        n_trials=2,
+        base_cell="cae-conv-z2-s0",
+        objective="val_loss",
+        pruner={"name": "none"},
+        space={"contraction_weight": {"type": "float", "low": 0.01, "high": 1.0, "log": True}},
+    )
     summary = tune(prepared, load_space(path), str(path), str(REPO / "studies" / "tiny.yaml"))
-    best_cell = yaml.safe_load((workdir / "reports" / "tune" / "tiny" / "best_study.yaml").read_text())["cells"]["tiny-best"]
+    best_cell = yaml.safe_load((workdir / "reports" / "tune" / "tiny" / "best_study.yaml").read_text())["cells"][
+        "tiny-best"
+    ]
     assert best_cell["family"] == "cae"
     assert best_cell["contraction_weight"] == summary["best"][0]["params"]["contraction_weight"]
 
@@ -118,7 +160,11 @@ def test_a_family_setting_is_searched_and_lands_in_the_best_cell(prepared, workd
     [
         ({"space": {"lr": {"type": "float", "low": -1, "high": 1, "log": True}}}, [], "a log scale needs low > 0"),
         ({"pruner": {"name": "median", "patience": 3}}, [], "unknown option 'patience' of pruner median"),
-        ({"space": {"latent_dim": {"type": "int", "low": 0, "high": 4}}}, [], "latent_dim = 0 is in the space but not a valid cell"),
+        (
+            {"space": {"latent_dim": {"type": "int", "low": 0, "high": 4}}},
+            [],
+            "latent_dim = 0 is in the space but not a valid cell",
+        ),
         ({}, ["--workers", "-1"], "argument --workers: must be an integer >= 1, got '-1'"),
         ({}, ["--workers", "0"], "argument --workers: must be an integer >= 1, got '0'"),
     ],
@@ -136,12 +182,15 @@ def test_cli_rejects_a_bad_space_or_option_before_any_study_or_run(workdir, caps
     assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_tiny_study_completes_and_every_trial_is_an_mlflow_child(prepared, workdir):
     path = write_space(workdir, n_trials=3)
     summary = tune(prepared, load_space(path), str(path), str(REPO / "studies" / "tiny.yaml"))
     assert sum(summary["trials"].values()) == 3
     folder = workdir / "reports" / "tune" / "tiny"
-    assert {"summary.json", "trials.csv", "best_study.yaml", "optimization_history.png"} <= {p.name for p in folder.iterdir()}
+    assert {"summary.json", "trials.csv", "best_study.yaml", "optimization_history.png"} <= {
+        p.name for p in folder.iterdir()
+    }
     best_study = yaml.safe_load((folder / "best_study.yaml").read_text())
     assert list(best_study["cells"]) == ["tiny-best"] and best_study["finetuned"] == {}
     assert best_study["cells"]["tiny-best"]["latent_dim"] == summary["best"][0]["params"]["latent_dim"]
@@ -156,6 +205,7 @@ def test_tiny_study_completes_and_every_trial_is_an_mlflow_child(prepared, workd
     assert parent[0].data.tags["vaebench.best_trial"] == str(summary["best"][0]["number"])
 
 
+@pytest.mark.slow
 def test_resumed_study_keeps_its_trials_and_adds_new_numbers(prepared, workdir):
     path = write_space(workdir, n_trials=2)
     tune(prepared, load_space(path), str(path), str(REPO / "studies" / "tiny.yaml"))
@@ -166,7 +216,8 @@ def test_resumed_study_keeps_its_trials_and_adds_new_numbers(prepared, workdir):
     assert after[:2] == first and [n for n, _ in after] == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["sqlite", pytest.param("postgresql", marks=pytest.mark.system)])
 def test_a_resumed_study_whose_new_trial_is_best_moves_the_best_model(prepared, workdir, storage, request, monkeypatch):
     """Resuming used to crash for good once the best trial changed (best_* metrics logged at step 0)."""
     if storage == "postgresql":
@@ -183,22 +234,29 @@ def test_a_resumed_study_whose_new_trial_is_best_moves_the_best_model(prepared, 
     assert first["best"][0]["number"] in (0, 1) and second["best"][0]["number"] == 2
     assert second["best"][0]["values"][0] < first["best"][0]["values"][0]
     client = MlflowClient()
-    parent = client.search_runs([client.get_experiment_by_name("vaebench-tiny").experiment_id],
-                                filter_string="tags.`vaebench.role` = 'tune'")
+    parent = client.search_runs(
+        [client.get_experiment_by_name("vaebench-tiny").experiment_id], filter_string="tags.`vaebench.role` = 'tune'"
+    )
     assert len(parent) == 1
     parent = parent[0]
     assert parent.data.tags["vaebench.best_trial"] == "2"
     history = client.get_metric_history(parent.info.run_id, "best_val_elbo")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
-        [first["best"][0]["values"][0], second["best"][0]["values"][0]])
+        [first["best"][0]["values"][0], second["best"][0]["values"][0]]
+    )
     best_run = parent.data.tags["vaebench.best_run"]
     assert client.get_run(best_run).data.tags["optuna.trial"] == "2"
-    on_parent = torch.load(client.download_artifacts(parent.info.run_id, "model/state_dict.pt", str(workdir)), weights_only=True)
+    on_parent = torch.load(
+        client.download_artifacts(parent.info.run_id, "model/state_dict.pt", str(workdir)), weights_only=True
+    )
     (workdir / "best").mkdir()
-    on_trial = torch.load(client.download_artifacts(best_run, "model/state_dict.pt", str(workdir / "best")), weights_only=True)
+    on_trial = torch.load(
+        client.download_artifacts(best_run, "model/state_dict.pt", str(workdir / "best")), weights_only=True
+    )
     assert on_parent.keys() == on_trial.keys() and all(torch.equal(on_parent[k], on_trial[k]) for k in on_parent)
 
 
+@pytest.mark.slow
 def test_two_concurrent_workers_make_the_requested_trials_overshooting_by_at_most_one(prepared, workdir):
     path = write_space(workdir, n_trials=5)
     tune(prepared, load_space(path), str(path), str(REPO / "studies" / "tiny.yaml"), workers=2)
@@ -209,6 +267,7 @@ def test_two_concurrent_workers_make_the_requested_trials_overshooting_by_at_mos
     assert len({t.user_attrs["worker"] for t in found}) == 2
 
 
+@pytest.mark.slow
 def test_a_raising_trial_fails_and_the_study_goes_on(prepared, workdir):
     space = {"lr": {"type": "categorical", "choices": [1e9, 0.001]}}
     path = write_space(workdir, n_trials=3, pruner={"name": "none"}, space=space)
@@ -222,9 +281,12 @@ def test_a_raising_trial_fails_and_the_study_goes_on(prepared, workdir):
     assert len([t for t in found if t.state == optuna.trial.TrialState.COMPLETE]) == 3
 
 
+@pytest.mark.slow
 def test_a_clearly_worse_trial_is_pruned(prepared, workdir):
     path = write_space(
-        workdir, n_trials=4, pruner={"name": "median", "n_startup_trials": 3, "n_warmup_steps": 0},
+        workdir,
+        n_trials=4,
+        pruner={"name": "median", "n_startup_trials": 3, "n_warmup_steps": 0},
         space={"lr": {"type": "float", "low": 1e-6, "high": 0.01, "log": True}},
     )
     space = load_space(path)
@@ -237,11 +299,13 @@ def test_a_clearly_worse_trial_is_pruned(prepared, workdir):
     assert [states[lr] for lr in (0.005, 0.006, 0.007)] == [optuna.trial.TrialState.COMPLETE] * 3
 
 
+@pytest.mark.slow
 def test_a_killed_worker_s_trial_fails_and_is_retried_when_the_study_is_rerun_at_once(prepared, workdir):
     """Re-running within the grace period used to count the dead RUNNING trial and stop."""
     # A grace period longer than the re-run's start-up, so that it finds the dead trial still RUNNING.
-    path = write_space(workdir, n_trials=3, pruner={"name": "none"}, heartbeat={"interval": 1, "grace": 15},
-                       fixed={"epochs": 30})
+    path = write_space(
+        workdir, n_trials=3, pruner={"name": "none"}, heartbeat={"interval": 1, "grace": 15}, fixed={"epochs": 30}
+    )
     space = load_space(path)
     command = [sys.executable, "-m", "pipeline", "--params", str(REPO / "studies" / "tiny.yaml"), "tune", str(path)]
     first = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -252,8 +316,15 @@ def test_a_killed_worker_s_trial_fails_and_is_retried_when_the_study_is_rerun_at
             study = optuna.load_study(study_name=study_name(space), storage=storage_url())
         except KeyError:  # the worker has not created it yet
             study = None
-        running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING
-                   and 2 <= len(t.intermediate_values) <= 20] if study else []  # mid-training, not at its end
+        running = (
+            [
+                t
+                for t in study.trials
+                if t.state == optuna.trial.TrialState.RUNNING and 2 <= len(t.intermediate_values) <= 20
+            ]
+            if study
+            else []
+        )  # mid-training, not at its end
         killed = running[0].number if running else None
         time.sleep(0.05)
     first.kill()
@@ -267,11 +338,14 @@ def test_a_killed_worker_s_trial_fails_and_is_retried_when_the_study_is_rerun_at
     retries = [t for t in found.values() if t.system_attrs.get("failed_trial") == killed]
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     assert retries[0].params == found[killed].params
-    assert not [t for t in found.values() if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
+    assert not [
+        t for t in found.values() if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    ]
     assert len([t for t in found.values() if t.state == optuna.trial.TrialState.COMPLETE]) >= 3
     client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("vaebench-tiny").experiment_id],
-                              filter_string="tags.`vaebench.role` = 'trial'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("vaebench-tiny").experiment_id], filter_string="tags.`vaebench.role` = 'trial'"
+    )
     assert not [r for r in runs if r.info.status == "RUNNING"]
     by_trial = {r.data.tags["optuna.trial"]: r for r in runs}
     assert by_trial[str(killed)].info.status == "FAILED" and by_trial[str(killed)].data.tags["optuna.state"] == "FAIL"
