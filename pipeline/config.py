@@ -21,7 +21,12 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 DEVICES = ("auto", "cpu", "cuda")
 MNIST_TRAIN_IMAGES = 60_000
 MNIST_TEST_IMAGES = 10_000
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # matched whole: no leading '-' (an option to argparse)
+# The longest file name a cell or study name becomes part of: a resume checkpoint being written.
+LONGEST_SUFFIX = ".pt.partial"
+# MLflow keeps a run's name (a cell) in a 250-character column and a registered model's name
+# (vaebench-<study>-decoder) in a 256-character one.
+MLFLOW_NAME_LIMIT = 256 - len("vaebench--decoder")
 
 
 class ConfigError(VaebenchError):
@@ -211,6 +216,7 @@ def parse_study(raw: dict, source: str = "params") -> StudyConfig:
                 "init_from: move the cell under finetuned: with init_from, or remove the setting"
             )
     cells |= _parse_finetuned(raw.get("finetuned") or {}, cells, train_defaults, source)
+    _refuse_duplicates(cells, source)
     evaluate = _parse_evaluate(_section(raw, "evaluate", source))
     return StudyConfig(
         study=study,
@@ -299,6 +305,20 @@ def parse_cell(name: str, spec: object, defaults: dict, where: str | None = None
         device=device(merged["device"], field("device")),
         settings=families()[family].parse_settings({k: v for k, v in spec.items() if k in setting_keys[family]}, where),
     )
+
+
+def _refuse_duplicates(cells: dict[str, CellConfig], source: str) -> None:
+    """Two cells with the same configuration and seed would train the same model twice, and the report would
+    average them as seeds."""
+    seen: dict[str, str] = {}
+    for name, cell in cells.items():
+        key = repr(sorted((k, v) for k, v in cell_as_dict(cell).items() if k != "name"))
+        if key in seen:
+            raise ConfigError(
+                f"{source}: cells {seen[key]} and {name} have the same configuration and seed; remove one, or give "
+                "it another seed"
+            )
+        seen[key] = name
 
 
 def _require_family(spec: object, where: str, source: str) -> None:
@@ -484,9 +504,19 @@ def _only_keys(raw: dict, allowed, where: str) -> None:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(allowed)}")
 
 
+def max_name_length() -> int:
+    """The longest cell or study name whose files fit the file system's name limit here and whose MLflow
+    names fit MLflow's columns."""
+    return min(os.pathconf(".", "PC_NAME_MAX") - len(LONGEST_SUFFIX), MLFLOW_NAME_LIMIT)
+
+
 def check_name(value: object, what: str) -> str:
-    if not isinstance(value, str) or not NAME_PATTERN.match(value):
-        raise ConfigError(f"{what} {value!r} must use only letters, digits, '-' and '_' (it names folders and runs)")
+    limit = max_name_length()
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value) or len(value) > limit:
+        raise ConfigError(
+            f"{what} {value!r} must use only letters, digits, '-' and '_', start with a letter or digit and have "
+            f"at most {limit} characters (it names folders, files and MLflow runs)"
+        )
     return value
 
 

@@ -6,7 +6,7 @@ import yaml
 
 from conftest import REPO, TINY_STUDY
 from pipeline import cli
-from pipeline.config import ConfigError, load_study, parse_study, parse_study_text
+from pipeline.config import LONGEST_SUFFIX, ConfigError, load_study, max_name_length, parse_study, parse_study_text
 
 
 def tiny_raw() -> dict:
@@ -113,6 +113,21 @@ def as_family(family: str, **settings) -> dict:
             "convolutions shrink a 28x28 image to nothing; use at most 4 entries",
         ),
         ({**tiny_raw(), "cells": {"a.b": {"arch": "linear"}}}, "cell name 'a.b' must use only"),
+        ({**tiny_raw(), "cells": {"-x": {"family": "vae"}}}, "cell name '-x' must use only letters, digits, '-' and "),
+        ({**tiny_raw(), "cells": {"--help": {"family": "vae"}}}, "cell name '--help' must use only"),
+        ({**tiny_raw(), "cells": {"ab\n": {"family": "vae"}}}, "cell name 'ab\\n' must use only"),
+        (
+            {**tiny_raw(), "study": "s" * (max_name_length() + 1)},
+            f"start with a letter or digit and have at most {max_name_length()} characters",
+        ),
+        (
+            {**tiny_raw(), "cells": {"z" * (max_name_length() + 1): {"family": "vae"}}},
+            f"have at most {max_name_length()} characters (it names folders, files and MLflow runs)",
+        ),
+        (
+            {**tiny_raw(), "cells": {**tiny_raw()["cells"], "copy": tiny_raw()["cells"]["linear-z2-b1-s0"]}},
+            "params: cells linear-z2-b1-s0 and copy have the same configuration and seed; remove one",
+        ),
         (
             {**tiny_raw(), "cells": {"lin": {"arch": "linear", "latent_dim": 2, "seed": 0}}},
             "params: cells.lin.family is missing; name the cell's family (vae, ae, dae, cae, gan, vaegan): "
@@ -133,7 +148,7 @@ def test_bad_values_are_named_with_the_fix(raw, message):
 def test_family_settings_default_and_round_trip():
     from pipeline.config import cell_as_dict, parse_cell
 
-    config = parse_study(as_family("dae", noise="mask"))
+    config = parse_study(as_family("dae", noise="mask", seed=1))  # seed 0 would repeat dae-linear-z2-s0
     cell = config.cell("linear-z2-b1-s0")
     assert (cell.family, cell.settings.noise, cell.settings.mask_prob, cell.settings.noise_std) == (
         "dae",
@@ -145,6 +160,16 @@ def test_family_settings_default_and_round_trip():
     for cell in config.cells.values():
         flat = cell_as_dict(cell)
         assert parse_cell(flat.pop("name"), flat, {}) == cell
+
+
+def test_the_longest_allowed_cell_name_is_accepted_and_its_longest_file_can_be_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name = "c" * max_name_length()
+    raw = tiny_raw()
+    raw["cells"][name] = {**raw["cells"].pop("linear-z2-b1-s0")}
+    raw["finetuned"] = {}
+    assert name in parse_study(raw).cells
+    (tmp_path / f"{name}{LONGEST_SUFFIX}").write_text("a resume checkpoint being written")
 
 
 def test_exponent_without_a_dot_is_a_number():
