@@ -309,8 +309,20 @@ def prepared_dataset(prepared: dict, source: Path):
     return MetaDataset(LocalArtifactDatasetSource(str(source.resolve())), name=name, digest=digest)
 
 
+DATASET_RACE = ("dataset_pk", "UNIQUE constraint failed: datasets")  # PostgreSQL's and SQLite's words
+
+
 def log_dataset(dataset, context: str) -> None:
-    mlflow.log_input(dataset, context=context)
+    """mlflow.log_input. Two machines logging the same data set to one server at the same moment both insert
+    it, and the server refuses the second with a unique-key violation; logging again links the one that now
+    exists."""
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as error:
+        if not any(words in str(error) for words in DATASET_RACE):
+            raise
+        log.info("the data set %s was logged by another process at the same moment; linking it", dataset.name)
+        mlflow.log_input(dataset, context=context)
 
 
 def log_epoch(row: dict) -> None:

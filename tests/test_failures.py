@@ -373,6 +373,36 @@ def test_a_non_finite_test_metric_is_refused_and_nothing_is_written(prepared, mo
 # 7. A copied checkout writes only inside itself: its copied store is refused, a store of its own works.
 
 
+@pytest.mark.parametrize(
+    "message, retried",
+    [
+        ('(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "dataset_pk"', True),
+        ("RESOURCE_DOES_NOT_EXIST: run abc not found", False),
+    ],
+)
+def test_a_data_set_logged_by_another_machine_at_the_same_moment_is_linked_and_other_errors_stay(
+    monkeypatch, message, retried
+):
+    from mlflow.exceptions import MlflowException
+
+    calls = []
+
+    def log_input(dataset, context):  # the server's answer to the second of two simultaneous inserts
+        calls.append(context)
+        if len(calls) == 1:
+            raise MlflowException(f"BAD_REQUEST: {message}")
+
+    monkeypatch.setattr(tracking.mlflow, "log_input", log_input)
+    dataset = type("Dataset", (), {"name": "mnist"})()
+    if retried:
+        tracking.log_dataset(dataset, context="training")
+        assert calls == ["training", "training"]
+    else:
+        with pytest.raises(MlflowException, match="not found"):
+            tracking.log_dataset(dataset, context="training")
+        assert calls == ["training"]
+
+
 def test_a_copied_checkout_refuses_the_copied_store_and_logs_into_its_own(tiny_study, workdir, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the local store mlflow.db, as a user has it
     original, copy = workdir / "original", workdir / "copy"
