@@ -31,6 +31,8 @@ from pipeline.models.jacobian import frobenius_sq_exact
 from pipeline.models.losses import kl_per_dim, reconstruction_nats, squared_error
 from pipeline.outputs import non_finite, read_json, staged_dir, write_json
 from pipeline.paths import (
+    CLASS_SHARES_FILE,
+    KL_PER_DIM_FILE,
     METRICS_FILE,
     PREPARED_FILE,
     PREPARED_SUMMARY,
@@ -205,8 +207,8 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
         with stopwatch.part("write_and_log"):
             with staged_dir(evaluate_dir(config.study, cell.name)) as out:
                 write_json(out / METRICS_FILE, metrics)
-                write_json(out / "kl_per_dim.json", result.kl_dims)  # null for a family without a posterior
-                write_json(out / "class_shares.json", class_shares)
+                write_json(out / KL_PER_DIM_FILE, result.kl_dims)  # null for a family without a posterior
+                write_json(out / CLASS_SHARES_FILE, class_shares)
                 images_dir = out / "images"
                 images_dir.mkdir()
                 test_images = images_to_tensor(arrays["test_images"][: settings.n_images], device)

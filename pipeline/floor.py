@@ -29,7 +29,9 @@ def real_data_floor(
 def compute_floor(config: StudyConfig) -> dict:
     device = resolve_device(config.classifier.device)
     set_threads()
-    train_images = images_to_tensor(load_prepared(PREPARED_FILE)["train_images"], device)
+    train_images = images_to_tensor(
+        load_prepared(PREPARED_FILE)["train_images"][: config.sample_quality.n_samples], device
+    )
     floor = real_data_floor(load_classifier(device), train_images, load_test_features(device), config.sample_quality)
     with staged_dir(FLOOR_DIR) as out:
         write_json(out / FLOOR_FILE.name, floor)

@@ -28,6 +28,8 @@ HISTORY_FILE = "history.json"
 CONFIG_FILE = "config.json"  # the cell as its train stage recorded it
 RUN_FILE = "mlflow_run.json"
 METRICS_FILE = "metrics.json"
+KL_PER_DIM_FILE = "kl_per_dim.json"  # null for a family without a posterior
+CLASS_SHARES_FILE = "class_shares.json"
 
 
 def train_dir(study: str, cell: str) -> Path:

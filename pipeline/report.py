@@ -20,6 +20,7 @@ from pipeline.floor import load_floor
 from pipeline.models.corruption import gaussian_noise, mask_pixels
 from pipeline.outputs import read_json, staged_dir, write_json
 from pipeline.paths import (
+    KL_PER_DIM_FILE,
     PREPARED_FILE,
     REPORTS,
     RUN_FILE,
@@ -411,7 +412,7 @@ def build_report(config: StudyConfig) -> Path:
 
 def cell_figures(config: StudyConfig, name: str, folder: Path, test: TestSet | None = None) -> Path:
     """All model figures of one trained and evaluated cell, into `folder` (for `vaebench figures CELL`)."""
-    if not (evaluate_dir(config.study, name) / "kl_per_dim.json").is_file():
+    if not (evaluate_dir(config.study, name) / KL_PER_DIM_FILE).is_file():
         raise ArtifactError(
             f"cell {name} is not evaluated yet; run `dvc repro {evaluate_stage(config.cell(name))}` first"
         )

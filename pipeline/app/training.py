@@ -25,7 +25,7 @@ from pipeline.config import PARAMS_FILE, ConfigError, StudyConfig, load_study, p
 from pipeline.errors import VaebenchError
 from pipeline.models import FAMILIES
 from pipeline.outputs import read_json, repository_root, write_text
-from pipeline.paths import CLASSIFIER_DIR, PREPARED_FILE, PREPARED_SUMMARY, RESULTS
+from pipeline.paths import CLASSIFIER_DIR, CLASSIFIER_FILE, PREPARED_FILE, PREPARED_SUMMARY, RESULTS
 from pipeline.server import end_group
 
 APP_STUDY = "app"
@@ -206,7 +206,7 @@ def train(request: Request, on_epoch: Callable[[dict], None], base: Path = PARAM
     asked); `on_epoch` gets each epoch's {epoch, epochs, train_loss, val_*}. Returns the cell's name.
     Bad settings raise ConfigError before anything is written."""
     config, text = app_study(request, base)
-    if FAMILIES[request.family].capabilities.adversarial and not (CLASSIFIER_DIR / "model.pt").is_file():
+    if FAMILIES[request.family].capabilities.adversarial and not CLASSIFIER_FILE.is_file():
         raise ConfigError(
             f"family {request.family} scores its samples every epoch with the MNIST classifier, "
             f"which is not trained yet; run `dvc repro classifier` first"

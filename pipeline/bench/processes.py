@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -12,6 +11,8 @@ from pathlib import Path
 
 from pipeline.config import StudyConfig
 from pipeline.errors import VaebenchError
+from pipeline.outputs import read_json
+from pipeline.paths import METRICS_FILE, evaluate_dir
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +132,7 @@ def whole_process(config: StudyConfig, cell_name: str, params_file: Path) -> dic
         train_seconds, _ = timed_process([sys.executable, "-m", "pipeline", "train", cell_name], work, env)
         evaluate_seconds, _ = timed_process([sys.executable, "-m", "pipeline", "evaluate", cell_name], work, env)
         metrics = run_metrics(store, config.study, cell_name)
-        test_elbo = json.loads((work / "results" / config.study / "evaluate" / cell_name / "metrics.json").read_text())[
-            "elbo"
-        ]
+        test_elbo = read_json(work / evaluate_dir(config.study, cell_name) / METRICS_FILE)["elbo"]
     images = cell.epochs * config.data.train_size
     return {
         "cell": cell_name,

@@ -19,7 +19,7 @@ from pipeline.data import (
 )
 from pipeline.engine import set_threads
 from pipeline.models import build_model
-from pipeline.paths import CLASSIFIER_DIR, PREPARED_FILE
+from pipeline.paths import CLASSIFIER_FILE, PREPARED_FILE
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,9 @@ def run_bench(
     # Checked here: each measurement process would die on them one by one.
     if not PREPARED_FILE.is_file():
         raise DataError(f"prepared data {PREPARED_FILE} is missing; run `dvc repro prepare` first")
-    if reference_cell and not (CLASSIFIER_DIR / "model.pt").is_file():
+    if reference_cell and not CLASSIFIER_FILE.is_file():
         raise DataError(
-            f"{CLASSIFIER_DIR / 'model.pt'} is missing (the evaluate stage of the whole-process comparison "
+            f"{CLASSIFIER_FILE} is missing (the evaluate stage of the whole-process comparison "
             "scores samples with it); run `dvc repro classifier` first, or pass --no-full"
         )
     if missing_files(config.data.root):  # the standard loop reads the raw files with torchvision

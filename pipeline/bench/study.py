@@ -13,6 +13,7 @@ from pipeline.bench.processes import run_metrics, seconds_by_part, subprocess_en
 from pipeline.bench.tables import OUT_DIR
 from pipeline.config import StudyConfig
 from pipeline.errors import VaebenchError
+from pipeline.paths import study_metrics_file
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def study_wall_time(config: StudyConfig) -> dict:
         kept = OUT_DIR / "study"
         kept.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(clone / "dvc.lock", kept / "dvc.lock")
-        study_metrics = clone / "results" / study.study / "metrics.json"
+        study_metrics = clone / study_metrics_file(study.study)
         if study_metrics.is_file():
             shutil.copyfile(study_metrics, kept / "metrics.json")
     return {

@@ -18,7 +18,17 @@ import pandas as pd
 from pipeline.config import CellConfig, StudyConfig, cell_as_dict, parse_cell
 from pipeline.models import FAMILIES
 from pipeline.outputs import read_json
-from pipeline.paths import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE, RESULTS, evaluate_dir, train_dir
+from pipeline.paths import (
+    CLASS_SHARES_FILE,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    KL_PER_DIM_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    RESULTS,
+    evaluate_dir,
+    train_dir,
+)
 
 METRICS = ("recon", "kl", "elbo", "active_units")
 FAMILY_METRICS = (
@@ -78,12 +88,12 @@ def cell_metrics(study: str, cell: str) -> dict | None:
 
 def cell_class_shares(study: str, cell: str) -> list[float]:
     """The share of the cell's samples that the classifier assigns to each digit."""
-    return read_json(evaluate_dir(study, cell) / "class_shares.json")["samples"]
+    return read_json(evaluate_dir(study, cell) / CLASS_SHARES_FILE)["samples"]
 
 
 def cell_kl_per_dim(study: str, cell: str) -> list[float] | None:
     """The cell's test KL per latent dimension (None for a family without a posterior)."""
-    return read_json(evaluate_dir(study, cell) / "kl_per_dim.json")
+    return read_json(evaluate_dir(study, cell) / KL_PER_DIM_FILE)
 
 
 def cell_history(study: str, cell: str) -> list[dict]:
