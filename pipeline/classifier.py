@@ -18,6 +18,7 @@ from pipeline.evaluation.features import embed
 from pipeline.models.contract import descend
 from pipeline.outputs import load_torch_file, restore_weights, staged_dir, write_json
 from pipeline.paths import CLASSIFIER_DIR, CLASSIFIER_FILE, PREPARED_FILE, TEST_FEATURES_FILE
+from pipeline.stage_params import CLASSIFIER_PARAMS, check_unchanged
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def train_classifier(config: StudyConfig) -> dict:
         torch.save(classifier.state_dict(), out / CLASSIFIER_FILE.name)
         torch.save(test_features.cpu(), out / TEST_FEATURES_FILE.name)
         write_json(out / "metrics.json", metrics)
+        check_unchanged(config, CLASSIFIER_PARAMS, "classifier")
     log.info("classifier: test accuracy %.4f", metrics["test_accuracy"])
     return metrics
 

@@ -127,6 +127,8 @@ class StudyConfig:
     report: ReportConfig
     tune: dict[str, str]  # enabled tuning studies: name -> search-space file (DVC stages tune@name)
     tracking: TrackingConfig = TrackingConfig()
+    raw: dict | None = None  # the parsed YAML it was read from (pipeline/stage_params.py compares it at the end)
+    params_file: str | None = None  # the file it was read from, when it was
     # `cells` holds the `cells:` block, then the `finetuned:` block (cells with init_from).
 
     def cell(self, name: str) -> CellConfig:
@@ -165,7 +167,7 @@ def load_study(path: Path | str = PARAMS_FILE) -> StudyConfig:
         raise ConfigError(f"{path} not found; run from the repository root or pass the params file") from None
     except OSError as error:
         raise ConfigError(f"{path} is not readable ({error}); fix the file") from None
-    return parse_study_text(text, str(path))
+    return dataclasses.replace(parse_study_text(text, str(path)), params_file=str(path))
 
 
 def parse_study_text(text: str, source: str) -> StudyConfig:
@@ -228,6 +230,7 @@ def parse_study(raw: dict, source: str = "params") -> StudyConfig:
         report=_parse_report(_section(raw, "report", source)),
         tune=_parse_tune(raw.get("tune") or {}, source),
         tracking=_parse_tracking(raw.get("tracking") or {}),
+        raw=raw,
     )
 
 

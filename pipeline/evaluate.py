@@ -11,12 +11,13 @@ importance-weighted likelihood bound.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 
 import torch
 from torchvision.utils import save_image
 
-from pipeline import tracking
+from pipeline import stage_params, tracking
 from pipeline.classifier import load_classifier, load_test_features
 from pipeline.config import CellConfig, EvaluateConfig, StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
@@ -203,6 +204,9 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
         arrays = load_prepared(PREPARED_FILE)
     result = measure(config, cell, model, arrays, device, stopwatch)
     metrics, class_shares = result.metrics, result.class_shares
+    # Before the training run is reopened: metrics measured with edited settings never reach it.
+    params = stage_params.evaluate_params(config, cell.name)
+    stage_params.check_unchanged(config, params, evaluate_stage(cell))
     with tracking.cell_run(config, cell, stage=evaluate_stage(cell), run_id=run_id):
         with stopwatch.part("write_and_log"):
             with staged_dir(evaluate_dir(config.study, cell.name)) as out:
@@ -223,6 +227,11 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
             tracking.log_test_metrics(metrics | shares, test_set)
             tracking.log_artifacts(evaluate_dir(config.study, cell.name) / "images", artifact_path="images")
         tracking.log_stage_seconds("evaluate", stopwatch.seconds)
+    try:
+        stage_params.check_unchanged(config, params, evaluate_stage(cell))
+    except stage_params.ParamsChanged:
+        shutil.rmtree(evaluate_dir(config.study, cell.name))
+        raise
     reconstruction = (
         f"recon {metrics['recon']:.2f} nats/image (MSE {metrics['recon_mse']:.4f}), " if "recon" in metrics else ""
     )

@@ -14,6 +14,7 @@ from pipeline.engine import resolve_device, set_threads
 from pipeline.evaluation.sample_quality import set_scores
 from pipeline.outputs import read_json, staged_dir, write_json
 from pipeline.paths import FLOOR_DIR, FLOOR_FILE, PREPARED_FILE
+from pipeline.stage_params import FLOOR_PARAMS, check_unchanged
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def compute_floor(config: StudyConfig) -> dict:
     floor = real_data_floor(load_classifier(device), train_images, load_test_features(device), config.sample_quality)
     with staged_dir(FLOOR_DIR) as out:
         write_json(out / FLOOR_FILE.name, floor)
+        check_unchanged(config, FLOOR_PARAMS, "floor")
     log.info("real-data floor: %s", {key: value for key, value in floor.items() if key != "class_shares"})
     return floor
 

@@ -15,6 +15,7 @@ from pipeline import data
 from pipeline.config import DATA_ROOT_ENV, StudyConfig
 from pipeline.outputs import repository_root, sha256_of, staged_dir, write_json
 from pipeline.paths import PREPARED_DIR, PREPARED_FILE, PREPARED_SUMMARY
+from pipeline.stage_params import PREPARE_PARAMS, check_unchanged
 
 log = logging.getLogger(__name__)
 
@@ -89,5 +90,6 @@ def prepare(config: StudyConfig) -> dict:
             "sha256": data.MNIST_SHA256,
         }
         write_json(scratch / PREPARED_SUMMARY.name, summary)
+        check_unchanged(config, PREPARE_PARAMS, "prepare")
     log.info("prepared %s", summary["images"])
     return summary

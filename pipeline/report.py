@@ -44,6 +44,7 @@ from pipeline.reporting.results import (
     markdown_table,
     seed_table,
 )
+from pipeline.stage_params import REPORT_PARAMS, check_unchanged
 from pipeline.trained import load_trained
 
 log = logging.getLogger(__name__)
@@ -402,6 +403,7 @@ def build_report(config: StudyConfig) -> Path:
         (folder / "report.html").write_text(to_html(blocks, folder))
         for name in evaluated["cell"]:
             cell_figures(config, name, folder / "cells" / name, test)
+        check_unchanged(config, REPORT_PARAMS, "report")
     write_json(study_metrics_file(config.study), {name: cell_metrics(config.study, name) for name in evaluated["cell"]})
     run_ids = {name: read_json(train_dir(config.study, name) / RUN_FILE)["run_id"] for name in evaluated["cell"]}
     tracking.log_report(config, final, {run_ids[name]: final / "cells" / name for name in evaluated["cell"]})

@@ -4,11 +4,12 @@ killed run resumes where it stopped."""
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 
 import torch
 
-from pipeline import engine, tracking
+from pipeline import engine, stage_params, tracking
 from pipeline.classifier import load_classifier
 from pipeline.config import StudyConfig, cell_as_dict
 from pipeline.data import images_to_tensor, load_prepared
@@ -99,5 +100,10 @@ def train_cell(
             tracking.log_model(training.model, cell)
             tracking.log_networks(training.model, cell)
         tracking.log_stage_seconds("train", stopwatch.seconds)
+        try:  # inside the run, so that it ends FAILED
+            stage_params.check_unchanged(config, stage_params.train_params(config, cell.name), train_stage(cell))
+        except stage_params.ParamsChanged:
+            shutil.rmtree(train_dir(config.study, cell.name))
+            raise
     checkpoint.unlink(missing_ok=True)
     return training.history

@@ -34,6 +34,7 @@ from pipeline.data import images_to_tensor, load_prepared
 from pipeline.errors import TrackingError, VaebenchError
 from pipeline.outputs import repository_root, staged_dir, write_json
 from pipeline.paths import PREPARED_FILE
+from pipeline.stage_params import TUNE_PARAMS, check_unchanged
 from pipeline.tuning.search_space import TuneSpace, check_space_fits, load_space, make_pruner, make_sampler, with_values
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ def export_results(config: StudyConfig, space: TuneSpace, study: optuna.Study, p
     # The study's other sections as they are (the tune stage declares each in dvc.yaml); its cells replaced
     # by the best one, so no fine-tuned cell is left naming a cell that is not there.
     study_file = {
-        **yaml.safe_load(PARAMS_FILE.read_text() if PARAMS_FILE.is_file() else "{}"),
+        **config.raw,
         "study": f"tune-{space.name}",
         "cells": {cell_name: {k: v for k, v in cell_as_dict(best_cell).items() if k != "name"}},
         "finetuned": {},
@@ -314,6 +315,7 @@ def export_results(config: StudyConfig, space: TuneSpace, study: optuna.Study, p
             + yaml.safe_dump(study_file, sort_keys=False)
         )
         plot_study(study, space, folder)
+        check_unchanged(config, TUNE_PARAMS, f"tune@{space.name}")
     tracking.log_tune_results(parent_id, summary, final, best[0].user_attrs.get(RUN_ID_ATTR), len(study.trials))
     log.info("tuning %s: %s; best %s", space.name, summary["trials"], summary["best"][0])
     return summary

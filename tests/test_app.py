@@ -208,6 +208,21 @@ def test_a_bad_setting_shows_the_command_lines_error_and_writes_nothing(own_stud
     assert not (own_study / ".vaebench" / "app").exists() and not (own_study / "results" / "app").exists()
 
 
+def test_a_request_while_another_training_runs_is_refused_and_changes_nothing(workdir):
+    from pipeline.app import training
+    from pipeline.errors import VaebenchError
+
+    shutil.copyfile(TINY_STUDY, workdir / "params.yaml")
+    running = training.Request("vae", "linear", 2, 2, 500, "beta: 1.0")
+    workspace = training.WORKSPACE.resolve()
+    with training.only_training(workspace):  # as the first request's training holds it
+        training.prepare_workspace(workspace, training.study_text(running))
+        before = {path: path.read_bytes() for path in workspace.rglob("*") if path.is_file()}
+        with pytest.raises(VaebenchError, match="another training from the app is running"):
+            training.train(training.Request("vae", "linear", 3, 2, 600, "beta: 2.0"), on_epoch=lambda row: None)
+        assert {path: path.read_bytes() for path in workspace.rglob("*") if path.is_file()} == before
+
+
 def test_cell_names_tell_settings_apart_and_the_page_keys_stay_the_pages():
     from pipeline.app import training
     from pipeline.config import ConfigError

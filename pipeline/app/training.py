@@ -130,10 +130,9 @@ def snippet(request: Request) -> str:
     ).strip()
 
 
-def prepare_workspace(text: str) -> Path:
-    """The workspace with the app's params.yaml and relative links to results/app and the classifier (so a
-    moved or copied checkout keeps its own)."""
-    workspace = WORKSPACE.resolve()
+def prepare_workspace(workspace: Path, text: str) -> None:
+    """Give the workspace the app's params.yaml and relative links to results/app and the classifier (so a
+    moved or copied checkout keeps its own). Only under only_training's lock."""
     (workspace / RESULTS).mkdir(parents=True, exist_ok=True)
     (RESULTS / APP_STUDY).mkdir(parents=True, exist_ok=True)
     for name in (APP_STUDY, CLASSIFIER_DIR.name):
@@ -144,7 +143,6 @@ def prepare_workspace(text: str) -> Path:
         if not link.is_symlink():
             link.symlink_to(target, target_is_directory=True)
     write_text(workspace / PARAMS_FILE, text)
-    return workspace
 
 
 def prepared_for(workspace: Path, config: StudyConfig) -> bool:
@@ -162,7 +160,9 @@ def prepared_for(workspace: Path, config: StudyConfig) -> bool:
 
 @contextmanager
 def only_training(workspace: Path) -> Iterator[None]:
-    """One training from the app at a time (the workspace holds one params.yaml and one prepared split)."""
+    """One training from the app at a time (the workspace holds one params.yaml and one prepared split): taken
+    before anything is written there, so a refused request changes nothing."""
+    workspace.mkdir(parents=True, exist_ok=True)
     with open(workspace / "training.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -211,8 +211,9 @@ def train(request: Request, on_epoch: Callable[[dict], None], base: Path = PARAM
             f"family {request.family} scores its samples every epoch with the MNIST classifier, "
             f"which is not trained yet; run `dvc repro classifier` first"
         )
-    workspace = prepare_workspace(text)
+    workspace = WORKSPACE.resolve()
     with only_training(workspace):
+        prepare_workspace(workspace, text)
         if not prepared_for(workspace, config):
             run_stage(workspace, ["prepare"], lambda line: None)
 
@@ -223,9 +224,9 @@ def train(request: Request, on_epoch: Callable[[dict], None], base: Path = PARAM
                 values = {f"val_{key}": float(value) for key, value in VALUE.findall(rest)}
                 on_epoch({"epoch": int(epoch), "epochs": int(epochs), "train_loss": float(train_loss), **values})
 
-        run_stage(workspace, ["train", request.cell_name], on_line)
+        run_stage(workspace, ["train", "--", request.cell_name], on_line)
         if request.evaluate:
-            run_stage(workspace, ["evaluate", request.cell_name], lambda line: None)
+            run_stage(workspace, ["evaluate", "--", request.cell_name], lambda line: None)
     return request.cell_name
 
 
