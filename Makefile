@@ -47,12 +47,17 @@ ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # A shared MLflow tracking server on PostgreSQL (a private cluster under .vaebench/server unless POSTGRES=URL),
-# on loopback unless HOST=0.0.0.0; clients set MLFLOW_TRACKING_URI=http://HOST:PORT. See README "Past one machine".
+# on loopback unless HOST=0.0.0.0; clients set MLFLOW_TRACKING_URI=http://HOST:PORT. Beyond loopback it asks
+# for a login (admin's in .vaebench/server/credentials); AUTH=1 also on loopback, NO_AUTH=1 never. See README
+# "Past one machine".
 HOST ?= 127.0.0.1
 PORT ?= 5000
 POSTGRES ?=
+AUTH ?=
+NO_AUTH ?=
 server: setup
-	vaebench server start --host $(HOST) --port $(PORT) $(if $(POSTGRES),--postgres $(POSTGRES))
+	vaebench server start --host $(HOST) --port $(PORT) $(if $(POSTGRES),--postgres $(POSTGRES)) \
+		$(if $(AUTH),--auth) $(if $(NO_AUTH),--no-auth)
 
 server-stop: setup
 	vaebench server stop

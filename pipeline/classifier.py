@@ -16,7 +16,7 @@ from pipeline.engine import resolve_device, set_threads, train_epoch
 from pipeline.errors import ArtifactError
 from pipeline.evaluation.features import embed
 from pipeline.models.contract import descend
-from pipeline.outputs import load_torch_file, restore_weights, staged_dir, write_json
+from pipeline.outputs import load_torch_file, restore_weights, save_torch_file, staged_dir, write_json
 from pipeline.paths import CLASSIFIER_DIR, CLASSIFIER_FILE, PREPARED_FILE, TEST_FEATURES_FILE
 from pipeline.stage_params import CLASSIFIER_PARAMS, check_unchanged
 
@@ -89,8 +89,8 @@ def train_classifier(config: StudyConfig) -> dict:
     }
     test_features, _ = embed(classifier, test_images)
     with staged_dir(CLASSIFIER_DIR) as out:
-        torch.save(classifier.state_dict(), out / CLASSIFIER_FILE.name)
-        torch.save(test_features.cpu(), out / TEST_FEATURES_FILE.name)
+        save_torch_file(classifier.state_dict(), out / CLASSIFIER_FILE.name)
+        save_torch_file(test_features.cpu(), out / TEST_FEATURES_FILE.name)
         write_json(out / "metrics.json", metrics)
         check_unchanged(config, CLASSIFIER_PARAMS, "classifier")
     log.info("classifier: test accuracy %.4f", metrics["test_accuracy"])

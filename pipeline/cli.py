@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.config import PARAMS_FILE, ConfigError, load_study, parse_study_text
 from pipeline.errors import Terminated, VaebenchError
-from pipeline.outputs import write_text
+from pipeline.outputs import DISK_FULL, disk_full, write_text
 
 STUDIES_DIR = Path("studies")
 PARAMS_RECORD = Path(".vaebench") / "params.sha256"  # params.yaml as vaebench last wrote it
@@ -76,15 +76,25 @@ def cmd_server(args) -> None:
     from pipeline import server
 
     if args.action == "start":
-        state = server.start(args.host, args.port, args.postgres, args.artifacts, args.allowed_hosts)
+        state = server.start(
+            args.host, args.port, args.postgres, args.artifacts, args.allowed_hosts, args.auth, args.no_auth
+        )
         store = (
             "a private PostgreSQL cluster in " + state["postgres_dir"]
             if state["postgres_dir"]
             else state["backend_store"]
         )
+        clients = f"export MLFLOW_TRACKING_URI={state['url']}"
+        login = "no login asked (loopback without --auth, or --no-auth)"
+        if state["auth"]:  # the password itself is never printed, only the file that holds it
+            login = (
+                f"login required: the admin login {state['username']} and its password are in "
+                f"{state['credentials']} (mode 0600); more users: docs/operations.md"
+            )
+            clients += f" MLFLOW_TRACKING_USERNAME={state['username']} MLFLOW_TRACKING_PASSWORD=<its password>"
         say(
             f"MLflow tracking server at {state['url']} (PID {state['mlflow_pid']}), runs in {store}, artifacts in "
-            f"{state['artifacts']}\nclients: export MLFLOW_TRACKING_URI={state['url']}; stop: vaebench server stop"
+            f"{state['artifacts']}\n{login}\nclients: {clients}\nstop: vaebench server stop"
         )
     elif args.action == "stop":
         state = server.stop()
@@ -92,7 +102,8 @@ def cmd_server(args) -> None:
     else:
         state = server.read_state()
         running = state is not None and server.alive(state["mlflow_pid"])
-        say(f"running at {state['url']} (PID {state['mlflow_pid']})" if running else "not running")
+        login = ", login required" if running and state.get("auth") else ""
+        say(f"running at {state['url']} (PID {state['mlflow_pid']}){login}" if running else "not running")
 
 
 def cmd_repro(args) -> None:
@@ -146,7 +157,12 @@ def cmd_bench(args) -> None:
 
 
 def cmd_check(args) -> None:
+    from pipeline.engine import resolve_device
+    from pipeline.memory import check_memory
+
     config = load_study(args.params)
+    for cell in config.cells.values():
+        check_memory(cell, config.data.train_size, resolve_device(cell.device), val_images=config.data.val_size)
     say(f"{args.params}: study {config.study!r}, {len(config.cells)} cells")
     for cell in config.cells.values():
         setting = f" {cell.settings.label()}" if cell.settings.label() else ""
@@ -272,6 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--artifacts", type=Path, help="where the server keeps artifacts (default .vaebench/server/artifacts)"
     )
     serve.add_argument("--allowed-hosts", help="Host headers the server accepts besides localhost and private IPs")
+    serve.add_argument(
+        "--auth",
+        action="store_true",
+        help="ask for a login also on loopback (on by default beyond loopback); the admin's is in "
+        ".vaebench/server/credentials",
+    )
+    serve.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="beyond loopback, ask for no login: anyone reaching the port can change or delete every run",
+    )
     serve.set_defaults(run=cmd_server)
     repro = commands.add_parser(
         "repro", help="reproduce share I of N of the study's cells and push them to the default DVC remote"
@@ -340,11 +367,40 @@ def _flush_or_silence(stream) -> None:
         stream.flush()
 
 
+def checkout_root(start: Path) -> Path | None:
+    """The DVC checkout `start` lies in: the nearest folder up from it with dvc.yaml and .dvc/."""
+    for folder in (start, *start.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+# The arguments that name files, which the user gives relative to the folder the command runs in.
+PATH_ARGUMENTS = ("params", "space", "out", "artifacts")
+
+
+def run_from_checkout_root(args) -> None:
+    """Every command works on the checkout's root folder (params.yaml, results/, .vaebench/): run from a
+    subfolder, it moves there, keeping the paths the user gave pointing where they did."""
+    here = Path.cwd()
+    root = checkout_root(here)
+    if root is None or root == here:
+        return
+    for name in PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, Path) and value != PARAMS_FILE:
+            setattr(args, name, (here / value).resolve())
+    if getattr(args, "name", "").endswith(".yaml"):  # use-study with a study file's path
+        args.name = str((here / args.name).resolve())
+    os.chdir(root)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[vaebench] %(message)s", handlers=[_QuietOnClosedPipe(sys.stderr)])
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        run_from_checkout_root(args)
         args.run(args)
     except ConfigError as error:
         print(f"vaebench: error: {error}", file=sys.stderr)
@@ -352,11 +408,24 @@ def main(argv: list[str] | None = None) -> int:
     except VaebenchError as error:
         print(f"vaebench: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        place = error.filename or "a file"
+        print(f"vaebench: error: {disk_full(Path(place) if error.filename else Path.cwd())}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as error:
+        from pipeline.memory import is_out_of_memory
+
+        if not is_out_of_memory(error):
+            raise
+        print(f"vaebench: error: {out_of_memory_message(args, error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"vaebench {args.command}: interrupted; {stopped_hint(args.command)}", file=sys.stderr)
+        print(f"vaebench {args.command}: interrupted; {stopped_hint(args)}", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"vaebench {args.command}: terminated (SIGTERM); {stopped_hint(args.command)}", file=sys.stderr)
+        print(f"vaebench {args.command}: terminated (SIGTERM); {stopped_hint(args)}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except _StdoutClosed:  # the reader has what it wanted
         pass
@@ -367,21 +436,44 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def stopped_hint(command: str) -> str:
-    """What an interrupted command left, and how to go on."""
+def out_of_memory_message(args, error: BaseException) -> str:
+    """One line for an allocation that failed although the estimate let the cell start."""
+    what = f"cell {args.cell}" if getattr(args, "cell", None) else f"vaebench {args.command}"
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return (
+        f"{what} ran out of memory ({reason}); its MLflow run, if one was open, ended FAILED and nothing was "
+        "written: lower its latent_dim, hidden, channels or batch_size, or run it on a machine with more memory"
+    )
+
+
+def stopped_hint(args) -> str:
+    """What an interrupted command left, and how to go on: the MLflow run it ended, if it had opened one, and
+    for a training whether it can resume."""
     kept = "nothing half-written was kept"
-    if command == "train":
+    tracking = sys.modules.get("pipeline.tracking")  # imported only by the commands that log
+    # The runs open when the interrupt came are the ones it ended KILLED.
+    killed = [run_id for run_id, status in (tracking.ended_runs if tracking else []) if status == "KILLED"]
+    runs = f"its MLflow run {', '.join(killed)} ended KILLED" if killed else "no MLflow run was open"
+    if args.command == "train":
+        resume = "re-run the same command (or dvc repro) to start the training again"
+        try:
+            config = load_study(args.params)
+            from pipeline.paths import resume_file
+
+            if resume_file(config.study, config.cell(args.cell).name).is_file():
+                resume = "re-run the same command (or dvc repro) to resume after the last finished epoch"
+        except VaebenchError:
+            pass
+        return f"{runs} and {kept}; {resume}"
+    if args.command == "tune":
+        if not killed:
+            runs = "each worker ended the MLflow run of the trial it was running KILLED"
         return (
-            f"its MLflow run ended KILLED and {kept}; re-run the same command (or dvc repro) to resume "
-            "after the last finished epoch"
+            f"{runs}; re-run the same command (or dvc repro) to go on: finished trials are kept, interrupted "
+            "ones run again"
         )
-    if command == "tune":
-        return (
-            "the running trials' MLflow runs ended KILLED; re-run the same command (or dvc repro) to go "
-            "on: finished trials are kept, interrupted ones run again"
-        )
-    if command == "evaluate":
-        return f"its MLflow run ended KILLED and {kept}; re-run the same command (or dvc repro)"
+    if args.command in ("evaluate", "report"):
+        return f"{runs} and {kept}; re-run the same command (or dvc repro)"
     return f"{kept}; re-run the same command (or dvc repro)"
 
 

@@ -26,11 +26,12 @@ from pipeline.errors import VaebenchError
 from pipeline.evaluation.codes import knn_accuracy, linear_probe_accuracy
 from pipeline.evaluation.metrics import active_units
 from pipeline.evaluation.sample_quality import model_scores
+from pipeline.leftovers import clear_leftovers
 from pipeline.models import Autoencoder
 from pipeline.models.corruption import gaussian_noise, mask_pixels
 from pipeline.models.jacobian import frobenius_sq_exact
 from pipeline.models.losses import kl_per_dim, reconstruction_nats, squared_error
-from pipeline.outputs import non_finite, read_json, staged_dir, write_json
+from pipeline.outputs import check_room_for_dvc_cache, non_finite, read_json, staged_dir, write_json
 from pipeline.paths import (
     CLASS_SHARES_FILE,
     KL_PER_DIM_FILE,
@@ -194,6 +195,7 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
     cell = config.cell(cell_name)
     settings = config.evaluate
     tracking.check_store()
+    clear_leftovers(config.study)
     run_id = tracking.recorded_run(train_dir(config.study, cell.name) / RUN_FILE, train_stage(cell))
     device = resolve_device(cell.device)
     set_threads()
@@ -229,8 +231,9 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
         tracking.log_stage_seconds("evaluate", stopwatch.seconds)
     try:
         stage_params.check_unchanged(config, params, evaluate_stage(cell))
-    except stage_params.ParamsChanged:
-        shutil.rmtree(evaluate_dir(config.study, cell.name))
+        check_room_for_dvc_cache([evaluate_dir(config.study, cell.name)])
+    except BaseException:
+        shutil.rmtree(evaluate_dir(config.study, cell.name), ignore_errors=True)
         raise
     reconstruction = (
         f"recon {metrics['recon']:.2f} nats/image (MSE {metrics['recon_mse']:.4f}), " if "recon" in metrics else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -11,9 +12,60 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import ArtifactError
+from pipeline.errors import ArtifactError, VaebenchError
 
 REPOSITORY_ROOT_ENV = "DVC_ROOT"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(VaebenchError):
+    """A write failed for want of space (a full file system, or the user's quota)."""
+
+
+def size_text(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def free_space(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (or would: its nearest existing folder)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def disk_full(path: Path, needed: int | None = None) -> DiskFull:
+    """The one-line error for a write to `path` that found no space; `needed`: the bytes it needed, if known."""
+    need = f", and it needs at least {size_text(needed)}" if needed else ""
+    return DiskFull(
+        f"no space left for {path}: its file system (or your quota there) has {size_text(free_space(path))} free"
+        f"{need}; free space there, then re-run"
+    )
+
+
+def folder_size(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+
+
+def check_room_for_dvc_cache(outputs: list[Path]) -> None:
+    """Under DVC (which sets DVC_ROOT), that DVC's cache has room to store the stage's outputs once the command
+    exits: a stage that ends successfully while DVC then fails to cache its outputs would leave an MLflow run
+    that looks valid for outputs DVC never recorded. (With reflinks or hardlinks DVC needs less; the check is
+    a bound.)"""
+    root = os.environ.get(REPOSITORY_ROOT_ENV)
+    if not root:
+        return
+    needed = sum(folder_size(path) for path in outputs if Path(path).exists())
+    cache = Path(root) / ".dvc" / "cache"
+    if free_space(cache) < needed:
+        raise disk_full(cache, needed)
 
 
 def repository_root() -> Path:
@@ -32,6 +84,12 @@ def staged_dir(final: Path):
     scratch.mkdir(parents=True)
     try:
         yield scratch
+    except OSError as error:
+        written = folder_size(scratch) if scratch.exists() else 0
+        shutil.rmtree(scratch, ignore_errors=True)
+        if error.errno in DISK_FULL:
+            raise disk_full(final, written or None) from None
+        raise
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -48,7 +106,13 @@ def write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` in one step: a reader sees the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(path.name + ".partial")
-    scratch.write_text(text)
+    try:
+        scratch.write_text(text)
+    except OSError as error:
+        scratch.unlink(missing_ok=True)
+        if error.errno in DISK_FULL:
+            raise disk_full(path, len(text.encode())) from None
+        raise
     os.replace(scratch, path)
 
 
@@ -58,12 +122,23 @@ def non_finite(values: dict[str, float]) -> list[str]:
 
 
 def save_torch_file(value: object, path: Path) -> None:
-    """torch.save, atomically (a kill mid-write leaves the previous file)."""
+    """torch.save, atomically (a kill mid-write leaves the previous file). Serialized in memory first: torch's
+    own file writer reports a full disk as an unrelated RuntimeError ("unexpected pos ...")."""
+    import io
+
     import torch
 
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(path.name + ".partial")
-    torch.save(value, scratch)
+    try:
+        scratch.write_bytes(buffer.getbuffer())
+    except OSError as error:
+        scratch.unlink(missing_ok=True)
+        if error.errno in DISK_FULL:
+            raise disk_full(path, buffer.getbuffer().nbytes) from None
+        raise
     os.replace(scratch, path)
 
 

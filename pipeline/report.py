@@ -17,6 +17,7 @@ from pipeline.config import ConfigError, StudyConfig
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.errors import ArtifactError, VaebenchError
 from pipeline.floor import load_floor
+from pipeline.leftovers import clear_leftovers
 from pipeline.models.corruption import gaussian_noise, mask_pixels
 from pipeline.outputs import read_json, staged_dir, write_json
 from pipeline.paths import (
@@ -360,6 +361,7 @@ def to_html(blocks: list, folder: Path) -> str:
 
 def build_report(config: StudyConfig) -> Path:
     tracking.check_store()
+    clear_leftovers(config.study)
     cells = cell_table(config)
     evaluated = cells[cells["status"] == "ok"]
     if evaluated.empty:

@@ -6,6 +6,9 @@ study, log to and browse.
 serving every artifact itself from --artifacts (so a client needs only the server's address), bound to
 127.0.0.1 unless --host says otherwise. What it started is recorded in .vaebench/server/state.json, and
 `stop` ends exactly those processes, by PID.
+
+On a host beyond loopback (or with --auth) the server asks for a login: MLflow's own basic-auth app, with an
+admin user whose random password is kept in .vaebench/server/credentials (mode 0600), never on a command line.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import glob
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -34,6 +39,17 @@ DATABASE = "mlflow"
 SUPERUSER = "vaebench"
 START_SECONDS = 120
 STOP_SECONDS = 20
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+ADMIN_USERNAME = "vaebench-admin"
+# The admin login, as lines a shell can source (`. .vaebench/server/credentials`), mode 0600.
+CREDENTIALS_FILE = SERVER_DIR / "credentials"
+# MLflow's basic-auth settings (MLFLOW_AUTH_CONFIG_PATH), rewritten at each start, mode 0600: the store's URL
+# in it holds the database password.
+AUTH_CONFIG_FILE = SERVER_DIR / "auth.ini"
+# What every logged-in user may do on every experiment they did not create (its creator gets MANAGE): EDIT
+# reads, creates runs in and logs to it (a second user's shard logs to the study's experiment) but does not
+# delete it or its runs, nor change its permissions. READ would refuse that second user's runs.
+DEFAULT_PERMISSION = "EDIT"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -77,6 +93,65 @@ def _postgres_user_exists() -> bool:
     except KeyError:
         return False
     return True
+
+
+def wants_auth(host: str, auth: bool = False, no_auth: bool = False) -> bool:
+    """Whether the server asks for a login: with --auth; on a host beyond loopback unless --no-auth."""
+    if auth and no_auth:
+        raise ConfigError("--auth and --no-auth contradict each other; give one of them")
+    if auth or no_auth:
+        return auth
+    return host not in LOOPBACK_HOSTS
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner reads (mode 0600, also when it existed with a wider mode)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+
+
+def admin_credentials() -> tuple[str, str]:
+    """The admin's user name and password: from CREDENTIALS_FILE, made (a random password) on the first start."""
+    if not CREDENTIALS_FILE.is_file():
+        write_private(
+            CREDENTIALS_FILE,
+            "# The admin login of this checkout's MLflow server (vaebench server start); keep it private.\n"
+            f"export MLFLOW_TRACKING_USERNAME={ADMIN_USERNAME}\n"
+            f"export MLFLOW_TRACKING_PASSWORD={secrets.token_urlsafe(24)}\n",
+        )
+    found = dict(
+        re.findall(r"^export (MLFLOW_TRACKING_(?:USERNAME|PASSWORD))=(\S+)$", CREDENTIALS_FILE.read_text(), re.M)
+    )
+    if len(found) != 2:
+        raise ConfigError(
+            f"{CREDENTIALS_FILE} lacks the line export MLFLOW_TRACKING_USERNAME=... or MLFLOW_TRACKING_PASSWORD=...; "
+            "put them back (the admin's password, if the server ran before), or delete the file for a new one"
+        )
+    return found["MLFLOW_TRACKING_USERNAME"], found["MLFLOW_TRACKING_PASSWORD"]
+
+
+def write_auth_config(database: str, username: str, password: str) -> Path:
+    """MLflow's basic-auth settings. Users and permissions live in the tracking store's own database: they are
+    kept, and backed up, with the experiments they refer to, and an existing --postgres database needs no right
+    to create another. MLflow keeps them in tables of their own (users, roles, ..., and alembic_version_auth
+    for its migrations), apart from the tracking tables. The admin's password is used only to create the
+    admin user, on the first start."""
+
+    def value(text: str) -> str:  # configparser's interpolation reads % as a reference
+        return text.replace("%", "%%")
+
+    write_private(
+        AUTH_CONFIG_FILE,
+        "[mlflow]\n"
+        f"default_permission = {DEFAULT_PERMISSION}\n"
+        f"database_uri = {value(database)}\n"
+        f"admin_username = {value(username)}\n"
+        f"admin_password = {value(password)}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+    )
+    return AUTH_CONFIG_FILE.resolve()
 
 
 def _log_tail(path: Path) -> str:
@@ -256,7 +331,11 @@ def start(
     postgres: str | None = None,
     artifacts: Path | None = None,
     allowed_hosts: str | None = None,
+    auth: bool = False,
+    no_auth: bool = False,
 ) -> dict:
+    """Start the server (see the module's docstring); `auth`/`no_auth` are --auth/--no-auth (wants_auth)."""
+    login = wants_auth(host, auth, no_auth)
     state = read_state()
     if state and alive(state["mlflow_pid"]):
         raise VaebenchError(
@@ -265,6 +344,11 @@ def start(
         )
     check_address(host, port)
     SERVER_DIR.mkdir(parents=True, exist_ok=True)
+    credentials = admin_credentials() if login else None
+    if not login and host not in LOOPBACK_HOSTS:
+        log.warning(
+            f"--no-auth on {host}: anyone who reaches port {port} can change or delete every experiment and run"
+        )
     cluster = process = None
     try:
         if postgres is None:
@@ -275,8 +359,11 @@ def start(
         artifacts = (artifacts or SERVER_DIR / "artifacts").resolve()
         artifacts.mkdir(parents=True, exist_ok=True)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        process = _start_mlflow(host, port, postgres, artifacts, allowed_hosts)
+        auth_config = write_auth_config(postgres, *credentials) if credentials else None
+        process = _start_mlflow(host, port, postgres, artifacts, allowed_hosts, auth_config)
         _wait_until_answering(process, url)
+        if credentials:
+            _check_admin_login(url, *credentials)
     except BaseException:  # nothing this command started outlives its failure
         if process is not None:
             end_group(process.pid)
@@ -292,6 +379,9 @@ def start(
         "artifacts": str(artifacts),
         "postgres_dir": str(cluster.folder) if cluster else None,
         "postgres_pid": cluster.pid if cluster else None,
+        "auth": login,
+        "credentials": str(CREDENTIALS_FILE.resolve()) if login else None,
+        "username": credentials[0] if credentials else None,
     }
     write_json(STATE_FILE, state)
     return state
@@ -320,7 +410,9 @@ def check_address(host: str, port: int) -> None:
             ) from None
 
 
-def _start_mlflow(host: str, port: int, postgres: str, artifacts: Path, allowed_hosts: str | None) -> subprocess.Popen:
+def _start_mlflow(
+    host: str, port: int, postgres: str, artifacts: Path, allowed_hosts: str | None, auth_config: Path | None
+) -> subprocess.Popen:
     command = [
         sys.executable,
         "-m",
@@ -354,6 +446,13 @@ def _start_mlflow(host: str, port: int, postgres: str, artifacts: Path, allowed_
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_BACKEND_STORE_URI": postgres,
     }
+    if auth_config is not None:
+        command += ["--app-name", "basic-auth"]
+        # auth.ini names the admin; a shell's MLFLOW_AUTH_ADMIN_* would override it.
+        for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+            env.pop(name, None)
+        # The Flask secret key signs the sign-up form's CSRF token; one per start, shared by the workers.
+        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(auth_config), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
     with open(SERVER_DIR / "mlflow.log", "ab") as log_file:
         # A session of its own: the server's worker processes form one group that stop() ends together.
         return subprocess.Popen(
@@ -367,6 +466,7 @@ def _start_mlflow(host: str, port: int, postgres: str, artifacts: Path, allowed_
 
 
 def _wait_until_answering(process: subprocess.Popen, url: str) -> None:
+    """Wait for /health, which MLflow's basic-auth app leaves open (no login needed)."""
     import urllib.error
     import urllib.request
 
@@ -385,6 +485,32 @@ def _wait_until_answering(process: subprocess.Popen, url: str) -> None:
     end_group(process.pid)
     raise TrackingError(
         f"mlflow server did not answer at {url} within {START_SECONDS} s; see {SERVER_DIR / 'mlflow.log'}"
+    )
+
+
+def _check_admin_login(url: str, username: str, password: str) -> None:
+    """The admin's login works: a store whose admin user was made with another password (say, with a
+    credentials file since deleted) fails here with one line, not in every client."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/users/current", headers={"Authorization": f"Basic {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10):
+            return
+    except urllib.error.HTTPError as error:
+        if error.code == 401:
+            raise ConfigError(
+                f"the server refuses the admin login {username} of {CREDENTIALS_FILE}: its user store (in the "
+                "tracking database) made that user with another password; put that password in the file"
+            ) from None
+        reason = f"HTTP {error.code}"
+    except (urllib.error.URLError, OSError) as error:
+        reason = str(getattr(error, "reason", error))
+    raise TrackingError(
+        f"mlflow server at {url} did not answer the admin's login ({reason}); see {SERVER_DIR / 'mlflow.log'}"
     )
 
 

@@ -18,7 +18,14 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import CellConfig, StudyConfig, cell_as_dict
 from pipeline.errors import ArtifactError, Terminated, TrackingError
-from pipeline.outputs import load_torch_file, read_json, repository_root, restore_weights, write_json
+from pipeline.outputs import (
+    load_torch_file,
+    read_json,
+    repository_root,
+    restore_weights,
+    save_torch_file,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,9 @@ STUDY_TAG = "vaebench.study"
 CELL_TAG = "vaebench.cell"
 GROUP_TAG = "vaebench.group"  # the cell's group of seeds (set by the report, which reads every cell)
 PARENT_TAG = "vaebench.parent_run"  # experiment tag: the study's parent run
+PROCESS_TAG = "vaebench.process"  # host:pid:start time of the process a run is RUNNING in
+ARTIFACTS_TAG = "vaebench.artifacts"  # "incomplete" on a run whose model did not upload whole
+ENDED_TAG = "vaebench.ended"
 PARENT_WAIT_SECONDS = 30
 
 
@@ -68,6 +78,16 @@ def check_store() -> None:
                 timeout=HEALTH_TIMEOUT_SECONDS,
                 raise_on_status=False,
             )
+            # /health answers anyone; a server with a login (vaebench server --auth) refuses the API without it.
+            answer = http_request(
+                get_default_host_creds(uri),
+                "/api/2.0/mlflow/experiments/search",
+                "GET",
+                params={"max_results": 1},
+                max_retries=0,
+                timeout=HEALTH_TIMEOUT_SECONDS,
+                raise_on_status=False,
+            )
         except (MlflowException, OSError) as error:
             reason = str(error).split("\n")[0]
             if "Caused by" in reason:  # urllib3's chain: keep its innermost message
@@ -76,6 +96,13 @@ def check_store() -> None:
                 f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer ({reason}); start it, "
                 "or unset MLFLOW_TRACKING_URI to log to the local mlflow.db"
             ) from None
+        if answer.status_code in (401, 403):
+            given = "were refused" if os.environ.get("MLFLOW_TRACKING_USERNAME") else "are not set"
+            raise TrackingError(
+                f"the MLflow tracking server {uri} asks for a login and MLFLOW_TRACKING_USERNAME and "
+                f"MLFLOW_TRACKING_PASSWORD {given} (HTTP {answer.status_code}); set them to your account's (the "
+                "server's admin login is in its checkout's .vaebench/server/credentials)"
+            )
     elif not os.environ.get("MLFLOW_TRACKING_URI") and local_store().is_file():
         check_local_store_belongs_here()
 
@@ -197,6 +224,7 @@ def cell_run(
         STUDY_TAG: config.study,
         CELL_TAG: cell.name,
         "vaebench.dvc_stage": stage,
+        PROCESS_TAG: process_tag(),
         **source_tags(),
     }
     if run_id is None:
@@ -210,6 +238,9 @@ def cell_run(
         yield run
 
 
+ended_runs: list[tuple[str, str]] = []  # (run id, status) of the runs this process ended, for its last words
+
+
 @contextmanager
 def ending(run, finished: tuple[type[BaseException], ...] = ()):
     """End the active run by how the block ends: FINISHED (also for the `finished` exceptions), KILLED
@@ -217,15 +248,67 @@ def ending(run, finished: tuple[type[BaseException], ...] = ()):
     try:
         yield run
     except finished:
-        mlflow.end_run("FINISHED")
+        _end(run, "FINISHED")
         raise
     except (KeyboardInterrupt, Terminated):
-        mlflow.end_run("KILLED")
+        _end(run, "KILLED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        _end(run, "FAILED")
         raise
-    mlflow.end_run("FINISHED")
+    _end(run, "FINISHED")
+
+
+def _end(run, status: str) -> None:
+    mlflow.end_run(status)
+    ended_runs.append((run.info.run_id, status))
+
+
+def process_tag() -> str:
+    """This process, as a later process on this host can tell whether it is still there (a pid alone may
+    have been reused)."""
+    import socket
+
+    import psutil
+
+    me = psutil.Process()
+    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.3f}"
+
+
+def process_gone(tag: str) -> bool:
+    """Whether the process a PROCESS_TAG names has ended; a process on another host is never judged gone."""
+    import socket
+
+    import psutil
+
+    host, pid, started = tag.rsplit(":", 2)
+    if host != socket.gethostname():
+        return False
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.3f}" != started
+    except psutil.NoSuchProcess:
+        return True
+
+
+def end_abandoned_runs(study: str) -> list[str]:
+    """End KILLED every run of the study still RUNNING whose process on this host is gone (killed, and its
+    stage then restored by DVC from its cache, so never run again to end it). Returns their ids."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name(study))
+    if experiment is None:
+        return []
+    ended = []
+    for run in client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'"):
+        tag = run.data.tags.get(PROCESS_TAG)
+        if tag and process_gone(tag):
+            client.set_tag(run.info.run_id, ENDED_TAG, "left RUNNING by a process that is gone; ended by a later stage")
+            client.set_terminated(run.info.run_id, "KILLED")
+            log.info(
+                "ended the MLflow run %s (%s) left RUNNING by a killed process", run.info.run_id, run.info.run_name
+            )
+            ended.append(run.info.run_id)
+    return ended
 
 
 def end_orphaned_runs(client: MlflowClient, experiment_id: str, cell: str, keep: str | None) -> None:
@@ -236,7 +319,7 @@ def end_orphaned_runs(client: MlflowClient, experiment_id: str, cell: str, keep:
     )
     for run in found:
         if run.info.run_id != keep:
-            client.set_tag(run.info.run_id, "vaebench.ended", "left RUNNING by a killed process; ended by a later run")
+            client.set_tag(run.info.run_id, ENDED_TAG, "left RUNNING by a killed process; ended by a later run")
             client.set_terminated(run.info.run_id, "KILLED")
             log.info("%s: ended the MLflow run %s left RUNNING by a killed process", cell, run.info.run_id)
 
@@ -368,13 +451,26 @@ CELL_FILE = "cell.json"
 def log_model(model, cell: CellConfig) -> None:
     """The model as run artifacts under model/: its weights (a state dict of tensors) and its cell. Not a
     pickle of the module: loading one (load_logged_model) reads tensors only and runs no code from the file."""
-    import torch
 
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, incomplete_if_failing():
         folder = Path(scratch)
-        torch.save({key: value.cpu() for key, value in model.state_dict().items()}, folder / WEIGHTS_FILE)
+        save_torch_file({key: value.cpu() for key, value in model.state_dict().items()}, folder / WEIGHTS_FILE)
         write_json(folder / CELL_FILE, cell_as_dict(cell))
         mlflow.log_artifacts(str(folder), artifact_path=MODEL_ARTIFACT)
+
+
+@contextmanager
+def incomplete_if_failing():
+    """Tag the active run's artifacts incomplete when the block fails (a full disk, a server gone mid-upload):
+    the run then ends FAILED, and load_logged_model refuses it."""
+    try:
+        yield
+    except BaseException:
+        try:
+            mlflow.set_tag(ARTIFACTS_TAG, "incomplete")
+        except Exception:  # the store itself may be what failed; the run still ends FAILED
+            log.warning("could not tag the run's artifacts incomplete")
+        raise
 
 
 def log_networks(model, cell: CellConfig) -> None:
@@ -390,7 +486,7 @@ def log_networks(model, cell: CellConfig) -> None:
 
     requirements = [f"torch=={version('torch')}"]
     for name, (network, example) in serving_networks(model).items():
-        with torch.no_grad():
+        with torch.no_grad(), incomplete_if_failing():
             output = network(example)
         mlflow.pytorch.log_model(
             network,
@@ -409,13 +505,38 @@ def load_logged_model(run_id: str, device: str = "cpu"):
     from pipeline.models import build_model
 
     mlflow.set_tracking_uri(tracking_uri())
-    folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_ARTIFACT))
-    cell = dict(read_json(folder / CELL_FILE))
-    cell.pop("init_from", None)  # what a fine-tuned model started from does not change its network
-    cell["device"] = "cpu"  # where it trained does not matter here
-    model = build_model(parse_cell(cell.pop("name"), cell, {}))
-    weights = folder / WEIGHTS_FILE
-    restore_weights(model, load_torch_file(weights, f"train@<the cell of run {run_id}>", device), weights, "train")
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(
+            f"no MLflow run {run_id} in {tracking_uri()}; check the run id and MLFLOW_TRACKING_URI"
+        ) from None
+    if run.data.tags.get(ARTIFACTS_TAG) == "incomplete" or run.info.status != "FINISHED":
+        raise ArtifactError(
+            f"the MLflow run {run_id} ended {run.info.status} and its model is not whole; use a run that finished, "
+            "or train the cell again"
+        )
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            folder = Path(client.download_artifacts(run_id, MODEL_ARTIFACT, scratch))
+        except (MlflowException, OSError):
+            raise ArtifactError(
+                f"the MLflow run {run_id} holds no model ({MODEL_ARTIFACT}/ is missing from its artifacts); use a run "
+                "of a train stage, or train the cell again"
+            ) from None
+        try:
+            cell = dict(read_json(folder / CELL_FILE))
+        except (OSError, ValueError):
+            raise ArtifactError(
+                f"the model of MLflow run {run_id} has no readable {CELL_FILE}; train the cell again"
+            ) from None
+        cell.pop("init_from", None)  # what a fine-tuned model started from does not change its network
+        cell["device"] = "cpu"  # where it trained does not matter here
+        model = build_model(parse_cell(cell.pop("name"), cell, {}))
+        weights = folder / WEIGHTS_FILE
+        stage = f"train@<the cell of run {run_id}>"
+        restore_weights(model, load_torch_file(weights, stage, device), weights, "train")
     return model.to(device).eval()
 
 
@@ -527,7 +648,13 @@ def trial_run(config: StudyConfig, tune_name: str, number: int, parent_id: str):
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment_id = study_experiment(MlflowClient(), config.study)
-    tags = {"mlflow.parentRunId": parent_id, ROLE_TAG: "trial", "vaebench.tune": tune_name, "optuna.trial": str(number)}
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        ROLE_TAG: "trial",
+        "vaebench.tune": tune_name,
+        "optuna.trial": str(number),
+        PROCESS_TAG: process_tag(),
+    }
     run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{tune_name}-trial-{number}", tags=tags)
     with ending(run, finished=(optuna.TrialPruned,)):
         yield run
@@ -540,7 +667,7 @@ def end_killed_trial_run(run_id: str) -> None:
     if not _run_exists(client, run_id):
         return
     client.set_tag(run_id, "optuna.state", "FAIL")
-    client.set_tag(run_id, "vaebench.ended", "its worker stopped sending heartbeats; Optuna marked the trial FAIL")
+    client.set_tag(run_id, ENDED_TAG, "its worker stopped sending heartbeats; Optuna marked the trial FAIL")
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, "FAILED")
 

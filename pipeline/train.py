@@ -7,14 +7,14 @@ import logging
 import shutil
 from collections.abc import Callable
 
-import torch
-
 from pipeline import engine, stage_params, tracking
 from pipeline.classifier import load_classifier
 from pipeline.config import StudyConfig, cell_as_dict
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.evaluation.probe import FIDProbe
-from pipeline.outputs import read_json, sha256_of, staged_dir, write_json
+from pipeline.leftovers import clear_leftovers
+from pipeline.memory import check_memory
+from pipeline.outputs import check_room_for_dvc_cache, read_json, save_torch_file, sha256_of, staged_dir, write_json
 from pipeline.paths import (
     CONFIG_FILE,
     HISTORY_FILE,
@@ -41,8 +41,10 @@ def train_cell(
     cell = config.cell(cell_name)
     stopwatch = Stopwatch()
     with stopwatch.part("setup"):
-        tracking.check_store()
         device = engine.resolve_device(cell.device)
+        check_memory(cell, config.data.train_size, device, val_images=config.data.val_size)
+        tracking.check_store()
+        clear_leftovers(config.study)
         engine.set_threads()
         arrays = load_prepared(PREPARED_FILE)
         train_images = images_to_tensor(arrays["train_images"], device)
@@ -92,18 +94,19 @@ def train_cell(
             engine.finish_training(training, train_images)
 
         with stopwatch.part("write_outputs"), staged_dir(train_dir(config.study, cell.name)) as out:
-            torch.save({"cell": cell_as_dict(cell), "state_dict": training.model.state_dict()}, out / MODEL_FILE)
+            save_torch_file({"cell": cell_as_dict(cell), "state_dict": training.model.state_dict()}, out / MODEL_FILE)
             write_json(out / HISTORY_FILE, training.history)
             write_json(out / CONFIG_FILE, {"study": config.study, "cell": cell_as_dict(cell)})
             write_json(out / RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
-        with stopwatch.part("log_model"):
-            tracking.log_model(training.model, cell)
-            tracking.log_networks(training.model, cell)
-        tracking.log_stage_seconds("train", stopwatch.seconds)
-        try:  # inside the run, so that it ends FAILED
+        try:  # a failure from here on (an upload, edited params) leaves no outputs and the run FAILED
+            with stopwatch.part("log_model"):
+                tracking.log_model(training.model, cell)
+                tracking.log_networks(training.model, cell)
+            tracking.log_stage_seconds("train", stopwatch.seconds)
             stage_params.check_unchanged(config, stage_params.train_params(config, cell.name), train_stage(cell))
-        except stage_params.ParamsChanged:
-            shutil.rmtree(train_dir(config.study, cell.name))
+            check_room_for_dvc_cache([train_dir(config.study, cell.name)])
+        except BaseException:
+            shutil.rmtree(train_dir(config.study, cell.name), ignore_errors=True)
             raise
     checkpoint.unlink(missing_ok=True)
     return training.history

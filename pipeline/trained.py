@@ -19,7 +19,8 @@ def load_trained(study: str, cell: CellConfig, device: torch.device) -> Autoenco
     if saved.get("cell") != cell_as_dict(cell):
         block = "finetuned" if cell.init_from else "cells"
         raise ArtifactError(
-            f"{path} was trained with other parameters than {block}.{cell.name}; run `dvc repro {stage}`"
+            f"{path} was trained with other parameters than {block}.{cell.name}; retrain it: dvc repro -f {stage} "
+            "(-f also skips DVC's run-cache, which may map these parameters to that model, and replaces the entry)"
         )
     model = build_model(cell).to(device)
     restore_weights(model, saved["state_dict"], path, stage)

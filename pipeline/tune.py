@@ -32,6 +32,7 @@ from pipeline import engine, tracking
 from pipeline.config import PARAMS_FILE, StudyConfig, cell_as_dict, load_study
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.errors import TrackingError, VaebenchError
+from pipeline.memory import check_memory
 from pipeline.outputs import repository_root, staged_dir, write_json
 from pipeline.paths import PREPARED_FILE
 from pipeline.stage_params import TUNE_PARAMS, check_unchanged
@@ -118,6 +119,7 @@ def run_trial(config: StudyConfig, space: TuneSpace, data: dict, parent_id: str,
 
 def train_trial(config: StudyConfig, space: TuneSpace, data: dict, parent_id: str, trial: optuna.Trial):
     cell = trial_cell(config, space, trial)
+    check_memory(cell, len(data["train"]), data["train"].device, val_images=len(data["val"]))
     training = engine.start_training(cell, data["train"].device)
     with tracking.trial_run(config, study_name(space), trial.number, parent_id) as run:
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)

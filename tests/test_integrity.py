@@ -1,6 +1,7 @@
 """Issue 23's findings: no output recorded with params it was not made with, names every command accepts,
 no run left RUNNING, one line for each fault a user meets."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import SHARED_DATA, TINY_STUDY, copy_repo
-from pipeline import evaluate, stage_params
+from pipeline import cli, engine, evaluate, leftovers, stage_params, tracking
 from pipeline.classifier import train_classifier
 from pipeline.config import load_study
+from pipeline.errors import ArtifactError, TrackingError
 from pipeline.outputs import read_json
 from pipeline.paths import CONFIG_FILE, RUN_FILE, evaluate_dir, resume_file, train_dir
 from pipeline.stage_params import ParamsChanged
@@ -169,3 +171,228 @@ def test_dvc_yaml_passes_every_cell_after_the_separator():
     for command in commands:
         if "${" in command:
             assert " -- ${" in command, command
+
+
+def study_with_cells(folder: Path, cells: dict) -> Path:
+    raw = yaml.safe_load(TINY_STUDY.read_text())
+    raw["cells"], raw["finetuned"] = cells, {}
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("name", ["-x", "--help", "c" * 300, "bad\n"])
+def test_a_stage_refuses_a_bad_cell_name_before_any_work(workdir, capsys, name):
+    params = study_with_cells(workdir, {name: {"family": "vae", "arch": "linear", "latent_dim": 2, "seed": 0}})
+    assert cli.main(["--params", str(params), "train", "--", name]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("vaebench: error: ") and "must use only letters, digits" in error
+    assert len(error.strip().splitlines()) == 1 and not (workdir / "results").exists()
+
+
+def disk_full_error(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_at_a_stage_output_is_one_line_and_the_run_fails(prepared, workdir, monkeypatch, capsys):
+    params = own_params(workdir)
+    monkeypatch.setattr("pipeline.train.write_json", disk_full_error)
+    assert cli.main(["--params", str(params), "train", "--", CELL]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"vaebench: error: no space left for {train_dir('tiny', CELL)}: its file system")
+    assert "Traceback" not in error and len(error.splitlines()) == 1
+    assert not train_dir("tiny", CELL).exists() and not Path(f"{train_dir('tiny', CELL)}.partial").exists()
+    assert [run.info.status for run in runs_of("tiny", CELL)] == ["FAILED"]
+
+
+def test_a_model_upload_that_fails_leaves_a_failed_run_tagged_incomplete_that_is_never_loaded(
+    prepared, workdir, monkeypatch, capsys
+):
+    params = own_params(workdir)
+    monkeypatch.setattr("mlflow.log_artifacts", disk_full_error)
+    assert cli.main(["--params", str(params), "train", "--", CELL]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("vaebench: error: no space left for ") and len(error.splitlines()) == 1
+    (run,) = runs_of("tiny", CELL)
+    assert run.info.status == "FAILED" and run.data.tags[tracking.ARTIFACTS_TAG] == "incomplete"
+    assert not train_dir("tiny", CELL).exists()  # DVC records nothing, and no output looks valid
+    with pytest.raises(ArtifactError, match=f"the MLflow run {run.info.run_id} ended FAILED and its model is not"):
+        tracking.load_logged_model(run.info.run_id)
+
+
+def test_loading_a_run_without_a_model_is_one_line_and_leaves_no_temporary_folder(
+    empty_tracking_store, workdir, monkeypatch
+):
+    import tempfile
+
+    import mlflow
+
+    scratch = workdir / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with mlflow.start_run() as run:
+        mlflow.log_param("x", 1)
+    for _ in range(2):
+        with pytest.raises(ArtifactError, match=f"the MLflow run {run.info.run_id} holds no model"):
+            tracking.load_logged_model(run.info.run_id)
+    with pytest.raises(TrackingError, match="no MLflow run 0123abc"):
+        tracking.load_logged_model("0123abc")
+    assert list(scratch.iterdir()) == []
+
+
+def test_commands_run_from_a_subfolder_work_on_the_checkout(workdir, capsys):
+    root = copy_repo(workdir / "clone", TINY_STUDY)
+    (root / ".vaebench").mkdir()
+    subfolder = root / "results" / "deep"
+    subfolder.mkdir(parents=True)
+    os.chdir(subfolder)
+    assert cli.main(["check"]) == 0
+    assert "params.yaml: study 'tiny'" in capsys.readouterr().out
+    assert cli.main(["use-study", "seeds"]) == 0
+    assert load_study(root / "params.yaml").study == "seeds"
+    (root / "mine.yaml").write_text(TINY_STUDY.read_text())
+    os.chdir(subfolder)
+    assert cli.main(["use-study", "../../mine.yaml"]) == 0  # a path the user gave, from where they are
+    assert load_study(root / "params.yaml").study == "tiny"
+    assert Path.cwd() == root
+
+
+def test_an_interrupt_before_the_run_opens_says_no_run_was_open(prepared, workdir, monkeypatch, capsys):
+    params = own_params(workdir)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipeline.train.load_prepared", interrupted)
+    monkeypatch.setattr(tracking, "ended_runs", [])
+    assert cli.main(["--params", str(params), "train", "--", CELL]) == 130
+    assert capsys.readouterr().err == (
+        "vaebench train: interrupted; no MLflow run was open and nothing half-written was kept; re-run the same "
+        "command (or dvc repro) to start the training again\n"
+    )
+
+
+def test_an_interrupt_mid_training_names_the_run_it_ended(prepared, workdir, monkeypatch, capsys):
+    params = own_params(workdir, epochs=3)
+    save = engine.save_checkpoint
+
+    def save_then_interrupt(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(tracking, "ended_runs", [])
+    assert cli.main(["--params", str(params), "train", "--", CELL]) == 130
+    (run,) = runs_of("tiny", CELL)
+    assert run.info.status == "KILLED"
+    assert capsys.readouterr().err == (
+        f"vaebench train: interrupted; its MLflow run {run.info.run_id} ended KILLED and nothing half-written was "
+        "kept; re-run the same command (or dvc repro) to resume after the last finished epoch\n"
+    )
+
+
+def test_a_run_left_running_by_a_process_that_is_gone_ends_at_the_next_stage(prepared, workdir):
+    """Another process's run: a pid that is not there (the tag as a killed stage leaves it)."""
+    import socket
+
+    from mlflow import MlflowClient
+
+    config = load_study(own_params(workdir))
+    tracking.ensure_study(config)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("vaebench-tiny").experiment_id
+    gone = client.create_run(experiment, tags={tracking.PROCESS_TAG: f"{socket.gethostname()}:999999999:1.000"})
+    elsewhere = client.create_run(experiment, tags={tracking.PROCESS_TAG: "another-host:1:1.000"})
+    alive = client.create_run(experiment, tags={tracking.PROCESS_TAG: tracking.process_tag()})
+    train_cell(config, CELL)
+    assert client.get_run(gone.info.run_id).info.status == "KILLED"
+    assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"  # another host's: not judged here
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+
+
+def test_a_checkpoint_older_than_its_cells_restored_model_is_removed(prepared, workdir):
+    config = load_study(own_params(workdir))
+    train_cell(config, CELL)
+    checkpoint = resume_file(config.study, CELL)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(b"an old checkpoint")
+    os.utime(checkpoint, (1, 1))
+    kept = resume_file(config.study, OTHER_CELL)
+    kept.write_bytes(b"a checkpoint of a cell with no outputs")
+    leftovers.clear_leftovers(config.study)
+    assert not checkpoint.exists() and kept.exists()
+
+
+OVERSIZED = [{"latent_dim": 100_000_000}, {"hidden": [2_000_000]}, {"arch": "conv", "channels": [100_000, 100_000]}]
+
+
+@pytest.mark.parametrize("sizes", OVERSIZED)
+def test_a_cell_too_big_for_memory_is_refused_with_its_estimate_by_check_and_by_the_stage(workdir, capsys, sizes):
+    spec = {"family": "vae", "arch": "linear", "latent_dim": 2, "seed": 0, **sizes}
+    params = study_with_cells(workdir, {"big": spec})
+    for command in (["check"], ["train", "--", "big"]):
+        assert cli.main(["--params", str(params), *command]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("vaebench: error: cell big: training needs about ") and len(error.splitlines()) == 1
+        assert "GiB this process may use on cpu; lower latent_dim/hidden/channels/batch_size" in error
+    assert not (workdir / "results").exists() and not (workdir / "mlflow.db").exists()
+
+
+def test_an_allocation_failure_while_training_is_one_line_and_the_run_fails(prepared, workdir, monkeypatch, capsys):
+    params = own_params(workdir)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 6272000000 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(engine, "epochs", out_of_memory)
+    assert cli.main(["--params", str(params), "train", "--", CELL]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"vaebench: error: cell {CELL} ran out of memory ([enforce fail at alloc_cpu.cpp:117]")
+    assert error.endswith(
+        "lower its latent_dim, hidden, channels or batch_size, or run it on a machine with more memory"
+    )
+    assert len(error.splitlines()) == 1
+    assert [run.info.status for run in runs_of("tiny", CELL)] == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_a_killed_stage_restored_by_dvc_leaves_no_running_run_and_no_checkpoint_to_resume(workdir):
+    """Killed mid-training with edited params; the edit reverted, DVC restores the cell from its cache without
+    running it: the next stage that runs ends the killed run and removes the killed run's checkpoint."""
+    import signal
+
+    raw = yaml.safe_load(TINY_STUDY.read_text())
+    raw["cells"] = {name: raw["cells"][name] for name in (CELL, "ae-linear-z2-s0")}
+    raw["finetuned"] = {}
+    study = workdir / "study.yaml"
+    study.write_text(yaml.safe_dump(raw, sort_keys=False))
+    root = copy_repo(workdir / "clone", study)
+    original = (root / "params.yaml").read_text()
+    env = dvc_environment()
+    subprocess.run(["dvc", "repro", f"train@{CELL}"], cwd=root, env=env, check=True, capture_output=True)
+    edit(root / "params.yaml", "cells", CELL, "epochs", value=200)
+    process = subprocess.Popen(
+        ["dvc", "repro", f"train@{CELL}"], cwd=root, env=env, stdout=subprocess.DEVNULL, start_new_session=True
+    )
+    checkpoint = root / resume_file("tiny", CELL)
+    deadline = time.monotonic() + 300
+    while not checkpoint.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vaebench-tiny").experiment_id
+    (killed,) = client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'")
+    (root / "params.yaml").write_text(original)
+    restored = subprocess.run(
+        ["dvc", "repro", f"train@{CELL}", "train@ae-linear-z2-s0"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert f"Running stage 'train@{CELL}'" not in restored.stdout  # restored, not run
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    assert not client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'")
+    assert not checkpoint.exists()

@@ -2,6 +2,7 @@
 MLflow tracking server started with `vaebench server` and a DVC remote folder."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def run(folder, *command, **extra):
 
 @pytest.fixture(scope="module")
 def server(postgres, tmp_path_factory):
-    """`vaebench server start` on the test cluster's database, on a free loopback port; stopped at the end."""
+    """`vaebench server start --auth` on the test cluster's database, on a free loopback port; stopped at the
+    end."""
     folder = tmp_path_factory.mktemp("server")
     database = postgres.create_database("mlflow_multi_machine")
     port = free_port()
@@ -63,9 +65,16 @@ def server(postgres, tmp_path_factory):
         str(port),
         "--artifacts",
         str(folder / "artifacts"),
+        "--auth",  # the stages, shards and tuning workers below log in
     )
     assert f"http://127.0.0.1:{port}" in output
-    yield f"http://127.0.0.1:{port}"
+    # Every client of this module (the test process, and through environment() the stages, shards and tuning
+    # workers it starts) logs in with the admin's login.
+    text = (folder / ".vaebench/server/credentials").read_text()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in re.findall(r"^export (MLFLOW_TRACKING_\w+)=(\S+)$", text, re.M):
+            patch.setenv(name, value)
+        yield f"http://127.0.0.1:{port}"
     state = yaml.safe_load((folder / ".vaebench/server/state.json").read_text())
     run(folder, sys.executable, "-m", "pipeline", "server", "stop")
     with pytest.raises(ProcessLookupError):
