@@ -368,9 +368,10 @@ def _flush_or_silence(stream) -> None:
 
 
 def checkout_root(start: Path) -> Path | None:
-    """The DVC checkout `start` lies in: the nearest folder up from it with dvc.yaml and .dvc/."""
+    """The folder a command works in: the nearest one up from `start` with a dvc.yaml or a params.yaml (the
+    checkout's root, or the app's workspace, which has a params.yaml of its own)."""
     for folder in (start, *start.parents):
-        if (folder / "dvc.yaml").is_file() and (folder / ".dvc").is_dir():
+        if (folder / "dvc.yaml").is_file() or (folder / PARAMS_FILE).is_file():
             return folder
     return None
 
@@ -398,6 +399,8 @@ def run_from_checkout_root(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[vaebench] %(message)s", handlers=[_QuietOnClosedPipe(sys.stderr)])
+    # MLflow logs every SQL error with its statement before raising it; the error itself is enough.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         run_from_checkout_root(args)
@@ -408,18 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     except VaebenchError as error:
         print(f"vaebench: error: {error}", file=sys.stderr)
         return 1
-    except OSError as error:
-        if error.errno not in DISK_FULL:
+    except _StdoutClosed:  # the reader has what it wanted
+        pass
+    except Exception as error:
+        message = resource_fault(args, error)
+        if message is None:  # a bug: its traceback
             raise
-        place = error.filename or "a file"
-        print(f"vaebench: error: {disk_full(Path(place) if error.filename else Path.cwd())}", file=sys.stderr)
-        return 1
-    except (MemoryError, RuntimeError) as error:
-        from pipeline.memory import is_out_of_memory
-
-        if not is_out_of_memory(error):
-            raise
-        print(f"vaebench: error: {out_of_memory_message(args, error)}", file=sys.stderr)
+        print(f"vaebench: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"vaebench {args.command}: interrupted; {stopped_hint(args)}", file=sys.stderr)
@@ -427,8 +425,6 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"vaebench {args.command}: terminated (SIGTERM); {stopped_hint(args)}", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except _StdoutClosed:  # the reader has what it wanted
-        pass
     finally:
         signal.signal(signal.SIGTERM, previous)
         for stream in (sys.stdout, sys.stderr):  # Python's exit must not flush into a closed pipe
@@ -436,14 +432,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def out_of_memory_message(args, error: BaseException) -> str:
-    """One line for an allocation that failed although the estimate let the cell start."""
-    what = f"cell {args.cell}" if getattr(args, "cell", None) else f"vaebench {args.command}"
-    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    return (
-        f"{what} ran out of memory ({reason}); its MLflow run, if one was open, ended FAILED and nothing was "
-        "written: lower its latent_dim, hidden, channels or batch_size, or run it on a machine with more memory"
-    )
+SQLITE_FULL = "database or disk is full"  # SQLite's words, through SQLAlchemy and MLflow
+
+
+def resource_fault(args, error: Exception) -> str | None:
+    """The one line for a machine that ran out of disk or memory mid-command (the run, if one was open, has
+    ended FAILED and staged outputs were discarded), or None for any other error."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        return str(disk_full(Path(error.filename) if error.filename else Path.cwd()))
+    if SQLITE_FULL in str(error):
+        from pipeline.tracking import local_store
+
+        return str(disk_full(local_store()))
+    from pipeline.memory import is_out_of_memory
+
+    if is_out_of_memory(error):
+        what = f"cell {args.cell}" if getattr(args, "cell", None) else f"vaebench {args.command}"
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        return (
+            f"{what} ran out of memory ({reason}); its MLflow run, if one was open, ended FAILED and nothing was "
+            "written: lower its latent_dim, hidden, channels or batch_size, or run it on a machine with more memory"
+        )
+    return None
 
 
 def stopped_hint(args) -> str:

@@ -13,7 +13,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from conftest import SHARED_DATA, TINY_STUDY, copy_repo
+from conftest import REPO, SHARED_DATA, TINY_STUDY, copy_repo
 from pipeline import cli, engine, evaluate, leftovers, stage_params, tracking
 from pipeline.classifier import train_classifier
 from pipeline.config import load_study
@@ -256,6 +256,12 @@ def test_commands_run_from_a_subfolder_work_on_the_checkout(workdir, capsys):
     assert cli.main(["use-study", "../../mine.yaml"]) == 0  # a path the user gave, from where they are
     assert load_study(root / "params.yaml").study == "tiny"
     assert Path.cwd() == root
+    app = root / ".vaebench" / "app"  # a folder with a params.yaml of its own (the app's workspace) stays
+    app.mkdir()
+    (app / "params.yaml").write_text((REPO / "studies" / "seeds.yaml").read_text())
+    os.chdir(app)
+    assert cli.main(["check"]) == 0
+    assert "params.yaml: study 'seeds'" in capsys.readouterr().out
 
 
 def test_an_interrupt_before_the_run_opens_says_no_run_was_open(prepared, workdir, monkeypatch, capsys):
@@ -396,3 +402,32 @@ def test_a_killed_stage_restored_by_dvc_leaves_no_running_run_and_no_checkpoint_
     assert client.get_run(killed.info.run_id).info.status == "KILLED"
     assert not client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'")
     assert not checkpoint.exists()
+
+
+def test_a_full_tracking_store_is_one_line_naming_it(prepared, workdir, monkeypatch, capsys):
+    from mlflow.exceptions import MlflowException
+
+    params = own_params(workdir)
+
+    def store_full(*args, **kwargs):  # what MLflow raises when SQLite cannot grow mlflow.db
+        raise MlflowException("(sqlite3.OperationalError) database or disk is full\n[SQL: INSERT INTO runs ...]")
+
+    monkeypatch.setattr(tracking, "log_cell_params", store_full)
+    assert cli.main(["--params", str(params), "train", "--", CELL]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"vaebench: error: no space left for {tracking.local_store()}: its file system")
+    assert len(error.splitlines()) == 1
+
+
+def test_a_stage_whose_outputs_dvcs_cache_has_no_room_for_fails_before_its_run_finishes(prepared, workdir, monkeypatch):
+    from pipeline import outputs
+
+    params = own_params(workdir)
+    monkeypatch.setenv("DVC_ROOT", str(workdir))
+    monkeypatch.setattr(outputs, "free_space", lambda path: 1000)
+    with pytest.raises(
+        outputs.DiskFull, match=r"no space left for .*\.dvc/cache: .* has 1000 bytes free, and it needs"
+    ):
+        train_cell(load_study(params), CELL)
+    assert not train_dir("tiny", CELL).exists()
+    assert [run.info.status for run in runs_of("tiny", CELL)] == ["FAILED"]
