@@ -164,9 +164,9 @@ def epochs(
 
 
 def finish_training(training: Training, train_images: torch.Tensor) -> None:
-    """A family without a prior gets its ex-post Gaussian fitted to the codes of the training images."""
-    if not training.model.capabilities.prior:
-        training.model.fit_code_distribution(encode_all(training.model, train_images))
+    """A family whose sampler is fitted after training (ex-post) gets it fitted to the training images' codes."""
+    if training.model.sampler.ex_post:
+        training.model.fit_sampler(encode_all(training.model, train_images))
 
 
 def save_checkpoint(path: Path, training: Training, run_id: str, inputs: dict | None = None) -> None:

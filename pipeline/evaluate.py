@@ -130,16 +130,14 @@ def code_metrics(
 @torch.no_grad()
 def save_figures(model: Autoencoder, images: torch.Tensor, n_images: int, seed: int, folder) -> None:
     """reconstructions.png (families with an encoder): originals (top rows) above reconstructions from the
-    code; samples.png: decoded samples (z ~ N(0, I), or the ex-post Gaussian of a family without a prior)."""
+    code; samples.png: decoded samples of the model's sampler (its prior, or a distribution fitted to its codes)."""
     columns = min(n_images, 16)
     if model.capabilities.encoder:
         originals = images[:n_images]
         reconstructions = torch.sigmoid(model.decode(model.encode(originals)))
         save_image(torch.cat([originals, reconstructions]), folder / "reconstructions.png", nrow=columns, pad_value=1.0)
-    noise = torch.randn(n_images, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(images.device)
-    save_image(
-        torch.sigmoid(model.decode(model.latent_from_noise(noise))), folder / "samples.png", nrow=columns, pad_value=1.0
-    )
+    noise = model.sample_noise(n_images, torch.Generator().manual_seed(seed)).to(images.device)
+    save_image(torch.sigmoid(model.decode_noise(noise)), folder / "samples.png", nrow=columns, pad_value=1.0)
 
 
 @dataclass

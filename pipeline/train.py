@@ -57,7 +57,7 @@ def train_cell(
         inputs["origin"] = sha256_of(train_dir(config.study, cell.init_from) / MODEL_FILE)
     probe = None
     if training.model.capabilities.adversarial:
-        probe = FIDProbe(load_classifier(device), val_images, cell.latent_dim, seed=cell.seed)
+        probe = FIDProbe(load_classifier(device), val_images, training.model, seed=cell.seed)
     checkpoint = resume_file(config.study, cell.name)
     run_id = engine.restore_checkpoint(checkpoint, training, inputs)
     if run_id is not None and not tracking.run_exists(run_id):

@@ -179,7 +179,7 @@ def test_vaegan_steps_every_player_and_keeps_the_gan_gradient_out_of_the_encoder
 
 def test_a_gan_has_no_encoder_and_validates_on_both_players_losses():
     model = build_model(cell())
-    assert not model.capabilities.encoder and model.capabilities.prior and model.capabilities.adversarial
+    assert not model.capabilities.encoder and not model.sampler.ex_post and model.capabilities.adversarial
     with pytest.raises(TypeError, match="no encoder"):
         model.encode(images(2))
     torch.manual_seed(0)

@@ -280,3 +280,28 @@ def test_mode_collapse_is_flagged_above_the_threshold():
         "gan-linear-z10-s0: 82% of its samples are the digit 1 (class entropy 2.100 nats).",
     ]
     assert QUESTIONS["adversarial"] not in findings(LAB_GRID)  # asked only where a study has adversarial cells
+
+
+def test_the_bound_question_compares_the_likelihood_families_on_one_network():
+    rows = [  # cell, family, variant, iw_nll, active units
+        ("linear-z20-b1-s0", "vae", "β=1", 96.9, 14),
+        ("iwae-linear-z20-k5-s0", "iwae", "k=5", 95.8, 17),
+        ("ae-linear-z20-s0", "ae", "", float("nan"), float("nan")),  # no bound: not compared
+    ]
+    frame = pd.DataFrame(rows, columns=["cell", "family", "variant", "iw_nll", "active_units"])
+    frame["arch"], frame["latent_dim"], frame["seed"], frame["status"] = "linear", 20, 0, "ok"
+    frame["beta"] = [1.0, float("nan"), float("nan")]
+    frame["recon"], frame["kl"], frame["elbo"] = 80.0, 20.0, 100.0
+    for metric in FAMILY_COLUMNS[4:]:  # the other family questions' metrics
+        frame[metric] = 1.0
+    frame["group"] = frame["cell"].map(group_name)
+    generator_columns(frame)
+    answer = study_findings(frame, seed_table(frame), COLLAPSE)[QUESTIONS["bound"]]
+    assert answer == [
+        "linear, latent_dim 20: IW bound on -log p(x), iwae-linear-z20-k5 95.80 nats, 17/20 active units; "
+        "linear-z20-b1 96.90 nats, 14/20 active units. iwae-linear-z20-k5 is lowest, 1.10 nats below linear-z20-b1; "
+        "iwae-linear-z20-k5 keeps the most active units."
+    ]
+    frame.loc[frame["family"] == "iwae", "iw_nll"] = 97.5  # another table, another answer
+    answer = study_findings(frame, seed_table(frame), COLLAPSE)[QUESTIONS["bound"]]
+    assert "linear-z20-b1 is lowest, 0.60 nats below iwae-linear-z20-k5" in answer[0]

@@ -20,6 +20,7 @@ SETTINGS = {
     "cae": {"contraction_weight": 0.1},
     "gan": {},
     "vaegan": {},
+    "iwae": {"k": 3},
 }
 
 
@@ -72,7 +73,7 @@ def test_deterministic_families_have_the_code_as_latent_and_no_posterior(family)
     assert torch.equal(out.code, out.z) and torch.equal(out.code, model.encode(x))
     assert out.logvar is None and not hasattr(model, "posterior")
     assert not model.capabilities.posterior
-    assert not model.capabilities.prior and not model.capabilities.likelihood_bound
+    assert model.sampler.ex_post and not model.capabilities.likelihood_bound
 
 
 def test_vae_loss_terms_are_recon_plus_beta_kl_and_report_the_elbo():
@@ -145,7 +146,7 @@ def test_ex_post_gaussian_reproduces_the_codes_mean_and_covariance():
     codes = torch.randn(50_000, 2, generator=generator) @ torch.tensor([[2.0, 0.0], [1.0, 0.5]]) + torch.tensor(
         [3.0, -1.0]
     )
-    model.fit_code_distribution(codes)
+    model.fit_sampler(codes)
     drawn = model.latent_from_noise(torch.randn(50_000, 2, generator=generator))
     assert torch.allclose(drawn.mean(0), codes.mean(0), atol=0.05)
     assert torch.allclose(torch.cov(drawn.T), torch.cov(codes.T), rtol=0.03, atol=0.03)
@@ -163,8 +164,9 @@ def test_conv_depths_decode_to_28x28(channels):
 @pytest.mark.parametrize("arch", ["linear", "conv"])
 def test_a_seed_starts_the_same_decoder_in_families_whose_encoders_give_as_many_outputs(arch):
     """Every family's decoder is the same network. The encoder is built first, so the decoder's starting
-    weights depend on the seed and on the size of the encoder's output layer: vae and vaegan (2 x latent_dim
-    numbers) start from one decoder, ae, dae and cae (latent_dim) from another; the gan's (one logit) differs."""
+    weights depend on the seed and on the size of the encoder's output layer: vae, vaegan and iwae (2 x
+    latent_dim numbers) start from one decoder, ae, dae and cae (latent_dim) from another; the gan's (one
+    logit) differs."""
 
     def decoder(family, seed=0):
         torch.manual_seed(seed)
@@ -177,7 +179,7 @@ def test_a_seed_starts_the_same_decoder_in_families_whose_encoders_give_as_many_
     shapes = {family: [(key, tuple(t.shape)) for key, t in state.items()] for family, state in decoders.items()}
     assert len({tuple(s) for s in shapes.values()}) == 1
     outputs = {family: FAMILIES[family].encoder_outputs(3) for family in FAMILIES}
-    assert outputs == {"vae": 6, "vaegan": 6, "ae": 3, "dae": 3, "cae": 3, "gan": 1}
+    assert outputs == {"vae": 6, "vaegan": 6, "iwae": 6, "ae": 3, "dae": 3, "cae": 3, "gan": 1}
     for family in FAMILIES:
         for other in FAMILIES:
             if outputs[family] == outputs[other]:
@@ -225,12 +227,15 @@ def test_default_study_compares_each_family_on_the_network_of_the_lab_cell():
     config = load_study(REPO / "studies" / "default.yaml")
     reference = config.cell("linear-z10-b1-s0")
     others = [cell for cell in config.cells.values() if cell.family != "vae"]
-    assert sorted(cell.family for cell in others) == ["ae", "cae", "dae", "gan"]
+    assert sorted(cell.family for cell in others) == ["ae", "cae", "dae", "gan", "iwae"]
     for cell in others:
+        # The IWAE beside the reference network of the likelihood literature (784-400-20), the others beside
+        # the lab's cell.
+        vae = config.cell("linear-z20-b1-s0") if cell.family == "iwae" else reference
         same_network = dataclasses.replace(
-            cell, name=reference.name, family="vae", settings=reference.settings, lr=reference.lr, init_from=None
+            cell, name=vae.name, family="vae", settings=vae.settings, lr=vae.lr, init_from=None
         )
-        assert same_network == reference
+        assert same_network == vae
     # The fine-tuned generator starts from that very cell, at the GAN learning rate.
     tuned = config.cell("gan-linear-z10-ft-s0")
     assert (tuned.init_from, tuned.lr) == ("linear-z10-b1-s0", 0.0002)

@@ -120,11 +120,11 @@ def test_a_family_without_a_prior_stores_its_ex_post_gaussian(prepared):
     model = load_trained(prepared.study, prepared.cell("ae-linear-z2-s0"), torch.device("cpu"))
     # The Gaussian of the saved model's codes of the training images: their mean and covariance.
     codes = encode_all(model, images_to_tensor(load_prepared(PREPARED_FILE)["train_images"])).double()
-    assert torch.allclose(model.code_mean.double(), codes.mean(0), rtol=1e-5, atol=1e-5)
-    covariance = model.code_scale_tril.double() @ model.code_scale_tril.double().T
+    assert torch.allclose(model.sampler.mean.double(), codes.mean(0), rtol=1e-5, atol=1e-5)
+    covariance = model.sampler.scale_tril.double() @ model.sampler.scale_tril.double().T
     assert torch.allclose(covariance, torch.cov(codes.T), rtol=1e-4, atol=1e-6)
-    assert torch.equal(model.code_scale_tril, torch.tril(model.code_scale_tril))
-    assert model.code_mean.abs().sum() > 0 and not torch.equal(model.code_scale_tril, torch.eye(2))
+    assert torch.equal(model.sampler.scale_tril, torch.tril(model.sampler.scale_tril))
+    assert model.sampler.mean.abs().sum() > 0 and not torch.equal(model.sampler.scale_tril, torch.eye(2))
 
 
 class Payload:
@@ -159,6 +159,7 @@ FAMILY_CELLS = {
     "cae": "cae-conv-z2-s0",
     "gan": "gan-conv-z2-s0",
     "vaegan": "vaegan-linear-z2-s0",
+    "iwae": "iwae-linear-z2-k5-s0",
 }
 
 
@@ -198,5 +199,5 @@ def test_a_few_epochs_of_each_family_on_real_digits_give_finite_falling_losses(f
         assert last["val_recon"] < first["val_recon"]
     if model.capabilities.posterior:
         assert all(row["val_elbo"] == pytest.approx(row["val_recon"] + row["val_kl"]) for row in history)
-    if not model.capabilities.prior:  # the ex-post Gaussian of the training codes
-        assert torch.allclose(model.code_mean, encode_all(model, train_images).mean(0), atol=1e-4)
+    if model.sampler.ex_post:  # the ex-post Gaussian of the training codes
+        assert torch.allclose(model.sampler.mean, encode_all(model, train_images).mean(0), atol=1e-4)

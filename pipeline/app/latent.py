@@ -40,6 +40,6 @@ def decode(model: Autoencoder, z: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def decode_noise(model: Autoencoder, noise: torch.Tensor) -> np.ndarray:
-    """Samples from N(0, I) noise: z itself for a family with a prior, else mapped through its ex-post Gaussian."""
+    """The samples `noise` (from the model's sample_noise) stands for."""
     model.eval()
-    return decode(model, model.latent_from_noise(noise.to(next(model.parameters()).device)))
+    return torch.sigmoid(model.decode_noise(noise.to(next(model.parameters()).device))).squeeze(1).cpu().numpy()

@@ -186,9 +186,11 @@ def side_by_side(study: str, name: str) -> None:
         return
     others = [other for other, cell in cells_of(study).items() if cell.latent_dim == model.latent_dim]
     other = st.selectbox(f"Compare {name} with (cells with latent_dim {model.latent_dim})", others, key="browse_other")
-    seed = st.number_input("seed of z ~ N(0, I)", min_value=0, value=0, step=1, key="browse_seed")
-    noise = torch.randn(8, model.latent_dim, generator=torch.Generator().manual_seed(int(seed)))
-    st.caption("The same noise for both; a family without a prior maps it through its own ex-post Gaussian.")
+    seed = st.number_input("seed of the noise", min_value=0, value=0, step=1, key="browse_seed")
+    noise = model.sample_noise(8, torch.Generator().manual_seed(int(seed)))
+    st.caption(
+        "The same noise for both; each model's sampler turns it into its own latents (a prior, or one fitted ex post)."
+    )
     for shown in dict.fromkeys([name, other]):
         decoder = load_model(study, shown)
         if decoder is not None:
@@ -227,7 +229,7 @@ def explorer_page() -> None:
 
 def plane_explorer(model, codes: np.ndarray, labels: np.ndarray) -> None:
     st.subheader("The 2-D latent plane")
-    units = "z" if model.capabilities.prior else "ex-post Gaussian units"
+    units = f"{model.sampler.label} units" if model.sampler.ex_post else "z"
     left, right = st.columns(2)
     with left:
         z1 = st.slider(f"z₁ ({units})", -SLIDER_RANGE, SLIDER_RANGE, 0.0, 0.05, key="plane_z1")
@@ -342,7 +344,7 @@ def train_page() -> None:
         )
         settings = st.text_area(
             f"{family} settings (YAML, as on a cell in params.yaml)",
-            training.FAMILY_SETTINGS[family],
+            training.starting_settings(family),
             key=f"train_settings_{family}",
         )
     evaluate = st.checkbox(
@@ -359,7 +361,7 @@ def train_page() -> None:
         st.code(trained["snippet"], language="yaml")
         model = load_model(training.APP_STUDY, trained["cell"])
         if model is not None:
-            noise = torch.randn(8, model.latent_dim, generator=torch.Generator().manual_seed(0))
+            noise = model.sample_noise(8, torch.Generator().manual_seed(0))
             image_row(latent.decode_noise(model, noise), [""] * 8, width=70)
 
 

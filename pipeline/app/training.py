@@ -33,14 +33,12 @@ WORKSPACE = Path(".vaebench") / "app"
 # The train stage's log line per epoch (pipeline/train.py).
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)\s+train loss (\S+)\s+val (.*)$")
 VALUE = re.compile(r"(\S+) (\S+)")
-FAMILY_SETTINGS = {  # what the settings box starts with for each family (any key its cells accept works)
-    "vae": "beta: 1.0",
-    "ae": "",
-    "dae": "noise: gaussian\nnoise_std: 0.5",
-    "cae": "contraction_weight: 0.1",
-    "gan": "lr: 0.0002",
-    "vaegan": "beta: 1.0",
-}
+
+
+def starting_settings(family: str) -> str:
+    """What the settings box starts with for a family: its settings' defaults (any key its cells accept works)."""
+    settings = FAMILIES[family].starting_settings()
+    return yaml.safe_dump(settings, sort_keys=False).strip() if settings else ""
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,6 @@ comparable with each other, not with published Inception FIDs.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pipeline.config import SampleQualityConfig
@@ -22,7 +20,6 @@ from pipeline.evaluation.metrics import (
     precision_recall,
 )
 from pipeline.models import Autoencoder
-from pipeline.models.losses import reconstruction_nats
 from pipeline.timing import Stopwatch
 
 SUFFIX = "mnist_cnn"
@@ -72,16 +69,15 @@ def model_scores(
     stopwatch: Stopwatch | None = None,
 ) -> tuple[dict, dict]:
     """Scores of N samples and of the reconstructions of N test images, plus the IW likelihood where the
-    family has a likelihood bound. Samples decode z ~ N(0, I), or for a family without a prior the same
-    noise mapped through the Gaussian fitted to its training codes (ex-post density estimation)."""
+    family has a likelihood bound. Samples decode the noise the model's sampler draws (its prior, or the
+    distribution fitted to its training codes)."""
     stopwatch = stopwatch or Stopwatch()
     with stopwatch.part("precision_recall"):
         real_radii = kth_neighbour_radii(real_features, settings.pr_k)
     with stopwatch.part("decode"):
-        generator = torch.Generator().manual_seed(settings.seed)
-        noise = torch.randn(settings.n_samples, model.latent_dim, generator=generator).to(test_images.device)
+        noise = model.sample_noise(settings.n_samples, torch.Generator().manual_seed(settings.seed))
         samples = torch.cat(
-            [torch.sigmoid(model.decode(model.latent_from_noise(chunk))) for chunk in noise.split(1000)]
+            [torch.sigmoid(model.decode_noise(chunk)) for chunk in noise.to(test_images.device).split(1000)]
         )
     sample_scores, sample_shares = set_scores(classifier, real_features, samples, settings, real_radii, stopwatch)
     scores = sample_scores
@@ -101,35 +97,15 @@ def model_scores(
         subset = torch.bernoulli(subset, generator=torch.Generator(subset.device).manual_seed(settings.seed))
     torch.manual_seed(settings.seed)
     with stopwatch.part("iw_nll"):
-        nll = importance_weighted_nll(model, subset, settings.iw_samples, model.likelihood, model.gaussian_std)
+        nll = importance_weighted_nll(model, subset, settings.iw_samples)
     return {**scores, "iw_nll": nll.mean().item()}, {"samples": sample_shares}
 
 
 @torch.no_grad()
 def importance_weighted_nll(
-    model: Autoencoder,
-    x: torch.Tensor,
-    k: int,
-    likelihood: str,
-    gaussian_std: float = 0.1,
-    decodes_per_chunk: int = 20_000,
+    model: Autoencoder, x: torch.Tensor, k: int, decodes_per_chunk: int = 20_000
 ) -> torch.Tensor:
-    """-log p(x) estimated with K importance samples from q(z|x) (Burda et al., 2016), nats per image.
-
-    log p(x) >= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x); K = 1 is the ELBO, and the bound tightens as K grows.
-    """
-    results = []
+    """The model's K-sample bound on -log p(x) (its `nll_bound`) per image, in chunks of images whose K
+    decodes stay within `decodes_per_chunk`."""
     images_per_chunk = max(1, decodes_per_chunk // k)
-    for batch in x.split(images_per_chunk):
-        mu, logvar = model.posterior(batch)
-        std = torch.exp(0.5 * logvar)
-        z = mu + std * torch.randn(k, *mu.shape, device=mu.device)  # (K, B, D)
-        logits = model.decode(z.flatten(0, 1)).view(k, len(batch), *batch.shape[1:])
-        log_px_z = -reconstruction_nats(logits.flatten(0, 1), batch.repeat(k, 1, 1, 1), likelihood, gaussian_std).view(
-            k, -1
-        )
-        log_pz = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
-        log_qz = (-0.5 * ((z - mu) / std).pow(2) - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
-        log_w = log_px_z + log_pz - log_qz
-        results.append(-(torch.logsumexp(log_w, dim=0) - math.log(k)))
-    return torch.cat(results)
+    return torch.cat([model.nll_bound(batch, k) for batch in x.split(images_per_chunk)])

@@ -12,13 +12,14 @@ from pipeline.models.cae import CAE
 from pipeline.models.contract import Autoencoder
 from pipeline.models.dae import DAE
 from pipeline.models.gan import GAN
+from pipeline.models.iwae import IWAE
 from pipeline.models.vae import VAE
 from pipeline.models.vaegan import VAEGAN
 
 if TYPE_CHECKING:
     from pipeline.config import CellConfig
 
-FAMILIES: dict[str, type[Autoencoder]] = {"vae": VAE, "ae": AE, "dae": DAE, "cae": CAE, "gan": GAN, "vaegan": VAEGAN}
+FAMILIES: dict[str, type[Autoencoder]] = {family.family: family for family in (VAE, AE, DAE, CAE, GAN, VAEGAN, IWAE)}
 
 
 def build_model(cell: CellConfig) -> Autoencoder:

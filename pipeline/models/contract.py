@@ -4,7 +4,8 @@ model what it has instead of assuming a VAE.
 A family is a subclass of `Autoencoder` with:
 - `family`: its name in params.yaml; `Settings`: a frozen dataclass of its own settings with defaults,
   read by `parse_settings` (only these keys may appear on a cell of that family);
-- `capabilities`: what evaluation may compute for it (KL, ELBO, the likelihood bound, prior samples);
+- `capabilities`: what evaluation may compute for it (KL, ELBO, the likelihood bound);
+- `Sampler`: how it generates (samplers.py): its prior, or a distribution fitted to its training codes;
 - `encode(x)`: the deterministic code h (the posterior mean for a VAE); `forward(x)`: a `ModelOutput`;
 - `loss_terms(x)`: per-image loss terms in a dict; the engine reports the mean of every term each epoch,
   and `train_step` (one gradient step on the mean of `loss`, unless a family overrides it, as the
@@ -13,6 +14,7 @@ A family is a subclass of `Autoencoder` with:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -21,6 +23,7 @@ from torch import nn
 
 from pipeline.models.losses import reconstruction_nats
 from pipeline.models.networks import IMAGE_SIZE, build_networks
+from pipeline.models.samplers import FittedGaussian
 
 if TYPE_CHECKING:
     from pipeline.config import CellConfig
@@ -29,13 +32,12 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Capabilities:
     posterior: bool  # a Gaussian q(z|x): KL, active units and KL per dimension
-    prior: bool  # samples from N(0, I); without one, from a Gaussian fitted to the training codes (ex-post)
-    likelihood_bound: bool  # the ELBO and the importance-weighted bound on log p(x)
+    likelihood_bound: bool  # the ELBO and the importance-weighted bound on log p(x) (`nll_bound`)
     encoder: bool = True  # images to codes: reconstructions, codes, contraction, interpolation between digits
     adversarial: bool = False  # trained against a discriminator: D/G curves and a per-epoch sample-quality probe
 
 
-DETERMINISTIC = Capabilities(posterior=False, prior=False, likelihood_bound=False)  # a code, no distribution
+DETERMINISTIC = Capabilities(posterior=False, likelihood_bound=False)  # a code, no distribution
 
 
 @dataclass
@@ -65,6 +67,8 @@ class Autoencoder(nn.Module):
     family: ClassVar[str]
     capabilities: ClassVar[Capabilities]
     Settings: ClassVar[type] = NoSettings
+    Sampler: ClassVar[type] = FittedGaussian  # a family trained with a prior sets StandardNormal
+    suggested: ClassVar[dict] = {}  # cell keys a new cell of the family is best started with (the app's form)
 
     def __init__(self, cell: CellConfig):
         super().__init__()
@@ -75,14 +79,17 @@ class Autoencoder(nn.Module):
         self.latent_dim = cell.latent_dim
         self.likelihood, self.gaussian_std = cell.likelihood, cell.gaussian_std
         self.settings = cell.settings
-        if not self.capabilities.prior:
-            # The ex-post Gaussian over the training codes, fitted once training ends (fit_code_distribution).
-            self.register_buffer("code_mean", torch.zeros(cell.latent_dim))
-            self.register_buffer("code_scale_tril", torch.eye(cell.latent_dim))
+        self.sampler = self.Sampler(cell.latent_dim)
 
     @staticmethod
     def parse_settings(raw: dict, where: str):
         return NoSettings()
+
+    @classmethod
+    def starting_settings(cls) -> dict:
+        """The family's settings with their defaults, and the keys it suggests: where a new cell starts."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls.Settings) if f.default is not None}
+        return {**defaults, **cls.suggested}
 
     @staticmethod
     def encoder_outputs(latent_dim: int) -> int:
@@ -126,23 +133,22 @@ class Autoencoder(nn.Module):
         """Per-epoch metrics from the mean of each loss term (a family may add derived ones)."""
         return means
 
+    def sample_noise(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise the sampler turns into latents (on the CPU: the same seed gives the same noise on any device)."""
+        return self.sampler.noise(count, generator)
+
     def latent_from_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        """Latents for standard-normal noise: the prior itself, or else the Gaussian fitted to the training
-        codes (ex-post density estimation), so that every family can generate from the same noise."""
-        if self.capabilities.prior:
-            return noise
-        return self.code_mean + noise @ self.code_scale_tril.T
+        return self.sampler.latent(noise)
+
+    def decode_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """Decoder logits of the samples that `noise` (from sample_noise) stands for."""
+        return self.decode(self.latent_from_noise(noise))
 
     @torch.no_grad()
-    def fit_code_distribution(self, codes: torch.Tensor) -> None:
-        """Fit the ex-post Gaussian N(mean, cov) to the codes of the training images."""
-        codes = codes.double()
-        centred = codes - codes.mean(0)
-        covariance = centred.T @ centred / max(1, len(codes) - 1)
-        jitter = (
-            1e-6
-            * covariance.diagonal().mean().clamp_min(1e-12)
-            * torch.eye(self.latent_dim, dtype=codes.dtype, device=codes.device)
-        )
-        self.code_mean.copy_(codes.mean(0))
-        self.code_scale_tril.copy_(torch.linalg.cholesky(covariance + jitter))
+    def fit_sampler(self, codes: torch.Tensor) -> None:
+        """Fit an ex-post sampler to the codes of the training images (engine.finish_training)."""
+        self.sampler.fit(codes)
+
+    def nll_bound(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """-log p(x) per image, bounded with K importance samples, for a family with a likelihood bound."""
+        raise NotImplementedError(f"family {self.family} has no likelihood bound")

@@ -17,6 +17,7 @@ import torch
 from pipeline.models import adversarial
 from pipeline.models.adversarial import AdversarialSettings, frozen
 from pipeline.models.contract import Autoencoder, Capabilities, ModelOutput, descend
+from pipeline.models.samplers import StandardNormal
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ class GANSettings(AdversarialSettings):
 
 class GAN(Autoencoder):
     family = "gan"
-    capabilities = Capabilities(posterior=False, prior=True, likelihood_bound=False, encoder=False, adversarial=True)
+    capabilities = Capabilities(posterior=False, likelihood_bound=False, encoder=False, adversarial=True)
+    Sampler = StandardNormal  # the generator's prior
+    suggested = {"lr": 0.0002}  # DCGAN's Adam rate, below the autoencoders' default
     Settings = GANSettings
 
     @staticmethod

@@ -22,7 +22,7 @@ class VAESettings:
 
 class VAE(GaussianAutoencoder):
     family = "vae"
-    capabilities = Capabilities(posterior=True, prior=True, likelihood_bound=True)
+    capabilities = Capabilities(posterior=True, likelihood_bound=True)
     Settings = VAESettings
 
     @staticmethod

@@ -43,7 +43,7 @@ class VAEGANSettings(AdversarialSettings):
 
 class VAEGAN(GaussianAutoencoder):
     family = "vaegan"
-    capabilities = Capabilities(posterior=True, prior=True, likelihood_bound=True, adversarial=True)
+    capabilities = Capabilities(posterior=True, likelihood_bound=True, adversarial=True)
     Settings = VAEGANSettings
 
     def __init__(self, cell):

@@ -84,18 +84,18 @@ def denoising(
     return save(image_rows(rows, title), folder, "denoising", dpi)
 
 
-def prior_samples(latent_dims: set[int], count: int, seed: int) -> dict[int, torch.Tensor]:
-    """One fixed set of z ~ N(0, I) per latent size, so models of equal latent_dim decode the same z."""
-    return {d: torch.randn(count, d, generator=torch.Generator().manual_seed(seed + d)) for d in sorted(latent_dims)}
+def sampler_noise(model: Autoencoder, count: int, seed: int) -> torch.Tensor:
+    """The model's noise from a seed fixed per latent size, so models of equal latent_dim and equal samplers'
+    noise decode the same draw."""
+    return model.sample_noise(count, torch.Generator().manual_seed(seed + model.latent_dim))
 
 
 @torch.no_grad()
 def samples(models: dict[str, Autoencoder], count: int, seed: int, folder: Path, dpi: int) -> list[Path]:
-    noise = prior_samples({m.latent_dim for m in models.values()}, count, seed)
     rows = [
         (
-            name if model.capabilities.prior else f"{name} (ex-post)",
-            torch.sigmoid(model.decode(model.latent_from_noise(noise[model.latent_dim]))),
+            f"{name} ({model.sampler.label})" if model.sampler.ex_post else name,
+            torch.sigmoid(model.decode_noise(sampler_noise(model, count, seed))),
         )
         for name, model in models.items()
     ]
@@ -130,8 +130,8 @@ def interpolations(
 
 @torch.no_grad()
 def latent_maps(models: dict[str, Autoencoder], extent: float, size: int, folder: Path, dpi: int) -> list[Path]:
-    """For 2-D latent spaces: the decoder's mean image at every point of a regular size x size grid, in prior
-    units (z itself for a VAE; for a family without a prior, mapped through its ex-post Gaussian)."""
+    """For 2-D latent spaces: the decoder's mean image at every point of a regular size x size grid of the
+    sampler's noise (z itself for a family with a prior; mapped through an ex-post Gaussian otherwise)."""
     two_d = {name: model for name, model in models.items() if model.latent_dim == 2}
     if not two_d:
         return []
@@ -140,10 +140,10 @@ def latent_maps(models: dict[str, Autoencoder], extent: float, size: int, folder
     z = torch.stack(torch.meshgrid(axis.flip(0), axis, indexing="ij"), dim=-1).reshape(-1, 2)[:, [1, 0]]
     fig, axes = plt.subplots(1, len(two_d), figsize=(4.2 * len(two_d), 4.4), squeeze=False)
     for ax, (name, model) in zip(axes[0], two_d.items()):
-        images = torch.sigmoid(model.decode(model.latent_from_noise(z))).reshape(size, size, 28, 28)
+        images = torch.sigmoid(model.decode_noise(z)).reshape(size, size, 28, 28)
         mosaic = images.permute(0, 2, 1, 3).reshape(size * 28, size * 28).numpy()
         ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1, extent=(-extent, extent, -extent, extent))
-        ax.set_title(name if model.capabilities.prior else f"{name} (ex-post Gaussian units)", fontsize=9)
+        ax.set_title(f"{name} ({model.sampler.label} units)" if model.sampler.ex_post else name, fontsize=9)
         ax.set_xlabel("$z_1$")
         ax.set_ylabel("$z_2$")
         ax.grid(False)
@@ -316,16 +316,16 @@ def adversarial_curves(histories: dict[str, list[dict]], folder: Path, dpi: int)
 def finetuning(
     pairs: list[tuple[str, Autoencoder, str, Autoencoder]], count: int, seed: int, folder: Path, dpi: int
 ) -> list[Path]:
-    """For each fine-tuned cell: its source VAE's samples and its own from the same z, one row above the other."""
-    if not pairs:
-        return []
-    noise = prior_samples({model.latent_dim for _, model, _, _ in pairs}, count, seed)
+    """For each fine-tuned cell: its source model's samples and its own from the same noise, one row above the
+    other."""
     rows = []
     for source_name, source, name, tuned in pairs:
-        z = noise[tuned.latent_dim]
+        noise = sampler_noise(tuned, count, seed)
         rows += [
-            (f"{source_name} (VAE)", torch.sigmoid(source.decode(z))),
-            (f"{name} (fine-tuned)", torch.sigmoid(tuned.decode(z))),
+            (f"{source_name} (source)", torch.sigmoid(source.decode_noise(noise))),
+            (f"{name} (fine-tuned)", torch.sigmoid(tuned.decode_noise(noise))),
         ]
-    title = "The same z ~ N(0, I) through the VAE's decoder before (top) and after adversarial fine-tuning"
+    if not rows:
+        return []
+    title = "The same noise through the source's decoder before (top) and after adversarial fine-tuning"
     return save(image_rows(rows, title), folder, "finetuning", dpi)

@@ -25,6 +25,8 @@ QUESTIONS = {
     "diversity (recall, class entropy)?",
     "initialisation": "Does starting from the VAE's decoder help the GAN?",
     "collapse": "Does any generator collapse onto a few digits?",
+    "bound": "Does training on a tighter bound (the IWAE's K-sample bound against the VAE's ELBO) tighten the "
+    "likelihood bound on the same network, and does it keep more active units?",
 }
 ADVERSARIAL_METRICS = (  # metric, label, digits, lower is better
     ("precision_mnist_cnn", "precision", 3, False),
@@ -379,6 +381,31 @@ def mode_collapse(cells: pd.DataFrame, collapse_share: float) -> list[str]:
     ]
 
 
+def likelihood_bounds(groups: pd.DataFrame) -> list[str]:
+    """At each network (arch, latent_dim) with non-adversarial groups of more than one family that have a
+    likelihood bound: each group's importance-weighted bound on -log p(x) and active units, lowest first."""
+    if "iw_nll_mean" not in groups:
+        return ["The grid has no family with a likelihood bound."]
+    bounded = groups[groups["iw_nll_mean"].notna() & ~groups["adversarial"].astype(bool)]
+    lines = []
+    for (arch, latent_dim), same in bounded.groupby(["arch", "latent_dim"]):
+        if same["family"].nunique() < 2:
+            continue
+        same = same.sort_values("iw_nll_mean")
+        listed = "; ".join(
+            f"{row.group} {row.iw_nll_mean:.2f} nats, {row.active_units_mean:.0f}/{latent_dim} active units"
+            for row in same.itertuples()
+        )
+        best, runner = same.iloc[0], same.iloc[1]
+        most = same.loc[same["active_units_mean"].idxmax()]
+        gap = runner["iw_nll_mean"] - best["iw_nll_mean"]
+        lines.append(
+            f"{arch}, latent_dim {latent_dim}: IW bound on -log p(x), {listed}. {best['group']} is lowest, "
+            f"{gap:.2f} nats below {runner['group']}; {most['group']} keeps the most active units."
+        )
+    return lines or ["The grid has no two families with a likelihood bound on the same network."]
+
+
 def study_findings(cells: pd.DataFrame, groups: pd.DataFrame, collapse_share: float) -> dict[str, list[str]]:
     vae_cells, vae_groups = cells[cells["family"] == "vae"], groups[groups["family"] == "vae"]
     findings = {
@@ -388,6 +415,7 @@ def study_findings(cells: pd.DataFrame, groups: pd.DataFrame, collapse_share: fl
     }
     if groups["family"].nunique() > 1:
         findings |= family_findings(cells, groups)
+        findings[QUESTIONS["bound"]] = likelihood_bounds(groups)
     if groups["adversarial"].any():
         findings[QUESTIONS["adversarial"]] = adversarial_effect(groups)
         findings[QUESTIONS["initialisation"]] = initialisation_effect(groups)

@@ -168,7 +168,8 @@ def cell_table(config: StudyConfig) -> pd.DataFrame:
             "beta": getattr(cell.settings, "beta", float("nan")),
             "variant": variant(cell, groups),
             "seed": cell.seed,
-            "prior": FAMILIES[cell.family].capabilities.prior,
+            "sampler": FAMILIES[cell.family].Sampler.label,
+            "ex_post": FAMILIES[cell.family].Sampler.ex_post,
             "adversarial": FAMILIES[cell.family].capabilities.adversarial,
             "init_from": groups[cell.init_from] if cell.init_from else None,  # seeds of one group start from one group
         }
@@ -267,8 +268,7 @@ def markdown_family_table(cells: pd.DataFrame) -> str:
     ]
     for row in cells[cells["status"] == "ok"].itertuples():
         values = [number(getattr(row, key), digits) for key, (_, digits) in FAMILY_COLUMNS.items()]
-        source = "prior N(0, I)" if row.prior else "ex-post Gaussian"
-        lines.append(f"| {row.cell} | {row.family} | " + " | ".join(values) + f" | {source} |")
+        lines.append(f"| {row.cell} | {row.family} | " + " | ".join(values) + f" | {row.sampler} |")
     return "\n".join(lines)
 
 
@@ -296,7 +296,7 @@ def markdown_sample_table(cells: pd.DataFrame, floor: dict | None) -> str:
         lines.append("| real training digits (floor) | " + " | ".join(values) + " |")
     for row in cells[cells["status"] == "ok"].itertuples():
         values = [number(getattr(row, key), 3) for key in SAMPLE_COLUMNS]
-        label = row.cell if row.prior else f"{row.cell} (ex-post Gaussian)"
+        label = f"{row.cell} ({row.sampler})" if row.ex_post else row.cell
         lines.append(f"| {label} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
