@@ -303,5 +303,8 @@ def test_the_bound_question_compares_the_likelihood_families_on_one_network():
         "iwae-linear-z20-k5 keeps the most active units."
     ]
     frame.loc[frame["family"] == "iwae", "iw_nll"] = 97.5  # another table, another answer
+    frame.loc[frame["family"] == "iwae", "active_units"] = 14
     answer = study_findings(frame, seed_table(frame), COLLAPSE)[QUESTIONS["bound"]]
-    assert "linear-z20-b1 is lowest, 0.60 nats below iwae-linear-z20-k5" in answer[0]
+    assert answer[0].endswith(
+        "linear-z20-b1 is lowest, 0.60 nats below iwae-linear-z20-k5; all keep 14/20 active units."
+    )

@@ -397,11 +397,17 @@ def likelihood_bounds(groups: pd.DataFrame) -> list[str]:
             for row in same.itertuples()
         )
         best, runner = same.iloc[0], same.iloc[1]
-        most = same.loc[same["active_units_mean"].idxmax()]
         gap = runner["iw_nll_mean"] - best["iw_nll_mean"]
+        most = same["active_units_mean"].max()
+        keepers = same.loc[same["active_units_mean"] == most, "group"].tolist()
+        units = (
+            f"all keep {most:.0f}/{latent_dim} active units"
+            if len(keepers) == len(same)
+            else f"{' and '.join(keepers)} keep{'s' if len(keepers) == 1 else ''} the most active units"
+        )
         lines.append(
             f"{arch}, latent_dim {latent_dim}: IW bound on -log p(x), {listed}. {best['group']} is lowest, "
-            f"{gap:.2f} nats below {runner['group']}; {most['group']} keeps the most active units."
+            f"{gap:.2f} nats below {runner['group']}; {units}."
         )
     return lines or ["The grid has no two families with a likelihood bound on the same network."]
 
