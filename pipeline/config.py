@@ -16,7 +16,6 @@ from pipeline.errors import VaebenchError
 PARAMS_FILE = Path("params.yaml")
 DATA_ROOT_ENV = "VAEBENCH_DATA_ROOT"
 ARCHS = ("linear", "conv")
-DEFAULT_FAMILY = "vae"
 LIKELIHOODS = ("bernoulli", "gaussian")
 DEVICES = ("auto", "cpu", "cuda")
 MNIST_TRAIN_IMAGES = 60_000
@@ -265,9 +264,11 @@ def parse_cell(name: str, spec: object, defaults: dict, where: str | None = None
         )
     if not isinstance(spec, dict):
         raise ConfigError(
-            f"{where} must be a mapping like {{family: vae, arch: linear, latent_dim: 2, beta: 1.0, seed: 0}}"
+            f"{where} must be a mapping like {{family: {next(iter(families()))}, arch: linear, latent_dim: 2, seed: 0}}"
         )
-    family = choice(spec.get("family", DEFAULT_FAMILY), f"{where}.family", tuple(families()))
+    if "family" not in spec:
+        raise ConfigError(f"{where}.family is missing; name the cell's family ({', '.join(families())})")
+    family = choice(spec["family"], f"{where}.family", tuple(families()))
     setting_keys = family_setting_keys()
     for key in spec:
         owners = [other for other, keys in setting_keys.items() if key in keys]
@@ -347,8 +348,10 @@ def _parse_finetuned(raw: object, cells: dict[str, CellConfig], defaults: dict, 
             raise ConfigError(f"{where} must be a mapping with init_from: <a vae cell under cells:>")
         source_name = spec["init_from"]
         if not isinstance(source_name, str) or source_name not in cells:
-            known = ", ".join(n for n, c in cells.items() if c.family == "vae") or "none"
-            raise ConfigError(f"{where}.init_from is {source_name!r}, not a cell under cells:; VAE cells: {known}")
+            sources = families()[spec.get("family")].starts_from if spec.get("family") in families() else ()
+            known = ", ".join(n for n, c in cells.items() if c.family in sources) or "none"
+            kinds = " or ".join(sources) or "source"
+            raise ConfigError(f"{where}.init_from is {source_name!r}, not a cell under cells:; {kinds} cells: {known}")
         _require_family(spec, where, source)
         origin = cells[source_name]
         cell = parse_cell(name, {k: v for k, v in spec.items() if k != "init_from"}, defaults, where)
@@ -359,11 +362,14 @@ def _parse_finetuned(raw: object, cells: dict[str, CellConfig], defaults: dict, 
 
 def _check_init_from(cell: CellConfig, origin: CellConfig, where: str) -> None:
     """A fine-tuned cell starts from a VAE of the same networks."""
-    if not hasattr(families()[cell.family], "start_from"):
-        starters = ", ".join(name for name, cls in families().items() if hasattr(cls, "start_from"))
-        raise ConfigError(f"{where}: family {cell.family} cannot start from a VAE; use family {starters}")
-    if origin.family != "vae":
-        raise ConfigError(f"{where}.init_from: {origin.name} is a cell of family {origin.family}; name a vae cell")
+    sources = families()[cell.family].starts_from
+    if not sources:
+        starters = ", ".join(name for name, cls in families().items() if cls.starts_from)
+        raise ConfigError(f"{where}: family {cell.family} cannot start from another cell; use family {starters}")
+    if origin.family not in sources:
+        raise ConfigError(
+            f"{where}.init_from: {origin.name} is a cell of family {origin.family}; name a {' or '.join(sources)} cell"
+        )
     network_keys = ("arch", "latent_dim", "hidden") if cell.arch == "linear" else ("arch", "latent_dim", "channels")
     for key in network_keys:
         if getattr(cell, key) != getattr(origin, key):

@@ -18,6 +18,7 @@ from pipeline.data import images_to_tensor, load_prepared
 from pipeline.errors import ArtifactError, VaebenchError
 from pipeline.floor import load_floor
 from pipeline.leftovers import clear_leftovers
+from pipeline.models import LAB_FAMILY
 from pipeline.models.corruption import gaussian_noise, mask_pixels
 from pipeline.outputs import read_json, staged_dir, write_json
 from pipeline.paths import (
@@ -199,7 +200,7 @@ def design_text(config: StudyConfig, cells: pd.DataFrame) -> str:
     values = lambda key: ", ".join(str(v) for v in sorted(cells[key].unique()))  # noqa: E731
     epochs = sorted({cell.epochs for cell in config.cells.values()})
     betas = sorted(cells["beta"].dropna().unique())
-    settings = sorted({v for v in cells.loc[cells["family"] != "vae", "variant"] if v})
+    settings = sorted({v for v in cells.loc[cells["family"] != LAB_FAMILY, "variant"] if v})
     return (
         f"{len(cells)} cells: family {{{values('family')}}}, arch {{{values('arch')}}}, latent_dim "
         f"{{{values('latent_dim')}}}, "
@@ -225,7 +226,7 @@ def generator_text(
     sentences = []
     by_name = cells.set_index("cell")
     for name, model in models.items():
-        if by_name.loc[name, "family"] != "gan":
+        if model.capabilities.encoder or not model.capabilities.adversarial:  # a generator alone
             continue
         cell, first, last = config.cell(name), histories[name][0], histories[name][-1]
         vae_encoder_outputs = 2 * cell.latent_dim
@@ -367,7 +368,7 @@ def build_report(config: StudyConfig) -> Path:
     if evaluated.empty:
         raise VaebenchError(f"no cell of study {config.study!r} is evaluated yet; run dvc repro first")
     groups = seed_table(cells)
-    vae_groups = groups[groups["family"] == "vae"]
+    vae_groups = groups[groups["family"] == LAB_FAMILY]
     test = TestSet()
     final = REPORTS / config.study
     # Study figures show one model per group (its first seed) so that rows stay readable.

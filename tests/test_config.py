@@ -75,7 +75,7 @@ def as_family(family: str, **settings) -> dict:
         ),
         (
             finetuned(init_from="nowhere"),
-            "finetuned.ft.init_from is 'nowhere', not a cell under cells:; VAE cells: linear-z2-b1-s0, conv-z2-b1-s0",
+            "finetuned.ft.init_from is 'nowhere', not a cell under cells:; vae cells: linear-z2-b1-s0, conv-z2-b1-s0",
         ),
         (
             finetuned(init_from="ae-linear-z2-s0", arch="linear"),
@@ -96,7 +96,7 @@ def as_family(family: str, **settings) -> dict:
             "cells.linear-z2-b1-s0.init_discriminator starts the discriminator "
             "from a VAE's encoder, so it needs init_from",
         ),
-        (finetuned(family="ae"), "finetuned.ft: family ae cannot start from a VAE; use family gan, vaegan"),
+        (finetuned(family="ae"), "finetuned.ft: family ae cannot start from another cell; use family gan, vaegan"),
         (finetuned(name="linear-z2-b1-s0"), "finetuned.linear-z2-b1-s0: the name is already a cell under cells:"),
         (as_family("dae", noise_std=-0.1), "cells.linear-z2-b1-s0.noise_std must be >= 0, got -0.1"),
         (as_family("dae", noise="mask", mask_prob=1.0), "cells.linear-z2-b1-s0.mask_prob must be in [0, 1), got 1"),

@@ -25,6 +25,7 @@ def cells_frame(rows):
     frame["group"] = frame["cell"].map(group_name)
     frame["family"] = "vae"
     frame["variant"] = frame["beta"].map(lambda beta: f"β={beta:g}")
+    frame["plain"] = frame["beta"] == 1.0  # the VAE compared with other families
     frame["status"] = "ok"
     return generator_columns(frame)
 
@@ -168,6 +169,7 @@ def family_findings(rows, seeds=(0,)):
     for metric in FAMILY_COLUMNS[4:]:  # seeds differ, as real ones do
         frame[metric] *= frame["seed"].map({0: 1.0, 1: 1.013, 2: 0.992})
     frame["beta"] = [4.0 if v == "β=4" else 1.0 if v == "β=1" else float("nan") for v in frame["variant"]]
+    frame["plain"] = frame["variant"] != "β=4"
     frame["recon"], frame["kl"], frame["elbo"], frame["active_units"] = frame["recon_bernoulli"], 1.0, 1.0, 10
     frame["group"] = frame["cell"].map(group_name)
     generator_columns(frame)
@@ -226,6 +228,7 @@ def adversarial_findings(rows, shares=None):
     frame["adversarial"] = frame["family"] != "vae"
     frame["arch"], frame["latent_dim"], frame["seed"], frame["status"] = "linear", 10, 0, "ok"
     frame["beta"] = [1.0 if family == "vae" else float("nan") for family in frame["family"]]
+    frame["plain"] = True
     frame["variant"] = [
         "β=1" if family == "vae" else (f"from {init}" if init else "")
         for family, init in zip(frame["family"], frame["init_from"])
@@ -290,7 +293,7 @@ def test_the_bound_question_compares_the_likelihood_families_on_one_network():
     ]
     frame = pd.DataFrame(rows, columns=["cell", "family", "variant", "iw_nll", "active_units"])
     frame["arch"], frame["latent_dim"], frame["seed"], frame["status"] = "linear", 20, 0, "ok"
-    frame["beta"] = [1.0, float("nan"), float("nan")]
+    frame["beta"], frame["plain"] = [1.0, float("nan"), float("nan")], True
     frame["recon"], frame["kl"], frame["elbo"] = 80.0, 20.0, 100.0
     for metric in FAMILY_COLUMNS[4:]:  # the other family questions' metrics
         frame[metric] = 1.0

@@ -75,15 +75,11 @@ def subprocess_env(config: StudyConfig) -> dict[str, str]:
 def reference_network(cell) -> bool:
     """Whether the cell is the classic recipe's model: the 784-400-20-400-784 MLP VAE, Bernoulli, batch 128,
     Adam 1e-3."""
-    return (cell.family, cell.arch, tuple(cell.hidden), cell.latent_dim, cell.batch_size, cell.lr, cell.likelihood) == (
-        "vae",
-        "linear",
-        (400,),
-        20,
-        128,
-        1e-3,
-        "bernoulli",
-    ) and cell.settings.beta == 1.0
+    from pipeline.models import FAMILIES, LAB_FAMILY
+
+    recipe = (cell.arch, tuple(cell.hidden), cell.latent_dim, cell.batch_size, cell.lr, cell.likelihood)
+    plain = cell.family == LAB_FAMILY and FAMILIES[cell.family].is_plain(cell.settings)
+    return plain and recipe == ("linear", (400,), 20, 128, 1e-3, "bernoulli")
 
 
 def whole_process(config: StudyConfig, cell_name: str, params_file: Path) -> dict:

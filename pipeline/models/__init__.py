@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from pipeline.config import CellConfig
 
 FAMILIES: dict[str, type[Autoencoder]] = {family.family: family for family in (VAE, AE, DAE, CAE, GAN, VAEGAN, IWAE)}
+# The family the lab's questions (conv against linear, latent_dim, the β sweep) are about, and the baseline the
+# adversarial families are read against.
+LAB_FAMILY = VAE.family
 
 
 def build_model(cell: CellConfig) -> Autoencoder:

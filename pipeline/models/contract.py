@@ -85,6 +85,15 @@ class Autoencoder(nn.Module):
     def parse_settings(raw: dict, where: str):
         return NoSettings()
 
+    # Families whose trained models a fine-tuned cell of this family may start from (`start_from`).
+    starts_from: ClassVar[tuple[str, ...]] = ()
+
+    @staticmethod
+    def is_plain(settings) -> bool:
+        """Whether the settings make the family's plain member, the one compared with other families (a VAE
+        with β = 1, not the β sweep's other members)."""
+        return True
+
     @classmethod
     def starting_settings(cls) -> dict:
         """The family's settings with their defaults, and the keys it suggests: where a new cell starts."""

@@ -76,6 +76,8 @@ class GAN(Autoencoder):
         terms = adversarial.game_terms(self.discriminator, x, [fake])
         return {**terms, "loss": terms["d_loss"] + terms["g_loss"]}
 
+    starts_from = ("vae",)
+
     def start_from(self, vae: Autoencoder) -> None:
         """The generator becomes the VAE's decoder (same module, same shapes); optionally the discriminator
         its encoder, but for the output layer."""

@@ -29,6 +29,10 @@ class VAE(GaussianAutoencoder):
     def parse_settings(raw: dict, where: str) -> VAESettings:
         return VAESettings(beta=number(raw.get("beta", VAESettings.beta), f"{where}.beta", low=0.0))
 
+    @staticmethod
+    def is_plain(settings: VAESettings) -> bool:
+        return settings.beta == 1.0
+
     def loss_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self(x)
         recon = self.reconstruction(out.logits, x)

@@ -120,6 +120,8 @@ class VAEGAN(GaussianAutoencoder):
         )
         return terms | {"loss": self.encoder_loss(terms) + self.decoder_loss(terms)}
 
+    starts_from = ("vae",)
+
     def start_from(self, vae: Autoencoder) -> None:
         """Encoder and decoder from a trained VAE; optionally the discriminator from its encoder's body."""
         self.encoder.load_state_dict(vae.encoder.state_dict())

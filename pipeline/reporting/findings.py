@@ -11,6 +11,8 @@ from __future__ import annotations
 import pandas as pd
 from scipy import stats
 
+from pipeline.models import LAB_FAMILY
+
 ALPHA = 0.05
 MIN_SEEDS_FOR_TEST = 3
 QUESTIONS = {
@@ -194,7 +196,7 @@ def family_label(row) -> str:
 def family_settings(groups: pd.DataFrame):
     """(arch, latent_dim, groups) where two or more families were trained; of the VAE only β = 1, the plain
     VAE (other βs answer the β question)."""
-    comparable = groups[(groups["family"] != "vae") | (groups["beta"] == 1.0)]
+    comparable = groups[groups["plain"].astype(bool)]
     for (arch, latent_dim), same in comparable.groupby(["arch", "latent_dim"]):
         if same["family"].nunique() >= 2:
             yield arch, latent_dim, same
@@ -318,13 +320,15 @@ def adversarial_effect(groups: pd.DataFrame) -> list[str]:
     """Every adversarial group against the plain VAE (β = 1) of the same arch and latent_dim."""
     sentences, outcomes = [], []
     for (arch, latent_dim), same in groups.groupby(["arch", "latent_dim"]):
-        vae = same[(same["family"] == "vae") & (same["beta"] == 1.0)]
-        if vae.empty:
+        baseline = same[(same["family"] == LAB_FAMILY) & same["plain"].astype(bool)]
+        if baseline.empty:
             continue
         for _, model in same[same["adversarial"]].iterrows():
-            text, improved = compare(vae.iloc[0], model)
+            text, improved = compare(baseline.iloc[0], model)
             outcomes.append(improved)
-            sentences.append(f"{arch}, latent_dim {latent_dim}: vae (β=1) → {family_label(model)}: {text}.")
+            sentences.append(
+                f"{arch}, latent_dim {latent_dim}: {family_label(baseline.iloc[0])} → {family_label(model)}: {text}."
+            )
     if not outcomes:
         return ["Not answered: no GAN or VAE-GAN was trained beside a VAE (β = 1) of the same arch and latent_dim."]
     realism = tally(outcomes, ("precision", "FID"))
@@ -341,8 +345,8 @@ def adversarial_effect(groups: pd.DataFrame) -> list[str]:
 def initialisation_effect(groups: pd.DataFrame) -> list[str]:
     """GANs fine-tuned from a VAE against GANs trained from scratch, at the same arch and latent_dim."""
     sentences, outcomes = [], []
-    gans = groups[groups["family"] == "gan"]
-    for (arch, latent_dim), same in gans.groupby(["arch", "latent_dim"]):
+    adversarial = groups[groups["adversarial"].astype(bool)]
+    for (_, arch, latent_dim), same in adversarial.groupby(["family", "arch", "latent_dim"]):
         scratch, tuned = same[same["init_from"].isna()], same[same["init_from"].notna()]
         for _, base in scratch.iterrows():
             for _, model in tuned.iterrows():
@@ -413,7 +417,7 @@ def likelihood_bounds(groups: pd.DataFrame) -> list[str]:
 
 
 def study_findings(cells: pd.DataFrame, groups: pd.DataFrame, collapse_share: float) -> dict[str, list[str]]:
-    vae_cells, vae_groups = cells[cells["family"] == "vae"], groups[groups["family"] == "vae"]
+    vae_cells, vae_groups = cells[cells["family"] == LAB_FAMILY], groups[groups["family"] == LAB_FAMILY]
     findings = {
         QUESTIONS["arch"]: conv_vs_linear(vae_cells, vae_groups),
         QUESTIONS["latent_dim"]: latent_dim_effect(vae_cells, vae_groups),

@@ -52,7 +52,7 @@ SAMPLE_METRICS = (
 )
 ALL_METRICS = METRICS + FAMILY_METRICS + SAMPLE_METRICS
 SHARES = tuple(f"share_{digit}" for digit in range(10))  # share of the samples the classifier calls each digit
-GROUP_KEYS = ["group", "family", "arch", "latent_dim", "beta", "variant", "init_from", "adversarial"]
+GROUP_KEYS = ["group", "family", "arch", "latent_dim", "beta", "variant", "plain", "init_from", "adversarial"]
 SEED_SUFFIX = re.compile(r"-s\d+$")
 MISSING = "–"
 
@@ -166,6 +166,7 @@ def cell_table(config: StudyConfig) -> pd.DataFrame:
             "arch": cell.arch,
             "latent_dim": cell.latent_dim,
             "beta": getattr(cell.settings, "beta", float("nan")),
+            "plain": FAMILIES[cell.family].is_plain(cell.settings),  # the member compared across families
             "variant": variant(cell, groups),
             "seed": cell.seed,
             "sampler": FAMILIES[cell.family].Sampler.label,
