@@ -18,8 +18,16 @@ from browser import browser_page, mlflow_ui, screenshot_when_rendered
 from conftest import SHARED_DATA, TINY_STUDY, copy_repo
 
 VAE_CELLS = ["linear-z2-b1-s0", "conv-z2-b1-s0"]
-ENCODER_CELLS = [*VAE_CELLS, "ae-linear-z2-s0", "dae-linear-z2-s0", "cae-conv-z2-s0", "vaegan-linear-z2-s0"]
-BOUND_CELLS = [*VAE_CELLS, "vaegan-linear-z2-s0"]
+IWAE_CELLS = ["iwae-linear-z2-k5-s0"]
+ENCODER_CELLS = [
+    *VAE_CELLS,
+    *IWAE_CELLS,
+    "ae-linear-z2-s0",
+    "dae-linear-z2-s0",
+    "cae-conv-z2-s0",
+    "vaegan-linear-z2-s0",
+]
+BOUND_CELLS = [*VAE_CELLS, *IWAE_CELLS, "vaegan-linear-z2-s0"]
 GAN_CELLS = ["gan-conv-z2-s0", "gan-linear-z2-ft-s0"]
 CELLS = [*ENCODER_CELLS, *GAN_CELLS]
 ADVERSARIAL_CURVES = ["train_d_loss", "train_g_loss", "val_d_real", "val_d_fake", "val_fid_probe"]
