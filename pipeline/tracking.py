@@ -65,20 +65,12 @@ def check_store() -> None:
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         # MLflow's own HTTP client (its TLS and credential settings), without its minutes of retries; any
-        # HTTP response, an error status included, shows the server is there.
+        # HTTP response, an error status included, shows the server is there. An API call rather than /health,
+        # which answers anyone: a server with a login (vaebench server --auth) refuses the API without it.
         from mlflow.utils.credentials import get_default_host_creds
         from mlflow.utils.rest_utils import http_request
 
         try:
-            http_request(
-                get_default_host_creds(uri),
-                "/health",
-                "GET",
-                max_retries=0,
-                timeout=HEALTH_TIMEOUT_SECONDS,
-                raise_on_status=False,
-            )
-            # /health answers anyone; a server with a login (vaebench server --auth) refuses the API without it.
             answer = http_request(
                 get_default_host_creds(uri),
                 "/api/2.0/mlflow/experiments/search",

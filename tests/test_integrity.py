@@ -4,7 +4,6 @@ no run left RUNNING, one line for each fault a user meets."""
 import errno
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from conftest import REPO, SHARED_DATA, TINY_STUDY, copy_repo
+from conftest import REPO, TINY_STUDY, copy_repo
 from pipeline import cli, engine, evaluate, leftovers, stage_params, tracking
 from pipeline.classifier import train_classifier
 from pipeline.config import load_study
@@ -22,6 +21,8 @@ from pipeline.outputs import read_json
 from pipeline.paths import CONFIG_FILE, RUN_FILE, evaluate_dir, resume_file, train_dir
 from pipeline.stage_params import ParamsChanged
 from pipeline.train import train_cell
+from test_failures import runs_of
+from test_multi_machine import environment
 from test_train import CELL
 
 OTHER_CELL = "conv-z2-b1-s0"
@@ -43,12 +44,6 @@ def edit(path: Path, *keys: str, value: object) -> None:
         section = section[key]
     section[keys[-1]] = value
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-def runs_of(study: str, cell: str):
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(f"vaebench-{study}")
-    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`vaebench.cell` = '{cell}'")
 
 
 def test_params_edited_while_a_cell_trains_fail_it_and_leave_no_output(prepared, workdir):
@@ -113,15 +108,6 @@ def test_each_stage_checks_the_params_dvc_yaml_declares_for_it(workdir):
     assert declared == expected
 
 
-def dvc_environment() -> dict:
-    return {
-        **{name: value for name, value in os.environ.items() if name != "MLFLOW_TRACKING_URI"},
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "VAEBENCH_DATA_ROOT": str(SHARED_DATA),
-        "DVC_NO_ANALYTICS": "1",
-    }
-
-
 @pytest.mark.slow
 def test_dvc_records_nothing_for_a_stage_whose_params_changed_while_it_ran(workdir):
     """The finding as a user met it: `beta` edited in params.yaml while `dvc repro train@…` runs."""
@@ -133,7 +119,7 @@ def test_dvc_records_nothing_for_a_stage_whose_params_changed_while_it_ran(workd
     root = copy_repo(workdir / "clone", study)
     stage = f"train@{CELL}"
     process = subprocess.Popen(
-        ["dvc", "repro", stage], cwd=root, env=dvc_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        ["dvc", "repro", stage], cwd=root, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     checkpoint = root / resume_file("tiny", CELL)
     deadline = time.monotonic() + 300
@@ -148,7 +134,7 @@ def test_dvc_records_nothing_for_a_stage_whose_params_changed_while_it_ran(workd
     assert stage not in lock["stages"]  # prepare and classifier, which finished, are recorded
     assert not (root / train_dir("tiny", CELL)).exists()
     # Run again, it trains with the new value and records it.
-    subprocess.run(["dvc", "repro", stage], cwd=root, env=dvc_environment(), check=True, capture_output=True)
+    subprocess.run(["dvc", "repro", stage], cwd=root, env=environment(), check=True, capture_output=True)
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert lock["stages"][stage]["params"]["params.yaml"][f"cells.{CELL}"]["beta"] == 4.0
     assert read_json(root / train_dir("tiny", CELL) / CONFIG_FILE)["cell"]["beta"] == 4.0
@@ -378,7 +364,7 @@ def test_a_killed_stage_restored_by_dvc_leaves_no_running_run_and_no_checkpoint_
     study.write_text(yaml.safe_dump(raw, sort_keys=False))
     root = copy_repo(workdir / "clone", study)
     original = (root / "params.yaml").read_text()
-    env = dvc_environment()
+    env = environment()
     subprocess.run(["dvc", "repro", f"train@{CELL}"], cwd=root, env=env, check=True, capture_output=True)
     edit(root / "params.yaml", "cells", CELL, "epochs", value=200)
     process = subprocess.Popen(

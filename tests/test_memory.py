@@ -10,15 +10,8 @@ import torch
 from pipeline import memory
 from pipeline.config import ConfigError, parse_cell
 from pipeline.models import build_model
+from test_models import SETTINGS  # every family's settings for a small cell
 
-SETTINGS = {
-    "vae": {"beta": 1.0},
-    "ae": {},
-    "dae": {"noise": "gaussian", "noise_std": 0.5},
-    "cae": {"contraction_weight": 0.1},
-    "gan": {},
-    "vaegan": {},
-}
 DEFAULTS = {
     "epochs": 1,
     "batch_size": 128,

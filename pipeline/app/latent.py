@@ -34,12 +34,15 @@ def line_between(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
 @torch.no_grad()
 def decode(model: Autoencoder, z: torch.Tensor) -> np.ndarray:
     """Pixel means (N, 28, 28) in [0, 1] of the codes z (N, latent_dim)."""
-    model.eval()
-    return torch.sigmoid(model.decode(z.to(next(model.parameters()).device))).squeeze(1).cpu().numpy()
+    return _pixel_means(model, model.decode, z)
 
 
 @torch.no_grad()
 def decode_noise(model: Autoencoder, noise: torch.Tensor) -> np.ndarray:
-    """The samples `noise` (from the model's sample_noise) stands for."""
+    """The samples `noise` (from the model's sample_noise) stands for, as pixel means."""
+    return _pixel_means(model, model.decode_noise, noise)
+
+
+def _pixel_means(model: Autoencoder, decoder, inputs: torch.Tensor) -> np.ndarray:
     model.eval()
-    return torch.sigmoid(model.decode_noise(noise.to(next(model.parameters()).device))).squeeze(1).cpu().numpy()
+    return torch.sigmoid(decoder(inputs.to(next(model.parameters()).device))).squeeze(1).cpu().numpy()
