@@ -45,7 +45,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class CellConfig:
     """One point of the grid: everything needed to train and evaluate one model. `settings` is the
-    family's own settings dataclass (for example beta for `vae`, see pipeline/models/)."""
+    family's own settings dataclass (for example the VAE's beta, see pipeline/models/)."""
 
     name: str
     family: str
@@ -218,6 +218,8 @@ def parse_study(raw: dict, source: str = "params") -> StudyConfig:
             )
     cells |= _parse_finetuned(raw.get("finetuned") or {}, cells, train_defaults, source)
     _refuse_duplicates(cells, source)
+    for cell in cells.values():
+        families()[cell.family].check_cell(cell, data.train_size)
     evaluate = _parse_evaluate(_section(raw, "evaluate", source))
     return StudyConfig(
         study=study,
@@ -345,7 +347,9 @@ def _parse_finetuned(raw: object, cells: dict[str, CellConfig], defaults: dict, 
         if name in cells:
             raise ConfigError(f"{where}: the name is already a cell under cells:; rename one of them")
         if not isinstance(spec, dict) or "init_from" not in spec:
-            raise ConfigError(f"{where} must be a mapping with init_from: <a vae cell under cells:>")
+            raise ConfigError(
+                f"{where} must be a mapping with init_from: <a cell under cells: of a family it may start from>"
+            )
         source_name = spec["init_from"]
         if not isinstance(source_name, str) or source_name not in cells:
             sources = families()[spec.get("family")].starts_from if spec.get("family") in families() else ()

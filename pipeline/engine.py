@@ -72,7 +72,11 @@ def model_epoch(
     generator: torch.Generator,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """One training epoch of a model of any family over the images."""
+    """One training epoch of a model of any family over the images; for a family fitted in one pass, its fit
+    and the mean of its loss terms over the images."""
+    if model.capabilities.one_pass:
+        model.fit(images)
+        return evaluate_split(model, images)
     model.train()
     means = train_epoch(
         lambda batch: model.train_step(images[batch], optimizer),
@@ -110,7 +114,7 @@ class Training:
 
     cell: CellConfig
     model: Autoencoder
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None for a family fitted in one pass
     shuffle: torch.Generator
     history: list[dict] = field(default_factory=list)
 
@@ -176,7 +180,7 @@ def save_checkpoint(path: Path, training: Training, run_id: str, inputs: dict | 
         "cell": cell_as_dict(training.cell),
         "inputs": inputs or {},
         "model": training.model.state_dict(),
-        "optimizer": training.optimizer.state_dict(),
+        "optimizer": training.optimizer.state_dict() if training.optimizer is not None else {},
         "shuffle": training.shuffle.get_state(),
         "rng": _rng_state(),
         "history": training.history,
@@ -225,7 +229,8 @@ def restore_checkpoint(path: Path, training: Training, inputs: dict | None = Non
         return None
     try:
         training.model.load_state_dict(state["model"])
-        training.optimizer.load_state_dict(state["optimizer"])
+        if training.optimizer is not None:
+            training.optimizer.load_state_dict(state["optimizer"])
         training.shuffle.set_state(state["shuffle"])
         _restore_rng_state(state["rng"])
     except (RuntimeError, KeyError, TypeError, ValueError) as error:  # the model may be half-loaded: stop

@@ -5,7 +5,7 @@ reconstruction in nats/image (under the cell's likelihood and under Bernoulli) a
 reconstruction error under the denoising autoencoder's two corruptions, the mean Jacobian norm of the
 encoder (contraction), a linear probe and k-NN accuracy on the codes. Where the family has them
 (pipeline/models/contract.py capabilities): KL, ELBO, active units, KL per dimension and the
-importance-weighted likelihood bound.
+importance-weighted likelihood bound; and the test metrics a family reports of its own (`own_metrics`).
 """
 
 from __future__ import annotations
@@ -174,12 +174,15 @@ def measure(
     if model.capabilities.encoder:
         with stopwatch.part("robustness"):
             metrics |= robustness_metrics(model, test_images, settings)
-        with stopwatch.part("contraction"):
-            metrics["contraction"] = mean_contraction(model, test_images[: settings.contraction_images])
+        if model.capabilities.continuous_code:  # a quantised code does not move with its input
+            with stopwatch.part("contraction"):
+                metrics["contraction"] = mean_contraction(model, test_images[: settings.contraction_images])
         with stopwatch.part("codes"):
             metrics |= code_metrics(
                 model, arrays, images_to_tensor(arrays["train_images"], device), test_images, settings.knn_k
             )
+    with stopwatch.part("family_metrics"):
+        metrics |= model.own_metrics(test_images)
     broken = non_finite(metrics)
     if broken:
         raise VaebenchError(

@@ -18,7 +18,7 @@ from pipeline.data import images_to_tensor, load_prepared
 from pipeline.errors import ArtifactError, VaebenchError
 from pipeline.floor import load_floor
 from pipeline.leftovers import clear_leftovers
-from pipeline.models import LAB_FAMILY
+from pipeline.models import LAB_FAMILY, family_names
 from pipeline.models.corruption import gaussian_noise, mask_pixels
 from pipeline.outputs import read_json, staged_dir, write_json
 from pipeline.paths import (
@@ -34,6 +34,7 @@ from pipeline.paths import (
 from pipeline.reporting import figures
 from pipeline.reporting.findings import study_findings
 from pipeline.reporting.results import (
+    OWN_METRICS,
     best_cells,
     cell_history,
     cell_kl_per_dim,
@@ -41,9 +42,11 @@ from pipeline.reporting.results import (
     cell_table,
     markdown_class_share_table,
     markdown_family_table,
+    markdown_own_metrics_table,
     markdown_sample_table,
     markdown_seed_table,
     markdown_table,
+    own_metrics_measured,
     seed_table,
 )
 from pipeline.stage_params import REPORT_PARAMS, check_unchanged
@@ -97,7 +100,7 @@ SAMPLE_QUALITY_TEXT = (
     "(k = {pr_k} nearest neighbours): higher is better; class entropy: log 10 = 2.303 nats when every digit is "
     "generated equally often. IW NLL: the importance-weighted bound on -log p(x) with K = {iw_samples} on the "
     "first {iw_images} test images (binarized: {binarize}), for families with a likelihood bound. The first row "
-    "scores real training digits: the floor. Families without a prior (ae, dae, cae) are sampled from a Gaussian "
+    "scores real training digits: the floor. Families without a prior ({ex_post}) are sampled from a distribution "
     "fitted to the codes of their training images (ex-post density estimation), marked in the table."
 )
 
@@ -148,6 +151,9 @@ def model_figures(config: StudyConfig, models: dict, test: TestSet, folder: Path
     kl_dims = {name: cell_kl_per_dim(config.study, name) for name in models}
     digits = test.digits(settings.digits)
     encoders = {name: model for name, model in models.items() if model.capabilities.encoder}
+    # Interpolation and the 2-D map move through code space, which a quantised code does not fill.
+    continuous = {name: model for name, model in models.items() if model.capabilities.continuous_code}
+    interpolated = {name: model for name, model in encoders.items() if name in continuous}
     generator = torch.Generator().manual_seed(settings.seed)
     corrupted = {
         f"noise σ={config.evaluate.noise_std:g}": gaussian_noise(digits, config.evaluate.noise_std, generator),
@@ -159,8 +165,16 @@ def model_figures(config: StudyConfig, models: dict, test: TestSet, folder: Path
         else [  # a GAN has no encoder: no reconstructions or codes
             *figures.reconstructions(encoders, digits, folder, settings.dpi),
             *figures.denoising(encoders, digits, corrupted, folder, settings.dpi),
-            *figures.interpolations(
-                encoders, test.pairs(settings.interpolation_pairs), settings.interpolation_steps, folder, settings.dpi
+            *(
+                figures.interpolations(
+                    interpolated,
+                    test.pairs(settings.interpolation_pairs),
+                    settings.interpolation_steps,
+                    folder,
+                    settings.dpi,
+                )
+                if interpolated
+                else []
             ),
             *figures.latent_scatter(encoders, test.images[scatter], test.labels[scatter], folder, settings.dpi),
         ]
@@ -168,7 +182,7 @@ def model_figures(config: StudyConfig, models: dict, test: TestSet, folder: Path
     return [
         *with_encoder,
         *figures.samples(models, settings.samples, settings.seed, folder, settings.dpi),
-        *figures.latent_maps(models, settings.latent_map_extent, settings.latent_map_size, folder, settings.dpi),
+        *figures.latent_maps(continuous, settings.latent_map_extent, settings.latent_map_size, folder, settings.dpi),
         *figures.kl_per_dimension(kl_dims, folder, settings.dpi),
     ]
 
@@ -286,9 +300,21 @@ def report_blocks(
         ("p", FAMILY_TEXT.format(**vars(config.evaluate))),
         ("table", markdown_family_table(cells)),
     ]
+    own = own_metrics_measured(cells)
+    if own:
+        blocks += [
+            ("h3", "The families' own metrics"),
+            ("ul", [f"{name}: {OWN_METRICS[name]}" for name in own]),
+            ("table", markdown_own_metrics_table(cells, own)),
+        ]
     blocks += [
         ("h3", "Sample quality"),
-        ("p", SAMPLE_QUALITY_TEXT.format(**vars(config.sample_quality))),
+        (
+            "p",
+            SAMPLE_QUALITY_TEXT.format(
+                **vars(config.sample_quality), ex_post=family_names(lambda family: family.Sampler.ex_post)
+            ),
+        ),
         ("table", markdown_sample_table(cells, load_floor())),
         ("h3", "Digits in the samples"),
         ("p", CLASS_SHARE_TEXT.format(n_samples=config.sample_quality.n_samples, share=config.report.collapse_share)),

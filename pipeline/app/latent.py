@@ -45,4 +45,4 @@ def decode_noise(model: Autoencoder, noise: torch.Tensor) -> np.ndarray:
 
 def _pixel_means(model: Autoencoder, decoder, inputs: torch.Tensor) -> np.ndarray:
     model.eval()
-    return torch.sigmoid(decoder(inputs.to(next(model.parameters()).device))).squeeze(1).cpu().numpy()
+    return torch.sigmoid(decoder(inputs.to(model.device))).squeeze(1).cpu().numpy()

@@ -187,14 +187,15 @@ def side_by_side(study: str, name: str) -> None:
     others = [other for other, cell in cells_of(study).items() if cell.latent_dim == model.latent_dim]
     other = st.selectbox(f"Compare {name} with (cells with latent_dim {model.latent_dim})", others, key="browse_other")
     seed = st.number_input("seed of the noise", min_value=0, value=0, step=1, key="browse_seed")
-    noise = model.sample_noise(8, torch.Generator().manual_seed(int(seed)))
     st.caption(
-        "The same noise for both; each model's sampler turns it into its own latents (a prior, or one fitted ex post)."
+        "The same noise for both (drawn from one seed); each model's sampler turns it into its own latents (a prior, "
+        "or one fitted ex post)."
     )
     for shown in dict.fromkeys([name, other]):
         decoder = load_model(study, shown)
         if decoder is not None:
             st.caption(shown)
+            noise = decoder.sample_noise(8, torch.Generator().manual_seed(int(seed)))
             image_row(latent.decode_noise(decoder, noise), [""] * len(noise), width=70)
 
 
@@ -218,6 +219,11 @@ def explorer_page() -> None:
     arrays = prepared_arrays()
     if arrays is None:
         st.warning("The prepared data (results/prepare/mnist.npz) is missing: run `dvc repro prepare`.")
+        return
+    if not model.capabilities.continuous_code:
+        st.caption(f"{name}'s code is quantised: moving through code space does not apply; samples of its sampler:")
+        noise = model.sample_noise(8, torch.Generator().manual_seed(0))
+        image_row(latent.decode_noise(model, noise), [""] * len(noise), width=70)
         return
     codes, labels = training_codes(model, arrays)
     if model.latent_dim == 2:
@@ -278,7 +284,7 @@ def scatter(points: np.ndarray, labels: np.ndarray, marked: np.ndarray, title: s
 
 def generator_explorer(model) -> None:
     seed = st.number_input("seed of z ~ N(0, I)", min_value=0, value=0, step=1, key="generator_seed")
-    z = torch.randn(1, model.latent_dim, generator=torch.Generator().manual_seed(int(seed)))
+    z = model.sample_noise(1, torch.Generator().manual_seed(int(seed)))
     for i in range(min(AXES_SHOWN, model.latent_dim)):  # keyed by the seed: a new seed starts at its own z
         z[0, i] = st.slider(
             f"z{i + 1}", -SLIDER_RANGE, SLIDER_RANGE, float(z[0, i]), 0.05, key=f"generator_z{i}_{seed}"

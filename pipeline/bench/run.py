@@ -28,28 +28,35 @@ def check_bench_cells(config: StudyConfig, cells: list[str], reference_cell: str
     """Before any measurement: every cell can be measured every way, and the full-training comparison,
     which compares test ELBOs, has a cell with one."""
     from pipeline.config import ConfigError
-    from pipeline.models import FAMILIES
+    from pipeline.models import FAMILIES, family_names
+
+    def steppable(family) -> bool:
+        return not family.capabilities.adversarial and not family.capabilities.one_pass
 
     for name in [*cells, *([reference_cell] if reference_cell else [])]:
         if FAMILIES[config.cell(name).family].capabilities.adversarial:
             raise ConfigError(
                 f"cell {name}: family {config.cell(name).family} trains with alternating player steps, which the "
-                f"standard "
-                "loop and the stacked and FLOP-count measurements (one loss, one step) do not; benchmark a vae, ae, "
-                "dae or cae cell"
+                f"standard loop and the stacked and FLOP-count measurements (one loss, one step) do not; benchmark a "
+                f"{family_names(steppable)} cell"
+            )
+        if FAMILIES[config.cell(name).family].capabilities.one_pass:
+            raise ConfigError(
+                f"cell {name}: family {config.cell(name).family} is fitted in closed form, with no training steps to "
+                f"measure; benchmark a {family_names(steppable)} cell"
             )
     for name in cells:
         cell = config.cell(name)
         if build_model(cell).loss_differentiates_input:
             raise ConfigError(
                 f"cell {name}: its {cell.family} penalty differentiates through the input images, which the stacked "
-                "(vmap) and FLOP-count measurements cannot trace; benchmark a vae, ae, dae or one-hidden-layer "
-                "linear cae cell"
+                "(vmap) and FLOP-count measurements cannot trace; benchmark a cell of another family"
             )
     if reference_cell and not FAMILIES[config.cell(reference_cell).family].capabilities.likelihood_bound:
         raise ConfigError(
             f"--reference-cell {reference_cell}: the full-training comparison reads the test ELBO, which family "
-            f"{config.cell(reference_cell).family} has not; choose a vae cell or pass --no-full"
+            f"{config.cell(reference_cell).family} has not; choose a "
+            f"{family_names(lambda family: family.capabilities.likelihood_bound)} cell or pass --no-full"
         )
 
 

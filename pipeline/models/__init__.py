@@ -5,6 +5,7 @@ A new family is one module with an `Autoencoder` subclass and one entry in FAMIL
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pipeline.models.ae import AE
@@ -23,6 +24,12 @@ FAMILIES: dict[str, type[Autoencoder]] = {family.family: family for family in (V
 # The family the lab's questions (conv against linear, latent_dim, the β sweep) are about, and the baseline the
 # adversarial families are read against.
 LAB_FAMILY = VAE.family
+
+
+def family_names(where: Callable[[type[Autoencoder]], bool] = lambda family: True) -> str:
+    """The registered families that `where` holds for, for messages: "vae, ae or dae"."""
+    names = [name for name, family in FAMILIES.items() if where(family)]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
 
 
 def build_model(cell: CellConfig) -> Autoencoder:

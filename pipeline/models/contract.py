@@ -4,17 +4,22 @@ model what it has instead of assuming a VAE.
 A family is a subclass of `Autoencoder` with:
 - `family`: its name in params.yaml; `Settings`: a frozen dataclass of its own settings with defaults,
   read by `parse_settings` (only these keys may appear on a cell of that family);
-- `capabilities`: what evaluation may compute for it (KL, ELBO, the likelihood bound);
+- `capabilities`: what evaluation may compute for it (KL, ELBO, the likelihood bound) and how it is fitted;
 - `Sampler`: how it generates (samplers.py): its prior, or a distribution fitted to its training codes;
+- `networks(cell)`: its encoder and decoder (by default the shared ones of networks.py);
 - `encode(x)`: the deterministic code h (the posterior mean for a VAE); `forward(x)`: a `ModelOutput`;
 - `loss_terms(x)`: per-image loss terms in a dict; the engine reports the mean of every term each epoch,
   and `train_step` (one gradient step on the mean of `loss`, unless a family overrides it, as the
-  adversarial families do with alternating steps) is what the engine calls for every batch.
+  adversarial families do with alternating steps) is what the engine calls for every batch; a family
+  fitted in one pass (`capabilities.one_pass`) provides `fit(images)` instead;
+- `own_metrics(images)` and `OWN_METRICS`: test metrics only the family has, with their descriptions;
+- `check_cell(cell, train_images)`: what a cell of the family must satisfy beyond its settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -35,6 +40,11 @@ class Capabilities:
     likelihood_bound: bool  # the ELBO and the importance-weighted bound on log p(x) (`nll_bound`)
     encoder: bool = True  # images to codes: reconstructions, codes, contraction, interpolation between digits
     adversarial: bool = False  # trained against a discriminator: D/G curves and a per-epoch sample-quality probe
+    # The decoder reads any point of code space, so interpolation, the 2-D latent map, the encoder's
+    # contraction and the app's sliders apply (not for a code quantised to a codebook).
+    continuous_code: bool = True
+    one_pass: bool = False  # fitted in closed form by `fit(images)`: one pass over the training images, no steps
+    baseline: bool = False  # a reference the autoencoders are read against (the report's baseline question)
 
 
 DETERMINISTIC = Capabilities(posterior=False, likelihood_bound=False)  # a code, no distribution
@@ -69,17 +79,16 @@ class Autoencoder(nn.Module):
     Settings: ClassVar[type] = NoSettings
     Sampler: ClassVar[type] = FittedGaussian  # a family trained with a prior sets StandardNormal
     suggested: ClassVar[dict] = {}  # cell keys a new cell of the family is best started with (the app's form)
+    OWN_METRICS: ClassVar[dict[str, str]] = {}  # test metrics only this family reports: name -> description
 
     def __init__(self, cell: CellConfig):
         super().__init__()
-        self.encoder, self.decoder = build_networks(
-            cell.arch, self.encoder_outputs(cell.latent_dim), cell.latent_dim, cell.hidden, cell.channels
-        )
+        self.encoder, self.decoder = self.networks(cell)
         self.arch, self.hidden = cell.arch, cell.hidden
         self.latent_dim = cell.latent_dim
         self.likelihood, self.gaussian_std = cell.likelihood, cell.gaussian_std
         self.settings = cell.settings
-        self.sampler = self.Sampler(cell.latent_dim)
+        self.sampler = self.make_sampler(cell)
 
     @staticmethod
     def parse_settings(raw: dict, where: str):
@@ -100,13 +109,36 @@ class Autoencoder(nn.Module):
         defaults = {f.name: f.default for f in dataclasses.fields(cls.Settings) if f.default is not None}
         return {**defaults, **cls.suggested}
 
+    @classmethod
+    def check_cell(cls, cell: CellConfig, train_images: int) -> None:
+        """Refuse (ConfigError) a cell the family cannot train, beyond what `parse_settings` checks."""
+
+    def make_sampler(self, cell: CellConfig) -> nn.Module:
+        return self.Sampler(cell.latent_dim)
+
+    def networks(self, cell: CellConfig) -> tuple[nn.Module, nn.Module]:
+        """The encoder and decoder: the shared networks of the cell's arch, the encoder built first."""
+        return build_networks(
+            cell.arch, self.encoder_outputs(cell.latent_dim), cell.latent_dim, cell.hidden, cell.channels
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors are (a family fitted in one pass has buffers and no parameters)."""
+        return next(itertools.chain(self.parameters(), self.buffers())).device
+
     @staticmethod
     def encoder_outputs(latent_dim: int) -> int:
         """Numbers the encoder network gives per image (2 x latent_dim for a mean and a log-variance)."""
         return latent_dim
 
-    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=lr)
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
+        """Adam on every parameter; None for a family fitted in one pass."""
+        return None if self.capabilities.one_pass else torch.optim.Adam(self.parameters(), lr=lr)
+
+    def fit(self, images: torch.Tensor) -> None:
+        """Fit in closed form on the training images (families with `capabilities.one_pass`)."""
+        raise NotImplementedError(f"family {self.family} is trained by gradient steps, not fitted in one pass")
 
     def train_step(self, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
         """One training step on a batch; returns its per-image loss terms."""
@@ -157,6 +189,10 @@ class Autoencoder(nn.Module):
     def fit_sampler(self, codes: torch.Tensor) -> None:
         """Fit an ex-post sampler to the codes of the training images (engine.finish_training)."""
         self.sampler.fit(codes)
+
+    def own_metrics(self, images: torch.Tensor) -> dict[str, float]:
+        """The family's own test metrics (OWN_METRICS) on the test images."""
+        return {}
 
     def nll_bound(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """-log p(x) per image, bounded with K importance samples, for a family with a likelihood bound."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 from scipy import stats
 
-from pipeline.models import LAB_FAMILY
+from pipeline.models import FAMILIES, LAB_FAMILY, family_names
 
 ALPHA = 0.05
 MIN_SEEDS_FOR_TEST = 3
@@ -27,6 +27,8 @@ QUESTIONS = {
     "diversity (recall, class entropy)?",
     "initialisation": "Does starting from the VAE's decoder help the GAN?",
     "collapse": "Does any generator collapse onto a few digits?",
+    "baseline": "At the same latent size, how much better than the linear baseline fitted in closed form does each "
+    "autoencoder reconstruct (Bernoulli nats) and encode (linear probe and k-NN accuracy on its codes)?",
     "bound": "Does training on a tighter bound (the IWAE's K-sample bound against the VAE's ELBO) tighten the "
     "likelihood bound on the same network, and does it keep more active units?",
 }
@@ -296,8 +298,9 @@ def family_findings(cells: pd.DataFrame, groups: pd.DataFrame) -> dict[str, list
             True,
             "sample FID in MNIST-CNN features (lower is better)",
             1,
-            note=" Families without a prior (ae, dae, cae) are sampled from a Gaussian fitted to their training "
-            "codes (ex-post density estimation), the VAE from its prior N(0, I).",
+            note=f" Families without a prior ({family_names(lambda family: family.Sampler.ex_post)}) are sampled "
+            "from a distribution fitted to their training codes (ex-post density estimation), the VAE from its prior "
+            "N(0, I).",
         ),
     }
 
@@ -356,7 +359,7 @@ def initialisation_effect(groups: pd.DataFrame) -> list[str]:
     if not outcomes:
         return [
             "Not answered: no arch and latent_dim has both a GAN trained from scratch and one fine-tuned from a VAE "
-            "(studies/gan.yaml has both)."
+            "(the adversarial study in studies/ has both)."
         ]
     summary = f"Starting from the VAE's decoder improved {tally(outcomes, ('FID', 'precision', 'recall'))} comparisons."
     return [summary, *sentences]
@@ -416,6 +419,39 @@ def likelihood_bounds(groups: pd.DataFrame) -> list[str]:
     return lines or ["The grid has no two families with a likelihood bound on the same network."]
 
 
+def is_baseline(family: str) -> bool:
+    return FAMILIES[family].capabilities.baseline
+
+
+def baseline_comparison(groups: pd.DataFrame) -> list[str]:
+    """At each latent_dim with a baseline group: each other plain group with an encoder against it, in
+    reconstruction (Bernoulli nats, lower is better) and in probe and k-NN accuracy on the codes."""
+    encoded = groups[groups["plain"].astype(bool) & groups["recon_bernoulli_mean"].notna()]
+    sentences, outcomes = [], []
+    for latent_dim, same in encoded.groupby("latent_dim"):
+        baselines = same[same["family"].map(is_baseline)]
+        if baselines.empty:
+            continue
+        base = baselines.iloc[0]
+        for row in same[~same["family"].map(is_baseline)].itertuples():
+            gain = base["recon_bernoulli_mean"] - row.recon_bernoulli_mean
+            probe = row.probe_accuracy_mean - base["probe_accuracy_mean"]
+            knn = row.knn_accuracy_mean - base["knn_accuracy_mean"]
+            outcomes.append({"reconstruction": gain > 0, "probe": probe > 0, "k-NN": knn > 0})
+            sentences.append(
+                f"latent_dim {latent_dim}: {row.group} reconstructs {abs(gain):.2f} nats "
+                f"{'better' if gain > 0 else 'worse'} than {base['group']} ({row.recon_bernoulli_mean:.2f} against "
+                f"{base['recon_bernoulli_mean']:.2f}, {abs(gain) / base['recon_bernoulli_mean']:.0%} "
+                f"{'lower' if gain > 0 else 'higher'}); probe accuracy {probe:+.4f} ({row.probe_accuracy_mean:.4f} "
+                f"against {base['probe_accuracy_mean']:.4f}), k-NN accuracy {knn:+.4f}."
+            )
+    if not outcomes:
+        return ["Not answered: no baseline was trained at the latent size of an autoencoder."]
+    counts = tally(outcomes, ("reconstruction", "probe", "k-NN"))
+    summary = f"The autoencoders beat the baseline at their latent size in {counts} comparisons."
+    return [summary, *sentences]
+
+
 def study_findings(cells: pd.DataFrame, groups: pd.DataFrame, collapse_share: float) -> dict[str, list[str]]:
     vae_cells, vae_groups = cells[cells["family"] == LAB_FAMILY], groups[groups["family"] == LAB_FAMILY]
     findings = {
@@ -426,6 +462,8 @@ def study_findings(cells: pd.DataFrame, groups: pd.DataFrame, collapse_share: fl
     if groups["family"].nunique() > 1:
         findings |= family_findings(cells, groups)
         findings[QUESTIONS["bound"]] = likelihood_bounds(groups)
+    if groups["family"].map(is_baseline).any():
+        findings[QUESTIONS["baseline"]] = baseline_comparison(groups)
     if groups["adversarial"].any():
         findings[QUESTIONS["adversarial"]] = adversarial_effect(groups)
         findings[QUESTIONS["initialisation"]] = initialisation_effect(groups)

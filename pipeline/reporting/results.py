@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import CellConfig, StudyConfig, cell_as_dict, parse_cell
-from pipeline.models import FAMILIES
+from pipeline.models import FAMILIES, LAB_FAMILY
 from pipeline.outputs import read_json
 from pipeline.paths import (
     CLASS_SHARES_FILE,
@@ -50,7 +50,9 @@ SAMPLE_METRICS = (
     "fid_mnist_cnn_recon",
     "iw_nll",
 )
-ALL_METRICS = METRICS + FAMILY_METRICS + SAMPLE_METRICS
+# Test metrics only some families report (a family's OWN_METRICS), with their descriptions.
+OWN_METRICS = {name: text for family in FAMILIES.values() for name, text in family.OWN_METRICS.items()}
+ALL_METRICS = METRICS + FAMILY_METRICS + SAMPLE_METRICS + tuple(OWN_METRICS)
 SHARES = tuple(f"share_{digit}" for digit in range(10))  # share of the samples the classifier calls each digit
 GROUP_KEYS = ["group", "family", "arch", "latent_dim", "beta", "variant", "plain", "init_from", "adversarial"]
 SEED_SUFFIX = re.compile(r"-s\d+$")
@@ -165,7 +167,7 @@ def cell_table(config: StudyConfig) -> pd.DataFrame:
             "family": cell.family,
             "arch": cell.arch,
             "latent_dim": cell.latent_dim,
-            "beta": getattr(cell.settings, "beta", float("nan")),
+            "beta": cell.settings.beta if cell.family == LAB_FAMILY else float("nan"),  # the lab's β sweep
             "plain": FAMILIES[cell.family].is_plain(cell.settings),  # the member compared across families
             "variant": variant(cell, groups),
             "seed": cell.seed,
@@ -270,6 +272,21 @@ def markdown_family_table(cells: pd.DataFrame) -> str:
     for row in cells[cells["status"] == "ok"].itertuples():
         values = [number(getattr(row, key), digits) for key, (_, digits) in FAMILY_COLUMNS.items()]
         lines.append(f"| {row.cell} | {row.family} | " + " | ".join(values) + f" | {row.sampler} |")
+    return "\n".join(lines)
+
+
+def own_metrics_measured(cells: pd.DataFrame) -> list[str]:
+    """The families' own metrics (OWN_METRICS) that some evaluated cell has."""
+    return [name for name in OWN_METRICS if cells.loc[cells["status"] == "ok", name].notna().any()]
+
+
+def markdown_own_metrics_table(cells: pd.DataFrame, names: list[str]) -> str:
+    """The families' own test metrics `names`, one row per evaluated cell that has any of them."""
+    lines = ["| cell | family | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for row in cells[(cells["status"] == "ok") & cells[names].notna().any(axis=1)].itertuples():
+        lines.append(
+            f"| {row.cell} | {row.family} | " + " | ".join(number(getattr(row, key), 3) for key in names) + " |"
+        )
     return "\n".join(lines)
 
 

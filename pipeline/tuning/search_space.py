@@ -292,12 +292,21 @@ def make_pruner(space: TuneSpace) -> optuna.pruners.BasePruner:
 def check_space_fits(space: TuneSpace, base: CellConfig) -> None:
     """Before any trial: the searched and fixed keys belong to the base cell's family, and the objective
     is one that family reports."""
-    from pipeline.models import FAMILIES
+    from pipeline.models import FAMILIES, family_names
 
-    if FAMILIES[base.family].capabilities.adversarial:
+    capabilities = FAMILIES[base.family].capabilities
+    tunable = family_names(lambda family: not family.capabilities.adversarial and not family.capabilities.one_pass)
+    if capabilities.adversarial:
         raise ConfigError(
             f"search space {space.name}: base cell {base.name} is a {base.family} cell, whose losses are a two-player "
-            "game rather than an objective to minimise; tune a vae, ae, dae or cae cell"
+            "game rather than an objective to minimise; tune a "
+            f"{tunable} cell"
+        )
+    if capabilities.one_pass:
+        raise ConfigError(
+            f"search space {space.name}: base cell {base.name} is a {base.family} cell, fitted in closed form with "
+            "no training settings to tune; tune a "
+            f"{tunable} cell"
         )
     allowed = COMMON_TUNABLE + family_setting_keys()[base.family]
     for key in [*space.fixed, *(param.name for param in space.params)]:
