@@ -16,11 +16,14 @@ from pipeline.models.gan import GAN
 from pipeline.models.iwae import IWAE
 from pipeline.models.vae import VAE
 from pipeline.models.vaegan import VAEGAN
+from pipeline.models.vqvae import VQVAE
 
 if TYPE_CHECKING:
     from pipeline.config import CellConfig
 
-FAMILIES: dict[str, type[Autoencoder]] = {family.family: family for family in (VAE, AE, DAE, CAE, GAN, VAEGAN, IWAE)}
+FAMILIES: dict[str, type[Autoencoder]] = {
+    family.family: family for family in (VAE, AE, DAE, CAE, GAN, VAEGAN, IWAE, VQVAE)
+}
 # The family the lab's questions (conv against linear, latent_dim, the β sweep) are about, and the baseline the
 # adversarial families are read against.
 LAB_FAMILY = VAE.family
