@@ -14,6 +14,7 @@ from pipeline.models.contract import Autoencoder
 from pipeline.models.dae import DAE
 from pipeline.models.gan import GAN
 from pipeline.models.iwae import IWAE
+from pipeline.models.pca import PCA
 from pipeline.models.vae import VAE
 from pipeline.models.vaegan import VAEGAN
 from pipeline.models.vqvae import VQVAE
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from pipeline.config import CellConfig
 
 FAMILIES: dict[str, type[Autoencoder]] = {
-    family.family: family for family in (VAE, AE, DAE, CAE, GAN, VAEGAN, IWAE, VQVAE)
+    family.family: family for family in (VAE, AE, DAE, CAE, GAN, VAEGAN, IWAE, VQVAE, PCA)
 }
 # The family the lab's questions (conv against linear, latent_dim, the β sweep) are about, and the baseline the
 # adversarial families are read against.
