@@ -22,11 +22,12 @@ CELL_FIGURES = {"reconstructions", "denoising", "samples", "interpolation", "lat
 
 def cell_figure_names(config, name):
     """Every model figure; KL per dimension only for a family with a posterior; a GAN (no encoder) only
-    generates."""
+    generates; a quantised code has no interpolation or latent map."""
     capabilities = FAMILIES[config.cell(name).family].capabilities
     if not capabilities.encoder:
         return {"samples", "latent_map"}
-    return CELL_FIGURES | ({"kl_per_dim"} if capabilities.posterior else set())
+    moved_through = set() if capabilities.continuous_code else {"interpolation", "latent_map"}  # a quantised code
+    return (CELL_FIGURES - moved_through) | ({"kl_per_dim"} if capabilities.posterior else set())
 
 
 @pytest.fixture
@@ -88,6 +89,17 @@ def assert_compares_the_families_and_shows_missing_metrics_as_dashes(report: str
     assert "| ae-linear-z2-s0 (ex-post Gaussian) |" in report
     sample_row = next(line for line in report.splitlines() if line.startswith("| ae-linear-z2-s0 (ex-post Gaussian) |"))
     assert sample_row.endswith("| – |")
+    # The baseline question compares every plain autoencoder at latent_dim 2 with the PCA cell there.
+    assert "### At the same latent size, how much better than the linear baseline" in report
+    assert "latent_dim 2: ae-linear-z2 reconstructs " in report and " than pca-z2 (" in report
+    # The VQ-VAE's own metrics in their table; its quantised code has no contraction: a dash.
+    assert "### The families' own metrics" in report and "- codebook_perplexity: exp of the entropy" in report
+    rows = [line.strip(" |").split(" | ") for line in report.splitlines() if line.startswith("| vqvae-linear-z2-s0 | ")]
+    family_row = next(row for row in rows if len(row) == 11)  # with its sampler column
+    own_row = next(row for row in rows if len(row) == 4)
+    assert family_row[6] == "–"  # contraction
+    perplexity, dead = (float(value) for value in own_row[2:])
+    assert 1 <= perplexity <= 16 and 0 <= dead < 1
 
 
 def assert_figures_reach_mlflow(evaluated) -> None:
