@@ -292,3 +292,19 @@ def test_the_app_in_a_browser(own_study, tmp_path):
         )
     for name in ("app-browser", "app-explorer", "app-train"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+def test_every_registered_family_is_in_the_train_form_once_and_its_starting_settings_make_a_study(tmp_path):
+    """The form's family list is the registry's; each family's starting settings, as the settings box shows
+    them, make a params.yaml that loads (a one-pass family trains for one epoch, on the MLP)."""
+    from pipeline.app import training
+    from pipeline.config import parse_study_text
+    from pipeline.models import FAMILIES
+
+    form = app_on("train").selectbox(key="train_family")
+    assert form.options == list(FAMILIES)
+    for family in FAMILIES:
+        one_pass = FAMILIES[family].capabilities.one_pass
+        request = training.Request(family, "linear", 2, 1 if one_pass else 3, 500, training.starting_settings(family))
+        config = parse_study_text(training.study_text(request, TINY_STUDY), "app")
+        assert config.cells[request.cell_name].family == family
