@@ -37,6 +37,8 @@ def test_reconstruction_equals_scikit_learns_pca_clipped():
     codes = model.encode(images).double().numpy()
     np.testing.assert_allclose(np.abs(codes), np.abs(reference.transform(flat)), atol=2e-4)
     np.testing.assert_allclose(codes.var(0, ddof=1), reference.explained_variance_, rtol=1e-4)
+    components = model.encoder.components
+    assert (components.gather(0, components.abs().argmax(0, keepdim=True)) > 0).all()  # the sign rule
 
 
 def test_bernoulli_nats_read_the_clipped_reconstruction():

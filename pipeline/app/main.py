@@ -343,7 +343,17 @@ def train_page() -> None:
     with left:
         arch = st.selectbox("arch", ["linear", "conv"], key="train_arch")
         latent_dim = int(st.number_input("latent_dim", min_value=1, value=2, step=1, key="train_latent_dim"))
-        epochs = int(st.number_input("epochs", min_value=1, value=3, step=1, key="train_epochs"))
+        one_pass = FAMILIES[family].capabilities.one_pass  # fitted in closed form: one epoch is the fit
+        epochs = int(
+            st.number_input(
+                "epochs",
+                min_value=1,
+                max_value=1 if one_pass else None,
+                value=1 if one_pass else 3,
+                step=1,
+                key="train_epochs_one_pass" if one_pass else "train_epochs",
+            )
+        )
     with right:
         train_size = int(
             st.number_input("training images", min_value=100, max_value=55_000, value=5_000, step=500, key="train_size")

@@ -28,21 +28,23 @@ def check_bench_cells(config: StudyConfig, cells: list[str], reference_cell: str
     """Before any measurement: every cell can be measured every way, and the full-training comparison,
     which compares test ELBOs, has a cell with one."""
     from pipeline.config import ConfigError
-    from pipeline.models import FAMILIES, family_names
+    from pipeline.models import FAMILIES, Autoencoder, family_names
 
     def steppable(family) -> bool:
-        return not family.capabilities.adversarial and not family.capabilities.one_pass
+        """Trained by the contract's step: one gradient step on one loss (what every measurement times)."""
+        return family.train_step is Autoencoder.train_step and not family.capabilities.one_pass
 
     for name in [*cells, *([reference_cell] if reference_cell else [])]:
-        if FAMILIES[config.cell(name).family].capabilities.adversarial:
+        family = FAMILIES[config.cell(name).family]
+        if family.train_step is not Autoencoder.train_step:
             raise ConfigError(
-                f"cell {name}: family {config.cell(name).family} trains with alternating player steps, which the "
-                f"standard loop and the stacked and FLOP-count measurements (one loss, one step) do not; benchmark a "
-                f"{family_names(steppable)} cell"
+                f"cell {name}: family {family.family} trains with a step of its own (alternating players, or a "
+                "codebook's moving averages), which the standard loop and the stacked and FLOP-count measurements "
+                f"(one loss, one gradient step) do not; benchmark a {family_names(steppable)} cell"
             )
-        if FAMILIES[config.cell(name).family].capabilities.one_pass:
+        if family.capabilities.one_pass:
             raise ConfigError(
-                f"cell {name}: family {config.cell(name).family} is fitted in closed form, with no training steps to "
+                f"cell {name}: family {family.family} is fitted in closed form, with no training steps to "
                 f"measure; benchmark a {family_names(steppable)} cell"
             )
     for name in cells:
@@ -50,7 +52,8 @@ def check_bench_cells(config: StudyConfig, cells: list[str], reference_cell: str
         if build_model(cell).loss_differentiates_input:
             raise ConfigError(
                 f"cell {name}: its {cell.family} penalty differentiates through the input images, which the stacked "
-                "(vmap) and FLOP-count measurements cannot trace; benchmark a cell of another family"
+                "(vmap) and FLOP-count measurements cannot trace; benchmark a cell of another family, or a "
+                "one-hidden-layer linear CAE (its penalty is in closed form)"
             )
     if reference_cell and not FAMILIES[config.cell(reference_cell).family].capabilities.likelihood_bound:
         raise ConfigError(

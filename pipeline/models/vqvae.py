@@ -40,7 +40,7 @@ class VQVAESettings:
     decay: float = 0.99  # of the codebook's exponential moving averages
 
     def label(self) -> str:
-        return f"K={self.codebook_size}, d={self.embedding_dim}"
+        return f"K={self.codebook_size}, d={self.embedding_dim}, β={self.commitment:g}, γ={self.decay:g}"
 
 
 def nearest_entries(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -73,6 +73,7 @@ class PositionCategoricals(nn.Module):
     def entries(self, noise: torch.Tensor) -> torch.Tensor:
         """The entry index (count, positions) each position's uniform noise selects."""
         cumulative = self.probabilities.cumsum(1)
+        cumulative = cumulative / cumulative[:, -1:]  # ends at exactly 1: no draw falls past the last used entry
         picked = torch.searchsorted(cumulative, noise.T.contiguous().to(cumulative.dtype), right=True).T
         return picked.clamp_max(self.probabilities.shape[1] - 1)
 
@@ -119,10 +120,12 @@ class VQVAE(Autoencoder):
         size, dim = self.settings.codebook_size, self.settings.embedding_dim
         self.register_buffer("codebook", torch.randn(size, dim))
         # The moving averages start as if each entry had been assigned one vector, itself: an entry no batch
-        # uses then stays where it is instead of being divided by the smoothing constant.
+        # uses keeps its place at first (rather than being divided by the smoothing constant), then drifts
+        # towards the origin as both of its averages decay (to half its distance after about 1,150 steps).
         self.register_buffer("cluster_size", torch.ones(size))  # EMA of the number of vectors assigned to each entry
         self.register_buffer("entry_sum", self.codebook.clone())  # EMA of their sum
         self.register_buffer("initialised", torch.tensor(False))  # the codebook was set from the first batch
+        self.known_initialised = False  # the buffer read once on the host, not at every batch (a GPU sync)
 
     @staticmethod
     def parse_settings(raw: dict, where: str) -> VQVAESettings:
@@ -198,8 +201,10 @@ class VQVAE(Autoencoder):
     def train_step(self, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
         """A gradient step on the networks, then the codebook's moving averages toward the batch's assignments."""
         z_e = self.encoder(x)
-        if not self.initialised:
-            self.initialise_codebook(z_e.detach().reshape(-1, self.settings.embedding_dim))
+        if not self.known_initialised:
+            if not self.initialised:
+                self.initialise_codebook(z_e.detach().reshape(-1, self.settings.embedding_dim))
+            self.known_initialised = True
         quantised, entries = self.quantise(z_e)
         terms = self.terms(x, z_e, quantised)
         descend(optimizer, terms["loss"].mean())

@@ -18,10 +18,12 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from pipeline.config import (
     CELL_DEFAULT_KEYS,
     CELL_OWN_KEYS,
+    MNIST_TRAIN_IMAGES,
     CellConfig,
     ConfigError,
     cell_as_dict,
     check_name,
+    families,
     family_setting_keys,
     parse_cell,
 )
@@ -353,4 +355,8 @@ def with_values(cell, values: dict):
         base = {key: value for key, value in base.items() if key not in ("noise_std", "mask_prob")}
     merged = {**base, **values}
     name = merged.pop("name")
-    return parse_cell(name, merged, {})
+    tuned = parse_cell(name, merged, {})
+    # The family's own constraints (a VQ-VAE's latent_dim against its positions); the data's size was
+    # checked when the study loaded, so every MNIST training image is the bound here.
+    families()[tuned.family].check_cell(tuned, MNIST_TRAIN_IMAGES)
+    return tuned
