@@ -69,13 +69,13 @@ CAPTIONS = {
     "mean for a VAE).",
     "denoising": "The same test digits with Gaussian noise and with masked pixels (the denoising autoencoder's "
     "corruptions, at the evaluate block's levels), and every model's reconstruction of the corrupted digits.",
-    "samples": "Decoder means for random z ~ N(0, I) with a fixed seed; models of equal latent_dim decode the same "
-    "noise. Families without a prior (marked ex-post) map that noise through a Gaussian fitted to their "
-    "training codes.",
+    "samples": "Decoder means of each model's sampler with a fixed seed: z ~ N(0, I) for a family trained with that "
+    "prior; models of equal latent_dim and equal kind of sampler decode the same noise. Families without a prior "
+    "map that noise through a distribution fitted to their training codes (ex post).",
     "interpolation": "Decoded points on the straight line between the codes (posterior means) of two fixed test "
     "digits.",
-    "latent_map": "Models with latent_dim = 2: the decoder's mean image on a regular grid over the latent plane "
-    "(for a family without a prior, the grid is in units of its ex-post Gaussian).",
+    "latent_map": "Models with latent_dim = 2 and a continuous code: the decoder's mean image on a regular grid over "
+    "the latent plane (for a family without a prior, the grid is in units of its ex-post Gaussian).",
     "latent_scatter": "Codes (posterior means) of test images coloured by digit label (2-D models directly, larger "
     "ones by their first two principal components).",
     "rate_distortion": "VAE cells: rate (test KL) against distortion (test reconstruction) for every group of "

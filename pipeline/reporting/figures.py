@@ -99,7 +99,7 @@ def samples(models: dict[str, Autoencoder], count: int, seed: int, folder: Path,
         )
         for name, model in models.items()
     ]
-    title = "Samples: decoder means for z ~ N(0, I), or the same noise through the ex-post Gaussian of the codes"
+    title = "Samples: decoder means of each model's sampler (z ~ N(0, I), or the same noise through an ex-post fit)"
     return save(image_rows(rows, title), folder, "samples", dpi)
 
 
@@ -174,7 +174,7 @@ def latent_scatter(
         for digit in range(10):
             chosen = points[torch.from_numpy(labels == digit)]
             ax.scatter(chosen[:, 0], chosen[:, 1], s=3, color=colours[digit], label=str(digit), alpha=0.7, linewidths=0)
-        ax.set_title(name if model.latent_dim == 2 else f"{name} (PCA)", fontsize=9)
+        ax.set_title(name if model.latent_dim == 2 else f"{name} (first 2 PCs)", fontsize=9)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
     for ax in list(axes.flat)[len(models) :]:
