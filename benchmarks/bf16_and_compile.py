@@ -48,8 +48,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
 
-    set_threads()
     config = load_study()
+    set_threads(config.threads)
     cell = dataclasses.replace(config.cell(args.cell), device="cpu")
     arrays = load_prepared(PREPARED_FILE)
     images = images_to_tensor(arrays["train_images"][: args.images])

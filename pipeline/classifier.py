@@ -56,7 +56,7 @@ def accuracy(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Te
 def train_classifier(config: StudyConfig) -> dict:
     settings = config.classifier
     device = resolve_device(settings.device)
-    set_threads()
+    set_threads(config.threads)
     arrays = load_prepared(PREPARED_FILE)
     images = images_to_tensor(arrays["train_images"], device)
     labels = torch.from_numpy(arrays["train_labels"]).long().to(device)

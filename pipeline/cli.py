@@ -184,6 +184,20 @@ def cmd_table(args) -> None:
     say(markdown_sample_table(cells, load_floor()))
 
 
+def cmd_verify(args) -> None:
+    from pipeline import verify
+
+    differences, lines = verify.verify(load_study(args.params), args.revision)
+    for line in lines:
+        say(line)
+    beyond = [d for d in differences if d.beyond]
+    if beyond:
+        raise verify.NotReproduced(
+            f"{len(beyond)} metric value(s) differ from the committed study beyond the seed spread (listed above): "
+            "more than another machine's rounding; check the install (make setup) and the data (its SHA256SUMS)"
+        )
+
+
 def cmd_use_study(args) -> None:
     source = Path(args.name) if args.name.endswith(".yaml") else STUDIES_DIR / f"{args.name}.yaml"
     if not source.is_file():
@@ -331,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=cmd_bench)
     commands.add_parser("check", help="validate the parameters and list the cells").set_defaults(run=cmd_check)
     commands.add_parser("table", help="print the study's test metrics as a Markdown table").set_defaults(run=cmd_table)
+    check = commands.add_parser(
+        "verify", help="compare the reproduced study's metrics with the committed ones, within the seed spread"
+    )
+    check.add_argument("--revision", default="HEAD", help="the Git revision whose committed metrics to compare with")
+    check.set_defaults(run=cmd_verify)
     use = commands.add_parser("use-study", help="make studies/NAME.yaml (or a study file) the active params.yaml")
     use.add_argument("name", help="a study name from studies/, or the path of a study .yaml file")
     use.add_argument("--force", action="store_true", help="replace params.yaml even if it holds unsaved edits")

@@ -10,7 +10,6 @@ and reports the mean of every term.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,8 +37,9 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def set_threads() -> None:
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+def set_threads(threads: int) -> None:
+    """Compute with `threads` CPU threads (the study's `threads`), however many cores the machine has."""
+    torch.set_num_threads(threads)
 
 
 def train_epoch(

@@ -199,7 +199,7 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
     clear_leftovers(config.study)
     run_id = tracking.recorded_run(train_dir(config.study, cell.name) / RUN_FILE, train_stage(cell))
     device = resolve_device(cell.device)
-    set_threads()
+    set_threads(config.threads)
     stopwatch = Stopwatch()
     with stopwatch.part("load_model"):
         model = load_trained(config.study, cell, device)
@@ -223,6 +223,7 @@ def evaluate_cell(config: StudyConfig, cell_name: str) -> dict:
             tracking.log_settings(
                 {f"evaluate.{key}": value for key, value in vars(settings).items()}
                 | {f"sample_quality.{key}": value for key, value in vars(config.sample_quality).items()}
+                | {"threads": config.threads}
             )
             # The run's input since training (MLflow keeps one input per data set and run); the metrics name it.
             test_set = tracking.prepared_dataset(read_json(PREPARED_SUMMARY), PREPARED_FILE)

@@ -29,7 +29,7 @@ def real_data_floor(
 
 def compute_floor(config: StudyConfig) -> dict:
     device = resolve_device(config.classifier.device)
-    set_threads()
+    set_threads(config.threads)
     train_images = images_to_tensor(
         load_prepared(PREPARED_FILE)["train_images"][: config.sample_quality.n_samples], device
     )

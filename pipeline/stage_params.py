@@ -18,8 +18,8 @@ from pipeline.config import ConfigError, StudyConfig
 
 # The params sections of the stages that are not one per cell (dvc.yaml's `params:`).
 PREPARE_PARAMS = ("data",)
-CLASSIFIER_PARAMS = ("classifier",)
-FLOOR_PARAMS = ("classifier.device", "sample_quality")
+CLASSIFIER_PARAMS = ("classifier", "threads")
+FLOOR_PARAMS = ("classifier.device", "sample_quality", "threads")
 REPORT_PARAMS = ("study", "report", "data", "train", "cells", "finetuned", "evaluate", "sample_quality")
 TUNE_PARAMS = (
     "study",
@@ -31,6 +31,7 @@ TUNE_PARAMS = (
     "sample_quality",
     "report",
     "tracking",
+    "threads",
 )
 
 
@@ -46,11 +47,11 @@ def train_params(config: StudyConfig, cell_name: str) -> tuple[str, ...]:
     """A train@ or finetune@ stage's params: a fine-tuned cell also reads the cell it starts from."""
     cell = config.cell(cell_name)
     origin = (f"cells.{cell.init_from}",) if cell.init_from else ()
-    return ("study", "train", "tracking", _cell_key(config, cell_name), *origin)
+    return ("study", "train", "tracking", "threads", _cell_key(config, cell_name), *origin)
 
 
 def evaluate_params(config: StudyConfig, cell_name: str) -> tuple[str, ...]:
-    return ("study", "train", _cell_key(config, cell_name), "evaluate", "sample_quality")
+    return ("study", "train", _cell_key(config, cell_name), "evaluate", "sample_quality", "threads")
 
 
 def value_at(raw: object, key: str) -> object:

@@ -352,6 +352,7 @@ def log_cell_params(config: StudyConfig, cell: CellConfig, prepared: dict) -> No
     params |= {f"data.{split}_size": count for split, count in prepared["images"].items()}
     params["data.split_seed"] = prepared["split_seed"]
     params["study"] = config.study
+    params["threads"] = config.threads  # the CPU threads it computed with: part of what makes its numbers
     mlflow.log_params(params)
 
 

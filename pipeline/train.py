@@ -45,7 +45,7 @@ def train_cell(
         check_memory(cell, config.data.train_size, device, val_images=config.data.val_size)
         tracking.check_store()
         clear_leftovers(config.study)
-        engine.set_threads()
+        engine.set_threads(config.threads)
         arrays = load_prepared(PREPARED_FILE)
         train_images = images_to_tensor(arrays["train_images"], device)
         val_images = images_to_tensor(arrays["val_images"], device)

@@ -242,7 +242,14 @@ def tune(
     check_space_fits(space, config.cell(space.base_cell))  # every check before a study or a run exists
     tracking.check_store()
     parent_id = tune_parent_run(config, space, open_storage(url, space))
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    threads = config.threads  # each trial computes as a train stage does, so its numbers match one
+    if workers * threads > len(os.sched_getaffinity(0)):
+        log.warning(
+            "%d workers x %d threads (the study's threads) exceed this machine's %d cores: trials will share them",
+            workers,
+            threads,
+            len(os.sched_getaffinity(0)),
+        )
     log.info("tuning %s: %d trials in total, %d worker(s), storage %s", space.name, space.n_trials, workers, url)
     if workers == 1:
         worker(params_file, space_file, url, parent_id, 0, threads)

@@ -88,7 +88,7 @@ def run_bench(
         raise DataError(
             f"MNIST files missing in {raw_dir(config.data.root)}: {', '.join(missing_files(config.data.root))}"
         )
-    set_threads()
+    set_threads(config.threads)
     results = {
         "machine": {
             "cpu_threads": torch.get_num_threads(),

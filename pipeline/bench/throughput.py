@@ -85,8 +85,8 @@ def best_of(measure, repeats: int = REPEATS) -> float:
     return max(measure() for _ in range(repeats))
 
 
-def measure_engine(cell, images: int) -> float:
-    set_threads()
+def measure_engine(cell, images: int, threads: int) -> float:
+    set_threads(threads)
     data = images_to_tensor(load_prepared(PREPARED_FILE)["train_images"][:images])
     torch.manual_seed(0)
     model = build_model(cell)
@@ -102,10 +102,10 @@ def measure_engine(cell, images: int) -> float:
     return best_of(once)
 
 
-def measure_standard(cell, images: int, data_root: str) -> float:
+def measure_standard(cell, images: int, data_root: str, threads: int) -> float:
     from torchvision import datasets, transforms
 
-    set_threads()
+    set_threads(threads)
     dataset = datasets.MNIST(torchvision_root(data_root), train=True, transform=transforms.ToTensor())
     loader = torch.utils.data.DataLoader(dataset, batch_size=cell.batch_size, shuffle=True)
     torch.manual_seed(0)
@@ -128,8 +128,8 @@ def measure_standard(cell, images: int, data_root: str) -> float:
     return best_of(once)
 
 
-def measure_compute_bound(cell, steps: int) -> float:
-    set_threads()
+def measure_compute_bound(cell, steps: int, threads: int) -> float:
+    set_threads(threads)
     torch.manual_seed(0)
     model = build_model(cell)
     optimizer = torch.optim.Adam(model.parameters(), lr=cell.lr)
@@ -164,14 +164,14 @@ class TrainingLoss(torch.nn.Module):
         return self.model.loss_terms(x)["loss"].mean()
 
 
-def measure_stacked(cell, images: int, copies: int) -> float:
+def measure_stacked(cell, images: int, copies: int, threads: int) -> float:
     """Images per second, summed over `copies` models of one cell (different seeds) trained as one stacked
     model with torch.func.vmap: the grid-level speed-up candidate (compare with the engine's rate)."""
     import copy
 
     from torch.func import functional_call, stack_module_state, vmap
 
-    set_threads()
+    set_threads(threads)
     data = images_to_tensor(load_prepared(PREPARED_FILE)["train_images"][:images])
     models = []
     for seed in range(copies):
@@ -238,10 +238,12 @@ def measure_architectures(config: StudyConfig, cells: list[str], images: int, co
     rows = []
     for name in cells:
         cell = dataclasses.replace(config.cell(name), device="cpu")
-        engine, engine_mem = in_fresh_process(measure_engine, cell, images)
-        standard, standard_mem = in_fresh_process(measure_standard, cell, images, config.data.root)
-        bound, bound_mem = in_fresh_process(measure_compute_bound, cell, max(20, images // cell.batch_size))
-        stacked, stacked_mem = in_fresh_process(measure_stacked, cell, images, copies)
+        threads = config.threads
+        engine, engine_mem = in_fresh_process(measure_engine, cell, images, threads)
+        standard, standard_mem = in_fresh_process(measure_standard, cell, images, config.data.root, threads)
+        steps = max(20, images // cell.batch_size)
+        bound, bound_mem = in_fresh_process(measure_compute_bound, cell, steps, threads)
+        stacked, stacked_mem = in_fresh_process(measure_stacked, cell, images, copies, threads)
         flops_per_image = training_step_flops(cell, cell.batch_size) / cell.batch_size
         rows.append(
             {
