@@ -193,10 +193,14 @@ def test_cells_the_bench_cannot_measure_are_refused_before_any_measurement(tiny_
         ConfigError, match="--reference-cell ae-linear-z2-s0: the full-training comparison reads the test ELBO"
     ):
         check_bench_cells(tiny_study, ["ae-linear-z2-s0"], "ae-linear-z2-s0")
-    with pytest.raises(ConfigError, match="cell gan-conv-z2-s0: family gan trains with alternating player steps"):
+    with pytest.raises(ConfigError, match="cell gan-conv-z2-s0: family gan trains with a step of its own"):
         check_bench_cells(tiny_study, ["gan-conv-z2-s0"], None)
-    with pytest.raises(ConfigError, match="cell vaegan-linear-z2-s0: family vaegan trains with alternating"):
+    with pytest.raises(ConfigError, match="cell vaegan-linear-z2-s0: family vaegan trains with a step of its own"):
         check_bench_cells(tiny_study, ["linear-z2-b1-s0"], "vaegan-linear-z2-s0")
+    with pytest.raises(ConfigError, match="cell vqvae-linear-z2-s0: family vqvae trains with a step of its own"):
+        check_bench_cells(tiny_study, ["vqvae-linear-z2-s0"], None)
+    with pytest.raises(ConfigError, match="cell pca-z2-s0: family pca is fitted in closed form"):
+        check_bench_cells(tiny_study, ["pca-z2-s0"], None)
     check_bench_cells(tiny_study, ["ae-linear-z2-s0", "dae-linear-z2-s0"], "linear-z2-b1-s0")
 
 

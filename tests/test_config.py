@@ -130,8 +130,8 @@ def as_family(family: str, **settings) -> dict:
         ),
         (
             {**tiny_raw(), "cells": {"lin": {"arch": "linear", "latent_dim": 2, "seed": 0}}},
-            "params: cells.lin.family is missing; name the cell's family (vae, ae, dae, cae, gan, vaegan, iwae): "
-            "dvc.yaml makes the cell's stages depend on pipeline/models/<family>.py",
+            "params: cells.lin.family is missing; name the cell's family (vae, ae, dae, cae, gan, vaegan, iwae, "
+            "vqvae, pca): dvc.yaml makes the cell's stages depend on pipeline/models/<family>.py",
         ),
         (
             finetuned(family=None),
