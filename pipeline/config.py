@@ -19,11 +19,11 @@ ARCHS = ("linear", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
 DEVICES = ("auto", "cpu", "cuda")
 MNIST_TRAIN_IMAGES = 60_000
+MNIST_TEST_IMAGES = 10_000
 # CPU threads every computing stage uses. PyTorch's CPU kernels split work, and so round, by the number of
 # threads, not of cores: a fixed number gives the same numbers on a machine with 1, 2 or 16 cores (docs/speed.md
 # has the measurement behind 2).
 DEFAULT_THREADS = 2
-MNIST_TEST_IMAGES = 10_000
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # matched whole: no leading '-' (an option to argparse)
 # The longest file name a cell or study name becomes part of: a resume checkpoint being written.
 LONGEST_SUFFIX = ".pt.partial"
@@ -130,7 +130,7 @@ class StudyConfig:
     report: ReportConfig
     tune: dict[str, str]  # enabled tuning studies: name -> search-space file (DVC stages tune@name)
     tracking: TrackingConfig = TrackingConfig()
-    threads: int = 2  # DEFAULT_THREADS: the CPU threads every computing stage uses, whatever the machine's cores
+    threads: int = DEFAULT_THREADS  # the CPU threads every computing stage uses, whatever the machine's cores
     raw: dict | None = None  # the parsed YAML it was read from (pipeline/stage_params.py compares it at the end)
     params_file: str | None = None  # the file it was read from, when it was
     # `cells` holds the `cells:` block, then the `finetuned:` block (cells with init_from).

@@ -165,16 +165,12 @@ def model_figures(config: StudyConfig, models: dict, test: TestSet, folder: Path
         else [  # a GAN has no encoder: no reconstructions or codes
             *figures.reconstructions(encoders, digits, folder, settings.dpi),
             *figures.denoising(encoders, digits, corrupted, folder, settings.dpi),
-            *(
-                figures.interpolations(
-                    interpolated,
-                    test.pairs(settings.interpolation_pairs),
-                    settings.interpolation_steps,
-                    folder,
-                    settings.dpi,
-                )
-                if interpolated
-                else []
+            *figures.interpolations(
+                interpolated,
+                test.pairs(settings.interpolation_pairs),
+                settings.interpolation_steps,
+                folder,
+                settings.dpi,
             ),
             *figures.latent_scatter(encoders, test.images[scatter], test.labels[scatter], folder, settings.dpi),
         ]

@@ -22,7 +22,6 @@ from functools import partial
 from pathlib import Path
 
 import optuna
-import torch
 import yaml
 from mlflow.exceptions import MlflowException
 from optuna.study import MaxTrialsCallback
@@ -167,13 +166,13 @@ def counts(study: optuna.Study) -> dict[TrialState, int]:
     return {state: states.count(state) for state in TrialState}
 
 
-def worker(params_file: str, space_file: str, url: str, parent_id: str, index: int, threads: int) -> None:
+def worker(params_file: str, space_file: str, url: str, parent_id: str, index: int) -> None:
     """Run trials with Optuna's loop until the study holds n_trials counted trials, then wait for the
     trials still running (on other workers, or left by a killed one, which fail after the grace period and
     are queued again for this loop)."""
     logging.basicConfig(level=logging.INFO, format="[vaebench] %(message)s")
-    torch.set_num_threads(threads)
     config, space = load_study(params_file), load_space(space_file)
+    engine.set_threads(config.threads)  # each trial computes as a train stage does, so its numbers match one
     storage = open_storage(url, space)
     # A different seed per worker and per resumption, so no two samplers replay the same sequence.
     existing = len(optuna.load_study(study_name=study_name(space), storage=storage).trials)
@@ -242,22 +241,21 @@ def tune(
     check_space_fits(space, config.cell(space.base_cell))  # every check before a study or a run exists
     tracking.check_store()
     parent_id = tune_parent_run(config, space, open_storage(url, space))
-    threads = config.threads  # each trial computes as a train stage does, so its numbers match one
-    if workers * threads > len(os.sched_getaffinity(0)):
+    cores = len(os.sched_getaffinity(0))
+    if workers * config.threads > cores:
         log.warning(
             "%d workers x %d threads (the study's threads) exceed this machine's %d cores: trials will share them",
             workers,
-            threads,
-            len(os.sched_getaffinity(0)),
+            config.threads,
+            cores,
         )
     log.info("tuning %s: %d trials in total, %d worker(s), storage %s", space.name, space.n_trials, workers, url)
     if workers == 1:
-        worker(params_file, space_file, url, parent_id, 0, threads)
+        worker(params_file, space_file, url, parent_id, 0)
     else:
         context = multiprocessing.get_context("spawn")
         processes = [
-            context.Process(target=worker, args=(params_file, space_file, url, parent_id, i, threads))
-            for i in range(workers)
+            context.Process(target=worker, args=(params_file, space_file, url, parent_id, i)) for i in range(workers)
         ]
         for process in processes:
             process.start()

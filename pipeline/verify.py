@@ -102,8 +102,8 @@ class NotReproduced(VaebenchError):
 
 
 def verify(config: StudyConfig, revision: str = "HEAD") -> tuple[list[Difference], list[str]]:
-    """(every difference, the report's lines). Raises NotReproduced, after the lines are printed by the
-    caller, when any difference is beyond its tolerance."""
+    """(every difference, the report's lines: one per value beyond its tolerance, then a summary). The caller
+    prints the lines and raises NotReproduced when any difference is beyond."""
     committed = committed_metrics(config.study, revision)
     tolerances = seed_tolerances(committed_metrics(SPREAD_STUDY, revision))
     differences = compare(reproduced_metrics(config), committed, tolerances)

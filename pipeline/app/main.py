@@ -216,14 +216,14 @@ def explorer_page() -> None:
         st.caption(f"{name} is a {model.family} generator (no encoder): z ~ N(0, I) moved along its first axes.")
         generator_explorer(model)
         return
-    arrays = prepared_arrays()
-    if arrays is None:
-        st.warning("The prepared data (results/prepare/mnist.npz) is missing: run `dvc repro prepare`.")
-        return
     if not model.capabilities.continuous_code:
         st.caption(f"{name}'s code is quantised: moving through code space does not apply; samples of its sampler:")
         noise = model.sample_noise(8, torch.Generator().manual_seed(0))
         image_row(latent.decode_noise(model, noise), [""] * len(noise), width=70)
+        return
+    arrays = prepared_arrays()
+    if arrays is None:
+        st.warning("The prepared data (results/prepare/mnist.npz) is missing: run `dvc repro prepare`.")
         return
     codes, labels = training_codes(model, arrays)
     if model.latent_dim == 2:

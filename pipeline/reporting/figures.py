@@ -111,7 +111,10 @@ def interpolations(
     folder: Path,
     dpi: int,
 ) -> list[Path]:
-    """Decoded points on the straight line between the codes (posterior means) of two test digits."""
+    """Decoded points on the straight line between the codes (posterior means) of two test digits; no figure
+    without a model."""
+    if not models:
+        return []
     weights = torch.linspace(0, 1, steps).unsqueeze(1)
     rows = []
     for name, model in models.items():
