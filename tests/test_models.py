@@ -44,6 +44,17 @@ TRAIN_DEFAULTS = {
 }
 
 
+def one_cell_study(name: str, cell: dict, train_size: int = 100) -> dict:
+    """A study of one cell on these small networks, for parse_study (its data is never read)."""
+    return {
+        "study": "t",
+        "data": {"root": ".", "train_size": train_size, "val_size": 10, "test_size": 10},
+        "train": dict(TRAIN_DEFAULTS),
+        "cells": {name: cell},
+        "evaluate": {},
+    }
+
+
 def small_cell(family: str, arch: str, latent_dim: int = 3, **changes):
     spec = {"family": family, "arch": arch, "latent_dim": latent_dim, "seed": 0, **SETTINGS[family], **changes}
     cell = parse_cell(f"{family}-{arch}", spec, TRAIN_DEFAULTS)

@@ -12,7 +12,7 @@ from pipeline.config import ConfigError, parse_study
 from pipeline.engine import Training, epochs, restore_checkpoint, save_checkpoint, start_training
 from pipeline.models import build_model
 from pipeline.models.pca import EPSILON
-from test_models import small_cell
+from test_models import one_cell_study, small_cell
 
 
 def digit_like_images(count: int = 400, seed: int = 0) -> torch.Tensor:
@@ -88,23 +88,9 @@ def test_the_engine_fits_in_one_pass_with_no_optimizer_and_resumes(tmp_path):
 
 
 def pca_study(cell: dict, train_size: int = 100) -> dict:
-    cell = {"family": "pca", "arch": "linear", "latent_dim": 4, "epochs": 1, "seed": 0} | cell
-    return {
-        "study": "t",
-        "data": {"root": ".", "train_size": train_size, "val_size": 10, "test_size": 10},
-        "train": {
-            "epochs": 10,
-            "batch_size": 8,
-            "lr": 1e-3,
-            "likelihood": "bernoulli",
-            "gaussian_std": 0.1,
-            "hidden": [8],
-            "channels": [4, 8],
-            "device": "cpu",
-        },
-        "cells": {"p": cell},
-        "evaluate": {},
-    }
+    return one_cell_study(
+        "p", {"family": "pca", "arch": "linear", "latent_dim": 4, "epochs": 1, "seed": 0} | cell, train_size
+    )
 
 
 @pytest.mark.parametrize(

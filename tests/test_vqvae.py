@@ -10,7 +10,7 @@ import torch
 from pipeline.config import ConfigError, parse_study
 from pipeline.models import build_model
 from pipeline.models.vqvae import nearest_entries, perplexity
-from test_models import small_cell
+from test_models import one_cell_study, small_cell
 
 
 def test_quantisation_picks_the_nearest_codebook_entry():
@@ -118,23 +118,7 @@ def test_training_starts_the_codebook_from_the_first_batch_and_moves_it_by_avera
 
 
 def vq_study(cell: dict) -> dict:
-    cell = {"family": "vqvae", "arch": "linear", "latent_dim": 4, "seed": 0} | cell
-    return {
-        "study": "t",
-        "data": {"root": ".", "train_size": 100, "val_size": 10, "test_size": 10},
-        "train": {
-            "epochs": 1,
-            "batch_size": 8,
-            "lr": 1e-3,
-            "likelihood": "bernoulli",
-            "gaussian_std": 0.1,
-            "hidden": [8],
-            "channels": [4, 8],
-            "device": "cpu",
-        },
-        "cells": {"v": cell},
-        "evaluate": {},
-    }
+    return one_cell_study("v", {"family": "vqvae", "arch": "linear", "latent_dim": 4, "seed": 0} | cell)
 
 
 @pytest.mark.parametrize(
