@@ -17,10 +17,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # `make study STUDY=large` first makes studies/large.yaml the active params.yaml (FORCE=1: over unsaved edits).
+# JOBS=N runs the study's independent stages N at a time (vaebench repro --jobs; default: cores / threads).
+JOBS ?=
 study: setup
 	@if [ -n "$(STUDY)" ]; then vaebench use-study $(STUDY) $(if $(FORCE),--force); fi
 	vaebench check
-	dvc repro
+	vaebench repro $(if $(JOBS),--jobs $(JOBS))
 
 # ruff, pinned in constraints.txt and configured in pyproject.toml; `make test` (CI's command) runs it first.
 lint: setup

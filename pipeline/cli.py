@@ -107,6 +107,25 @@ def cmd_server(args) -> None:
 
 
 def cmd_repro(args) -> None:
+    from pipeline.shards import ARRAY_INDEX
+
+    if args.shard is not None or (args.jobs is None and ARRAY_INDEX in os.environ):
+        if args.jobs is not None:
+            raise ConfigError(
+                "--jobs runs this machine's stages in parallel, --shard one share of several machines; give one"
+            )
+        reproduce_share(args)
+        return
+    from pipeline.parallel import default_jobs, machine_cores, repro_parallel
+
+    config = load_study(args.params)
+    jobs = args.jobs if args.jobs is not None else default_jobs(config.threads, machine_cores())
+    ran = repro_parallel(config, jobs)
+    in_jobs = f": {len(ran)} piece(s) of work ran in parallel jobs ({', '.join(ran)})" if jobs > 1 else ""
+    say(f"study {config.study!r} reproduced with --jobs {jobs}{in_jobs}")
+
+
+def reproduce_share(args) -> None:
     from pipeline.shards import parse_shard, repro_shard
 
     index, count = parse_shard(args.shard)
@@ -315,10 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=cmd_server)
     repro = commands.add_parser(
-        "repro", help="reproduce share I of N of the study's cells and push them to the default DVC remote"
+        "repro",
+        help="reproduce the study with its independent stages N at a time (--jobs), or share I of N of its cells "
+        "on several machines (--shard)",
     )
-    repro.add_argument("--shard", help="I/N with I = 0..N-1 (default: from a Slurm job array, SLURM_ARRAY_TASK_ID)")
-    repro.add_argument("--no-push", action="store_true", help="reproduce only")
+    repro.add_argument(
+        "--jobs",
+        type=positive_int,
+        help="stages at a time on this machine (default: the cores divided by the study's threads)",
+    )
+    repro.add_argument(
+        "--shard", help="I/N with I = 0..N-1: this machine's share (default inside a Slurm job array: its task)"
+    )
+    repro.add_argument("--no-push", action="store_true", help="with --shard: reproduce only, push nothing")
     repro.set_defaults(run=cmd_repro)
     enable = commands.add_parser("enable-tune", help="add a search space to params.yaml as DVC stage tune@NAME")
     enable.add_argument("space", type=Path)

@@ -1,0 +1,311 @@
+"""`vaebench repro --jobs N`: a study's independent stages N at a time on one machine, on DVC's own machinery.
+
+The stages every cell needs (prepare, classifier) run first, in this workspace. Then each cell's stages (its
+train and evaluate stages, with those of the cells fine-tuned from it) and the floor stage are one piece of
+work; N workers each take the next piece and run `dvc repro` of its stages in a workspace of their own under
+.dvc/tmp/, a copy of this working tree that shares this repository's DVC cache, and so its run-cache. DVC
+orders the stages of a piece and saves each finished stage in the run-cache; last, `dvc repro` here finds
+every stage there, checks their outputs out into this workspace without running them, and runs what is left
+(the report). Runs are logged to this repository's MLflow store (or MLFLOW_TRACKING_URI), under the study's
+parent run, as they would be without --jobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from pipeline import tracking
+from pipeline.config import DATA_ROOT_ENV, ConfigError, StudyConfig
+from pipeline.errors import VaebenchError
+from pipeline.paths import RESUME_DIR, evaluate_stage, train_stage
+
+log = logging.getLogger(__name__)
+
+WORKSPACES = Path(".dvc") / "tmp" / "vaebench-jobs"  # ignored by Git and by DVC's stage collection
+LOGS = Path(".vaebench") / "repro"  # each piece's `dvc repro` output
+UPSTREAM_STAGE = "classifier"  # with prepare, before it: the stages every cell's train stage depends on
+KEPT_IN_WORKSPACE = {".dvc", "results", ".vaebench"}  # a workspace's own state, not copied from here
+FAILED_STAGE = re.compile(r"failed to reproduce '([^']+)'")
+CONV_COST = 4  # a conv epoch costs about four linear ones (docs/speed.md): only the order of the pieces
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Stages one worker reproduces together, in one `dvc repro`."""
+
+    name: str
+    stages: tuple[str, ...]
+    cost: float  # a rough estimate, for handing out the longest pieces first
+
+
+def pieces(config: StudyConfig) -> list[Piece]:
+    """The floor stage, and each cell of `cells:` with the cells fine-tuned from it, longest first."""
+    found = [Piece("floor", ("floor",), 0.0)]
+    for name, cell in config.cells.items():
+        if cell.init_from:
+            continue
+        group = [cell] + [other for other in config.cells.values() if other.init_from == name]
+        stages = tuple(stage for member in group for stage in (train_stage(member), evaluate_stage(member)))
+        cost = sum(member.epochs * (CONV_COST if member.arch == "conv" else 1) for member in group)
+        found.append(Piece(name, stages, float(cost)))
+    return sorted(found, key=lambda piece: -piece.cost)
+
+
+def machine_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def default_jobs(threads: int, cores: int) -> int:
+    """As many jobs as the cores hold at the study's threads each."""
+    return max(1, cores // threads)
+
+
+def check_jobs(jobs: int, threads: int, cores: int) -> None:
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > 2 * cores:
+        raise ConfigError(
+            f"--jobs {jobs} on {cores} cores: at most {2 * cores} (twice the cores); more jobs than that only "
+            f"share the same cores, each slower; use --jobs {default_jobs(threads, cores)} (cores / threads)"
+        )
+    if jobs * threads > cores:
+        log.warning(
+            "--jobs %d at threads %d asks for %d threads on %d cores: the jobs share cores (the numbers do not "
+            "change, only the time)",
+            jobs,
+            threads,
+            jobs * threads,
+            cores,
+        )
+
+
+def dvc_command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *arguments]
+
+
+def run_dvc_here(*arguments: str) -> None:
+    """`dvc ARGUMENTS` in this workspace; an interrupt ends its stage (which ends its MLflow run KILLED)."""
+    from pipeline.server import end_group
+
+    log.info("$ dvc %s", " ".join(arguments))
+    process = subprocess.Popen(dvc_command(*arguments), start_new_session=True)
+    try:
+        returncode = process.wait()
+    except BaseException:
+        end_group(process.pid)
+        raise
+    if returncode != 0:
+        raise VaebenchError(f"`dvc {' '.join(arguments)}` failed (exit {returncode}; its output is above)")
+
+
+def changed_stages(stages: list[str]) -> set[str]:
+    """The stages among `stages` that `dvc status` finds out of date here."""
+    import json
+
+    result = subprocess.run(dvc_command("status", "--json", *stages), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise VaebenchError(f"`dvc status` failed: {result.stderr.strip() or result.stdout.strip()}")
+    return {name.split(":")[-1] for name in json.loads(result.stdout or "{}")}
+
+
+def working_tree_files(root: Path) -> list[str]:
+    """The files of this working tree as Git sees them: tracked ones (as edited) and untracked ones it does
+    not ignore."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    if listed.returncode != 0:
+        raise VaebenchError(f"--jobs copies the Git working tree, and `git ls-files` failed: {listed.stderr.strip()}")
+    return [name for name in listed.stdout.split("\0") if name and (root / name).is_file()]
+
+
+def sync_workspace(root: Path, workspace: Path, files: list[str], cache_dir: str) -> None:
+    """Make `workspace` a copy of this working tree's files whose DVC cache is this repository's. Its results/
+    and DVC state are its own; its resume checkpoints are this repository's (a killed job resumes from here)."""
+    from configobj import ConfigObj
+
+    keep = set(files)
+    if workspace.is_dir():
+        for path in sorted(workspace.rglob("*"), reverse=True):
+            relative = path.relative_to(workspace)
+            if relative.parts[0] in KEPT_IN_WORKSPACE or path.is_dir() and not path.is_symlink():
+                continue
+            if relative.as_posix() not in keep:
+                path.unlink()
+    for name in files:
+        source, target = root / name, workspace / name
+        if (
+            target.is_file()
+            and target.stat().st_size == source.stat().st_size
+            and (target.stat().st_mtime_ns == source.stat().st_mtime_ns)
+        ):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    local = ConfigObj(str(root / ".dvc" / "config.local")) if (root / ".dvc" / "config.local").is_file() else {}
+    config = ConfigObj(dict(local))
+    config.filename = str(workspace / ".dvc" / "config.local")
+    config.setdefault("cache", {})["dir"] = cache_dir
+    config.setdefault("core", {})["no_scm"] = "true"  # the workspace is no Git repository
+    config.write()
+    resume = workspace / RESUME_DIR
+    (root / RESUME_DIR).mkdir(parents=True, exist_ok=True)
+    if not resume.is_symlink():
+        resume.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(resume, ignore_errors=True)
+        resume.symlink_to((root / RESUME_DIR).resolve(), target_is_directory=True)
+
+
+def cache_dir() -> str:
+    result = subprocess.run(dvc_command("cache", "dir"), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise VaebenchError(f"`dvc cache dir` failed: {result.stderr.strip()}; run vaebench repro in the repository")
+    return str(Path(result.stdout.strip()).resolve())
+
+
+def worker_env(config: StudyConfig, root: Path) -> dict[str, str]:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    env.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri())  # this repository's store, not the workspace's
+    env.setdefault(DATA_ROOT_ENV, str((root / config.data.root).resolve()))
+    env.pop("DVC_ROOT", None)
+    return env
+
+
+@dataclasses.dataclass
+class Outcome:
+    piece: Piece
+    returncode: int
+    log_file: Path
+
+    def failed_stage(self) -> str:
+        found = FAILED_STAGE.findall(self.log_file.read_text(errors="replace"))
+        return found[-1] if found else self.piece.stages[0]
+
+
+class Workers:
+    """N threads, each running one `dvc repro` at a time in its own workspace; stop() ends them all."""
+
+    def __init__(self, root: Path, workspaces: list[Path], env: dict[str, str]):
+        self.root, self.workspaces, self.env = root, workspaces, env
+        self.todo: queue.Queue[Piece] = queue.Queue()
+        self.total = 0
+        self.outcomes: list[Outcome] = []
+        self.processes: dict[int, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def run(self, work: list[Piece]) -> list[Outcome]:
+        self.total = len(work)
+        for piece in work:
+            self.todo.put(piece)
+        threads = [
+            threading.Thread(target=self._work, args=(index,), daemon=True) for index in range(len(self.workspaces))
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.2)
+        except BaseException:  # Ctrl-C, SIGTERM: every job's stage ends its run KILLED before we go
+            self.stop()
+            for thread in threads:
+                thread.join()
+            raise
+        return self.outcomes
+
+    def stop(self) -> None:
+        from pipeline.server import end_group
+
+        self.stopping.set()
+        with self.lock:
+            running = list(self.processes.values())
+        for process in running:
+            end_group(process.pid)
+
+    def _work(self, index: int) -> None:
+        workspace = self.workspaces[index]
+        while not self.stopping.is_set():
+            try:
+                piece = self.todo.get_nowait()
+            except queue.Empty:
+                return
+            log_file = self.root / LOGS / f"{piece.name}.log"
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            shown = log_file.relative_to(self.root)
+            say(f"[job {index + 1}] {piece.name}: dvc repro {' '.join(piece.stages)} (log: {shown})")
+            with log_file.open("w") as written:
+                process = subprocess.Popen(
+                    dvc_command("repro", *piece.stages),
+                    cwd=workspace,
+                    env=self.env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    start_new_session=True,  # Ctrl-C reaches us, and we end each job's process group
+                )
+                with self.lock:
+                    self.processes[index] = process
+                for line in process.stdout:
+                    written.write(line)
+                    written.flush()
+                    if line.strip():
+                        say(f"[{piece.name}] {line.rstrip()}")
+                returncode = process.wait()
+            with self.lock:
+                del self.processes[index]
+                self.outcomes.append(Outcome(piece, returncode, log_file))
+                done = len(self.outcomes)
+            state = "done" if returncode == 0 else f"FAILED (exit {returncode})"
+            say(f"[job {index + 1}] {piece.name}: {state}, {done} of {self.total} pieces finished")
+            if returncode != 0:
+                self.stopping.set()  # the other jobs finish the stages they are running, then stop
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def repro_parallel(config: StudyConfig, jobs: int) -> list[str]:
+    """Reproduce the study with `jobs` workers; the pieces of work that ran in them."""
+    root = Path.cwd().resolve()
+    check_jobs(jobs, config.threads, machine_cores())
+    tracking.check_store()
+    tracking.ensure_study(config)  # the experiment and its parent run, before the jobs start
+    if jobs == 1:
+        run_dvc_here("repro")
+        return []
+    run_dvc_here("repro", UPSTREAM_STAGE)
+    work = pieces(config)
+    stale = changed_stages([stage for piece in work for stage in piece.stages])
+    work = [piece for piece in work if stale.intersection(piece.stages)]
+    if work:
+        files, cache = working_tree_files(root), cache_dir()
+        workspaces = [root / WORKSPACES / str(index) for index in range(min(jobs, len(work)))]
+        for workspace in workspaces:
+            sync_workspace(root, workspace, files, cache)
+        log.info("%d piece(s) of work on %d job(s): %s", len(work), len(workspaces), ", ".join(p.name for p in work))
+        outcomes = Workers(root, workspaces, worker_env(config, root)).run(work)
+        failed = [outcome for outcome in outcomes if outcome.returncode != 0]
+        if failed:
+            done = sum(1 for outcome in outcomes if outcome.returncode == 0)
+            first = failed[0]
+            raise VaebenchError(
+                f"stage {first.failed_stage()} failed (exit {first.returncode}; its output: "
+                f"{first.log_file.relative_to(root)}); nothing was restored here. The {done} piece(s) that finished "
+                "are in DVC's run-cache: fix the cause and re-run, and they are restored, not run again"
+            )
+    run_dvc_here("repro")  # restores every stage the jobs ran from the run-cache, then runs the rest
+    return [piece.name for piece in work]
