@@ -60,7 +60,9 @@ def test_the_cli_refuses_zero_jobs_and_jobs_with_a_shard(workdir):
     zero = subprocess.run([*command, "--jobs", "0"], capture_output=True, text=True)
     assert zero.returncode == 2 and "--jobs: must be an integer >= 1, got '0'" in zero.stderr
     both = subprocess.run(
-        [*command, "--jobs", "2", "--shard", "0/2", "--params", str(TINY_STUDY)], capture_output=True, text=True
+        [sys.executable, "-m", "pipeline", "--params", str(TINY_STUDY), "repro", "--jobs", "2", "--shard", "0/2"],
+        capture_output=True,
+        text=True,
     )
     assert both.returncode == 2, both.stderr
     assert "give one" in both.stderr and "Traceback" not in both.stderr
