@@ -109,17 +109,19 @@ def cmd_server(args) -> None:
 def cmd_repro(args) -> None:
     from pipeline.shards import ARRAY_INDEX
 
-    if args.shard is not None or (args.jobs is None and ARRAY_INDEX in os.environ):
-        if args.jobs is not None:
-            raise ConfigError(
-                "--jobs runs this machine's stages in parallel, --shard one share of several machines; give one"
-            )
+    if args.jobs is not None and (args.shard is not None or ARRAY_INDEX in os.environ):
+        where = "--shard" if args.shard is not None else f"a Slurm job array ({ARRAY_INDEX} is set)"
+        raise ConfigError(
+            f"--jobs runs the whole study on this machine, while {where} runs one share of it; give --jobs "
+            "outside a job array, or --shard alone"
+        )
+    if args.shard is not None or ARRAY_INDEX in os.environ:
         reproduce_share(args)
         return
     from pipeline.parallel import default_jobs, machine_cores, repro_parallel
 
     config = load_study(args.params)
-    jobs = args.jobs if args.jobs is not None else default_jobs(config.threads, machine_cores())
+    jobs = args.jobs if args.jobs is not None else default_jobs(machine_cores())
     ran = repro_parallel(config, jobs)
     in_jobs = f": {len(ran)} piece(s) of work ran in parallel jobs ({', '.join(ran)})" if jobs > 1 else ""
     say(f"study {config.study!r} reproduced with --jobs {jobs}{in_jobs}")
@@ -341,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument(
         "--jobs",
         type=positive_int,
-        help="stages at a time on this machine (default: the cores divided by the study's threads)",
+        help="pieces of work at a time on this machine (default: one per core)",
     )
     repro.add_argument(
         "--shard", help="I/N with I = 0..N-1: this machine's share (default inside a Slurm job array: its task)"
@@ -528,6 +530,12 @@ def stopped_hint(args) -> str:
         return (
             f"{runs}; re-run the same command (or dvc repro) to go on: finished trials are kept, interrupted "
             "ones run again"
+        )
+    if args.command == "repro":
+        return (
+            "the running stages ended their MLflow runs KILLED and kept nothing half-written; re-run the same "
+            "command to go on (finished stages are restored from DVC's run-cache, trainings resume after their "
+            "last finished epoch)"
         )
     if args.command in ("evaluate", "report"):
         return f"{runs} and {kept}; re-run the same command (or dvc repro)"

@@ -21,10 +21,9 @@ DEVICES = ("auto", "cpu", "cuda")
 MNIST_TRAIN_IMAGES = 60_000
 MNIST_TEST_IMAGES = 10_000
 # CPU threads every computing stage uses. PyTorch's CPU kernels split work, and so round, by the number of
-# threads, not of cores: a fixed number gives the same numbers on a machine with 1, 2 or 16 cores. One thread
-# per stage, with stages run side by side (vaebench repro --jobs), gives the most work per core
-# (docs/speed.md#threads has the measurement).
-DEFAULT_THREADS = 1
+# threads, not of cores: a fixed number gives the same numbers on a machine with 1, 2 or 16 cores (docs/speed.md
+# has the measurement behind 2).
+DEFAULT_THREADS = 2
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # matched whole: no leading '-' (an option to argparse)
 # The longest file name a cell or study name becomes part of: a resume checkpoint being written.
 LONGEST_SUFFIX = ".pt.partial"

@@ -133,6 +133,7 @@ def save_image_grid(images: torch.Tensor, path, columns: int, padding: int = 2) 
     from PIL import Image
 
     count, _, height, width = images.shape
+    padding = 0 if count == 1 else padding  # save_image draws one image alone, unframed
     rows = math.ceil(count / columns)
     grid = torch.ones(3, (height + padding) * rows + padding, (width + padding) * min(columns, count) + padding)
     for k, image in enumerate(images.detach().cpu().float()):

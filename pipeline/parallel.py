@@ -12,21 +12,26 @@ parent run, as they would be without --jobs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import queue
 import re
 import shutil
+import signal
 import subprocess
-import sys
 import threading
+import time
 from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config import DATA_ROOT_ENV, ConfigError, StudyConfig
 from pipeline.errors import VaebenchError
-from pipeline.paths import RESUME_DIR, evaluate_stage, train_stage
+from pipeline.paths import RESUME_DIR
+from pipeline.shards import dvc as run_dvc_here
+from pipeline.shards import dvc_command, shard_stages
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +58,11 @@ def pieces(config: StudyConfig) -> list[Piece]:
     for name, cell in config.cells.items():
         if cell.init_from:
             continue
-        group = [cell] + [other for other in config.cells.values() if other.init_from == name]
-        stages = tuple(stage for member in group for stage in (train_stage(member), evaluate_stage(member)))
-        cost = sum(member.epochs * (CONV_COST if member.arch == "conv" else 1) for member in group)
-        found.append(Piece(name, stages, float(cost)))
+        group = [name] + [other.name for other in config.cells.values() if other.init_from == name]
+        cost = sum(
+            config.cells[member].epochs * (CONV_COST if config.cells[member].arch == "conv" else 1) for member in group
+        )
+        found.append(Piece(name, tuple(shard_stages(config, group)), float(cost)))
     return sorted(found, key=lambda piece: -piece.cost)
 
 
@@ -64,47 +70,28 @@ def machine_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def default_jobs(threads: int, cores: int) -> int:
-    """As many jobs as the cores hold at the study's threads each."""
-    return max(1, cores // threads)
+def default_jobs(cores: int) -> int:
+    """One job per core: with idle threads sleeping (busy_threads_sleep), 2 jobs of 2 threads on 2 cores
+    train as fast as 2 jobs of 1 thread, and faster than 1 job of 2 (docs/speed.md#threads)."""
+    return max(1, cores)
 
 
-def check_jobs(jobs: int, threads: int, cores: int) -> None:
+def check_jobs(jobs: int, cores: int) -> None:
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if jobs > 2 * cores:
         raise ConfigError(
             f"--jobs {jobs} on {cores} cores: at most {2 * cores} (twice the cores); more jobs than that only "
-            f"share the same cores, each slower; use --jobs {default_jobs(threads, cores)} (cores / threads)"
-        )
-    if jobs * threads > cores:
-        log.warning(
-            "--jobs %d at threads %d asks for %d threads on %d cores: the jobs share cores (the numbers do not "
-            "change, only the time)",
-            jobs,
-            threads,
-            jobs * threads,
-            cores,
+            f"share the same cores, each slower; use --jobs {default_jobs(cores)} (one per core)"
         )
 
 
-def dvc_command(*arguments: str) -> list[str]:
-    return [sys.executable, "-m", "dvc", *arguments]
-
-
-def run_dvc_here(*arguments: str) -> None:
-    """`dvc ARGUMENTS` in this workspace; an interrupt ends its stage (which ends its MLflow run KILLED)."""
-    from pipeline.server import end_group
-
-    log.info("$ dvc %s", " ".join(arguments))
-    process = subprocess.Popen(dvc_command(*arguments), start_new_session=True)
-    try:
-        returncode = process.wait()
-    except BaseException:
-        end_group(process.pid)
-        raise
-    if returncode != 0:
-        raise VaebenchError(f"`dvc {' '.join(arguments)}` failed (exit {returncode}; its output is above)")
+def busy_threads_sleep(jobs: int, threads: int, cores: int) -> dict[str, str]:
+    """The environment that makes a job's waiting threads sleep when the jobs' threads outnumber the cores.
+    PyTorch's OpenMP threads otherwise spin while they wait, taking the core from the other job's threads:
+    2 jobs of 2 threads on 2 cores then train a conv epoch 2.6 times slower than with sleeping threads.
+    The numbers do not change (the same threads split the same work)."""
+    return {"OMP_WAIT_POLICY": "PASSIVE"} if jobs * threads > cores else {}
 
 
 def changed_stages(stages: list[str]) -> set[str]:
@@ -154,18 +141,20 @@ def sync_workspace(root: Path, workspace: Path, files: list[str], cache_dir: str
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
-    local = ConfigObj(str(root / ".dvc" / "config.local")) if (root / ".dvc" / "config.local").is_file() else {}
-    config = ConfigObj(dict(local))
+    config = ConfigObj(str(root / ".dvc" / "config.local"))  # empty when the file is missing
+    (workspace / ".dvc").mkdir(parents=True, exist_ok=True)
     config.filename = str(workspace / ".dvc" / "config.local")
     config.setdefault("cache", {})["dir"] = cache_dir
     config.setdefault("core", {})["no_scm"] = "true"  # the workspace is no Git repository
     config.write()
-    resume = workspace / RESUME_DIR
-    (root / RESUME_DIR).mkdir(parents=True, exist_ok=True)
-    if not resume.is_symlink():
+    resume, shared = workspace / RESUME_DIR, (root / RESUME_DIR).resolve()
+    shared.mkdir(parents=True, exist_ok=True)
+    if not resume.is_symlink() or Path(os.readlink(resume)) != shared:
         resume.parent.mkdir(parents=True, exist_ok=True)
+        if resume.is_symlink():
+            resume.unlink()
         shutil.rmtree(resume, ignore_errors=True)
-        resume.symlink_to((root / RESUME_DIR).resolve(), target_is_directory=True)
+        resume.symlink_to(shared, target_is_directory=True)
 
 
 def cache_dir() -> str:
@@ -175,10 +164,10 @@ def cache_dir() -> str:
     return str(Path(result.stdout.strip()).resolve())
 
 
-def worker_env(config: StudyConfig, root: Path) -> dict[str, str]:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+def worker_env(config: StudyConfig, root: Path, jobs: int) -> dict[str, str]:
+    env = {**busy_threads_sleep(jobs, config.threads, machine_cores()), **os.environ, "DVC_NO_ANALYTICS": "1"}
     env.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri())  # this repository's store, not the workspace's
-    env.setdefault(DATA_ROOT_ENV, str((root / config.data.root).resolve()))
+    env[DATA_ROOT_ENV] = str((root / (os.environ.get(DATA_ROOT_ENV) or config.data.root)).resolve())
     env.pop("DVC_ROOT", None)
     return env
 
@@ -189,9 +178,9 @@ class Outcome:
     returncode: int
     log_file: Path
 
-    def failed_stage(self) -> str:
+    def what_failed(self) -> str:
         found = FAILED_STAGE.findall(self.log_file.read_text(errors="replace"))
-        return found[-1] if found else self.piece.stages[0]
+        return f"stage {found[-1]}" if found else f"`dvc repro` of {self.piece.name}"
 
 
 class Workers:
@@ -203,8 +192,9 @@ class Workers:
         self.total = 0
         self.outcomes: list[Outcome] = []
         self.processes: dict[int, subprocess.Popen] = {}
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
+        self.lock = threading.Lock()  # guards processes, outcomes and the decision to start a piece
+        self.stopping = threading.Event()  # no new piece starts
+        self.interrupted = False
 
     def run(self, work: list[Piece]) -> list[Outcome]:
         self.total = len(work)
@@ -227,85 +217,143 @@ class Workers:
         return self.outcomes
 
     def stop(self) -> None:
-        from pipeline.server import end_group
+        """SIGTERM to every job's process group at once (its stage ends its MLflow run KILLED and keeps
+        nothing half-written), SIGKILL to what is left after STOP_SECONDS."""
+        from pipeline.server import STOP_SECONDS
 
-        self.stopping.set()
         with self.lock:
-            running = list(self.processes.values())
-        for process in running:
-            end_group(process.pid)
+            self.stopping.set()
+            self.interrupted = True
+            groups = [process.pid for process in self.processes.values()]
+        for group in groups:
+            signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_SECONDS
+        while groups and time.monotonic() < deadline:
+            time.sleep(0.2)
+            groups = [group for group in groups if signal_group(group, 0)]
+        for group in groups:
+            signal_group(group, signal.SIGKILL)
 
     def _work(self, index: int) -> None:
-        workspace = self.workspaces[index]
-        while not self.stopping.is_set():
-            try:
-                piece = self.todo.get_nowait()
-            except queue.Empty:
-                return
-            log_file = self.root / LOGS / f"{piece.name}.log"
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            shown = log_file.relative_to(self.root)
-            say(f"[job {index + 1}] {piece.name}: dvc repro {' '.join(piece.stages)} (log: {shown})")
-            with log_file.open("w") as written:
+        while True:
+            with self.lock:  # stop() either sees this job's process or the job starts none
+                if self.stopping.is_set():
+                    return
+                try:
+                    piece = self.todo.get_nowait()
+                except queue.Empty:
+                    return
+                log_file = self.root / LOGS / f"{piece.name}.log"
+                log_file.parent.mkdir(parents=True, exist_ok=True)
+                shown = log_file.relative_to(self.root)
+                say(f"[job {index + 1}] {piece.name}: dvc repro {' '.join(piece.stages)} (log: {shown})")
                 process = subprocess.Popen(
                     dvc_command("repro", *piece.stages),
-                    cwd=workspace,
+                    cwd=self.workspaces[index],
                     env=self.env,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     text=True,
-                    start_new_session=True,  # Ctrl-C reaches us, and we end each job's process group
+                    start_new_session=True,  # Ctrl-C reaches only us, and stop() ends each job's group
                 )
+                self.processes[index] = process
+            returncode = -1  # unless the job is followed to its end
+            try:
+                returncode = follow(process, piece, log_file)
+            finally:
+                if returncode == -1:  # this thread failed (a full disk for the log): end the job, not leave it
+                    signal_group(process.pid, signal.SIGKILL)
+                    process.wait()
                 with self.lock:
-                    self.processes[index] = process
-                for line in process.stdout:
-                    written.write(line)
-                    written.flush()
-                    if line.strip():
-                        say(f"[{piece.name}] {line.rstrip()}")
-                returncode = process.wait()
-            with self.lock:
-                del self.processes[index]
-                self.outcomes.append(Outcome(piece, returncode, log_file))
-                done = len(self.outcomes)
-            state = "done" if returncode == 0 else f"FAILED (exit {returncode})"
+                    del self.processes[index]
+                    self.outcomes.append(Outcome(piece, returncode, log_file))
+                    done = len(self.outcomes)
+                    if returncode != 0:
+                        self.stopping.set()  # the other jobs finish the piece they are running, then stop
+            if returncode == 0:
+                state = "done"
+            else:
+                state = "stopped" if self.interrupted else f"FAILED (exit {returncode})"
             say(f"[job {index + 1}] {piece.name}: {state}, {done} of {self.total} pieces finished")
-            if returncode != 0:
-                self.stopping.set()  # the other jobs finish the stages they are running, then stop
+
+
+def follow(process: subprocess.Popen, piece: Piece, log_file: Path) -> int:
+    """Copy the job's output into its log and, each line prefixed with its piece, to ours; its exit status."""
+    with log_file.open("w") as written:
+        for line in process.stdout:
+            written.write(line)
+            written.flush()
+            if line.strip():
+                say(f"[{piece.name}] {line.rstrip()}")
+    return process.wait()
+
+
+def signal_group(group: int, signum: int) -> bool:
+    """Send `signum` to a process group; whether it still had a process."""
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def say(text: str) -> None:
-    print(text, flush=True)
+    """Our output, which its reader may stop reading (a closed pipe): the jobs and their logs go on."""
+    try:
+        print(text, flush=True)
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+@contextlib.contextmanager
+def only_run_here(root: Path):
+    """One `vaebench repro --jobs` at a time in a checkout: a second would rewrite the first's workspaces."""
+    lock_file = root / WORKSPACES.parent / "vaebench-jobs.lock"
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another `vaebench repro --jobs` runs in {root}; wait for it to end (or stop it with Ctrl-C)"
+            ) from None
+        yield
 
 
 def repro_parallel(config: StudyConfig, jobs: int) -> list[str]:
     """Reproduce the study with `jobs` workers; the pieces of work that ran in them."""
     root = Path.cwd().resolve()
-    check_jobs(jobs, config.threads, machine_cores())
+    check_jobs(jobs, machine_cores())
     tracking.check_store()
     tracking.ensure_study(config)  # the experiment and its parent run, before the jobs start
     if jobs == 1:
         run_dvc_here("repro")
         return []
-    run_dvc_here("repro", UPSTREAM_STAGE)
-    work = pieces(config)
-    stale = changed_stages([stage for piece in work for stage in piece.stages])
-    work = [piece for piece in work if stale.intersection(piece.stages)]
-    if work:
-        files, cache = working_tree_files(root), cache_dir()
-        workspaces = [root / WORKSPACES / str(index) for index in range(min(jobs, len(work)))]
-        for workspace in workspaces:
-            sync_workspace(root, workspace, files, cache)
-        log.info("%d piece(s) of work on %d job(s): %s", len(work), len(workspaces), ", ".join(p.name for p in work))
-        outcomes = Workers(root, workspaces, worker_env(config, root)).run(work)
-        failed = [outcome for outcome in outcomes if outcome.returncode != 0]
-        if failed:
-            done = sum(1 for outcome in outcomes if outcome.returncode == 0)
-            first = failed[0]
-            raise VaebenchError(
-                f"stage {first.failed_stage()} failed (exit {first.returncode}; its output: "
-                f"{first.log_file.relative_to(root)}); nothing was restored here. The {done} piece(s) that finished "
-                "are in DVC's run-cache: fix the cause and re-run, and they are restored, not run again"
-            )
-    run_dvc_here("repro")  # restores every stage the jobs ran from the run-cache, then runs the rest
+    with only_run_here(root):
+        run_dvc_here("repro", UPSTREAM_STAGE)
+        work = pieces(config)
+        stale = changed_stages([stage for piece in work for stage in piece.stages])
+        work = [piece for piece in work if stale.intersection(piece.stages)]
+        if work:
+            run_in_workspaces(config, root, work, jobs)
+        run_dvc_here("repro")  # restores every stage the jobs ran from the run-cache, then runs the rest
+        shutil.rmtree(root / WORKSPACES, ignore_errors=True)  # their outputs are in the cache and here
     return [piece.name for piece in work]
+
+
+def run_in_workspaces(config: StudyConfig, root: Path, work: list[Piece], jobs: int) -> None:
+    files, cache = working_tree_files(root), cache_dir()
+    workspaces = [root / WORKSPACES / str(index) for index in range(min(jobs, len(work)))]
+    for workspace in workspaces:
+        sync_workspace(root, workspace, files, cache)
+    log.info("%d piece(s) of work on %d job(s): %s", len(work), len(workspaces), ", ".join(p.name for p in work))
+    outcomes = Workers(root, workspaces, worker_env(config, root, jobs)).run(work)
+    failed = [outcome for outcome in outcomes if outcome.returncode != 0]
+    if failed:
+        done = sum(1 for outcome in outcomes if outcome.returncode == 0)
+        first = failed[0]
+        raise VaebenchError(
+            f"{first.what_failed()} failed (exit {first.returncode}; its output: "
+            f"{first.log_file.relative_to(root)}); nothing was restored here. The {done} piece(s) that finished "
+            "are in DVC's run-cache: fix the cause and re-run, and they are restored, not run again"
+        )

@@ -67,16 +67,27 @@ def shard_stages(config: StudyConfig, cells: list[str]) -> list[str]:
     return [stage for name in cells for stage in (train_stage(config.cells[name]), evaluate_stage(config.cells[name]))]
 
 
+def dvc_command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *arguments]
+
+
 def dvc(*arguments: str) -> None:
-    command = [sys.executable, "-m", "dvc", *arguments]
+    """`dvc ARGUMENTS` here; an interrupt ends its stage, which ends its MLflow run KILLED."""
+    from pipeline.server import end_group
+
     log.info("$ dvc %s", " ".join(arguments))
-    result = subprocess.run(command)
-    if result.returncode != 0:
-        raise VaebenchError(f"`dvc {' '.join(arguments)}` failed (exit {result.returncode}; its output is above)")
+    process = subprocess.Popen(dvc_command(*arguments), start_new_session=True)
+    try:
+        returncode = process.wait()
+    except BaseException:
+        end_group(process.pid)
+        raise
+    if returncode != 0:
+        raise VaebenchError(f"`dvc {' '.join(arguments)}` failed (exit {returncode}; its output is above)")
 
 
 def check_remote() -> None:
-    default = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], capture_output=True, text=True)
+    default = subprocess.run(dvc_command("remote", "default"), capture_output=True, text=True)
     if default.returncode != 0:  # "No default remote set"
         raise ConfigError(
             "shards share their outputs through the default DVC remote, and there is none; add one that "

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from conftest import SHARED_DATA, TINY_STUDY, copy_repo
 from pipeline.config import ConfigError, load_study
-from pipeline.parallel import WORKSPACES, check_jobs, default_jobs, pieces, sync_workspace
+from pipeline.parallel import WORKSPACES, busy_threads_sleep, check_jobs, default_jobs, pieces, sync_workspace
 
 TINY_CELLS = load_study(TINY_STUDY).cells
 
@@ -41,9 +41,14 @@ def test_every_stage_of_the_study_is_in_exactly_one_piece_and_a_fine_tuned_cell_
     assert found[0].name in {name for name, cell in config.cells.items() if cell.arch == "conv"}
 
 
-@pytest.mark.parametrize("threads, cores, jobs", [(1, 2, 2), (2, 2, 1), (2, 16, 8), (4, 2, 1), (1, 1, 1)])
-def test_the_default_jobs_fill_the_cores_at_the_studys_threads(threads, cores, jobs):
-    assert default_jobs(threads, cores) == jobs
+@pytest.mark.parametrize("cores", [1, 2, 16])
+def test_the_default_is_one_job_per_core(cores):
+    assert default_jobs(cores) == cores
+
+
+@pytest.mark.parametrize("jobs, threads, cores, sleep", [(2, 2, 2, True), (2, 1, 2, False), (1, 2, 2, False)])
+def test_waiting_threads_sleep_only_when_the_jobs_threads_outnumber_the_cores(jobs, threads, cores, sleep):
+    assert busy_threads_sleep(jobs, threads, cores) == ({"OMP_WAIT_POLICY": "PASSIVE"} if sleep else {})
 
 
 @pytest.mark.parametrize(
@@ -52,7 +57,7 @@ def test_the_default_jobs_fill_the_cores_at_the_studys_threads(threads, cores, j
 )
 def test_impossible_jobs_are_refused_with_the_reason(jobs, message):
     with pytest.raises(ConfigError, match=message):
-        check_jobs(jobs, threads=1, cores=2)
+        check_jobs(jobs, cores=2)
 
 
 def test_the_cli_refuses_zero_jobs_and_jobs_with_a_shard(workdir):
@@ -65,7 +70,7 @@ def test_the_cli_refuses_zero_jobs_and_jobs_with_a_shard(workdir):
         text=True,
     )
     assert both.returncode == 2, both.stderr
-    assert "give one" in both.stderr and "Traceback" not in both.stderr
+    assert "while --shard runs one share of it" in both.stderr and "Traceback" not in both.stderr
 
 
 def test_a_workspace_is_this_working_tree_on_this_cache_with_its_own_results(tmp_path):
@@ -108,6 +113,27 @@ def repo_env() -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def started():
+    """Starts `vaebench repro --jobs` in a repository; afterwards ends whatever it left running (a failed
+    assertion must not leave jobs training)."""
+    processes = []
+
+    def start(root: Path, jobs: int) -> tuple[subprocess.Popen, queue.Queue]:
+        process, lines = start_repro(root, jobs)
+        processes.append(process)
+        return process, lines
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
 def start_repro(root: Path, jobs: int) -> tuple[subprocess.Popen, queue.Queue]:
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "repro", "--jobs", str(jobs)],
@@ -119,7 +145,9 @@ def start_repro(root: Path, jobs: int) -> tuple[subprocess.Popen, queue.Queue]:
         start_new_session=True,  # its own process group, which a terminal's Ctrl-C would reach as a whole
     )
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout] + [lines.put(None)]).start()
+    threading.Thread(
+        target=lambda: [lines.put(line) for line in process.stdout] + [lines.put(None)], daemon=True
+    ).start()
     return process, lines
 
 
@@ -150,10 +178,10 @@ LONG = {"family": "ae", "arch": "linear", "latent_dim": 2, "seed": 0, "epochs": 
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_job_ends_their_runs_killed_and_restores_nothing(tmp_path):
+def test_ctrl_c_stops_every_job_ends_their_runs_killed_and_restores_nothing(tmp_path, started):
     cells = {"ae-long-s0": LONG, "ae-long-s1": {**LONG, "seed": 1}}
     root = small_study(tmp_path, cells)
-    process, lines = start_repro(root, jobs=2)
+    process, lines = started(root, jobs=2)
     # both jobs are training: each cell has logged an epoch
     read_until(lines, lambda seen: all(any(f"[{cell}] " in s and " epoch " in s for s in seen) for cell in cells))
     os.killpg(process.pid, signal.SIGINT)
@@ -163,18 +191,24 @@ def test_ctrl_c_stops_every_job_ends_their_runs_killed_and_restores_nothing(tmp_
     assert cell_runs(root) == {cell: "KILLED" for cell in cells}  # none left RUNNING
     assert not (root / "results/tiny/train").exists()  # nothing restored into the workspace
     assert not list((root / WORKSPACES).glob("*/results/**/*.partial"))
+    # each job's last finished epoch is in this repository's resume folder, whole, for the next run
+    assert sorted(path.name for path in (root / ".vaebench/resume/tiny").iterdir()) == [
+        f"{c}.pt" for c in sorted(cells)
+    ]
     status = subprocess.run(["dvc", "status"], cwd=root, capture_output=True, text=True, env=repo_env()).stdout
     assert all(f"train@{cell}" in status for cell in cells)
 
 
 @pytest.mark.slow
-def test_a_failed_job_is_named_with_its_log_and_the_other_finishes_its_stage_then_nothing_is_restored(tmp_path):
+def test_a_failed_job_is_named_with_its_log_and_the_other_finishes_its_stage_then_nothing_is_restored(
+    tmp_path, started
+):
     cells = {
         "ae-diverges-s0": {"family": "ae", "arch": "linear", "latent_dim": 2, "seed": 0, "lr": 1.0e30},
         "ae-linear-z2-s0": {"family": "ae", "arch": "linear", "latent_dim": 2, "seed": 0, "epochs": 20},
     }
     root = small_study(tmp_path, cells)
-    process, lines = start_repro(root, jobs=2)
+    process, lines = started(root, jobs=2)
     output = "".join(read_rest(lines))
     assert process.wait(timeout=60) == 1, output
     log = root / ".vaebench/repro/ae-diverges-s0.log"
