@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import io
 import logging
 import os
 import queue
@@ -29,6 +30,7 @@ from pathlib import Path
 from pipeline import tracking
 from pipeline.config import DATA_ROOT_ENV, ConfigError, StudyConfig
 from pipeline.errors import VaebenchError
+from pipeline.outputs import write_text
 from pipeline.paths import RESUME_DIR
 from pipeline.shards import dvc as run_dvc_here
 from pipeline.shards import dvc_command, shard_stages
@@ -104,6 +106,27 @@ def changed_stages(stages: list[str]) -> set[str]:
     return {name.split(":")[-1] for name in json.loads(result.stdout or "{}")}
 
 
+def forget_uncached(lock_file: Path, stages: set[str], cache: str) -> None:
+    """Drop from a dvc.lock the entries of these stages whose outputs are not all in the DVC cache, so that
+    `dvc repro` looks each such stage up in the run-cache by its deps and params. While an entry's deps and
+    params match, DVC only checks out that entry's outputs and, when the cache lacks them (a fresh clone's
+    committed dvc.lock), runs the stage again without consulting the run-cache, where the job's result is."""
+    from ruamel.yaml import YAML
+
+    if not lock_file.is_file():
+        return
+    yaml = YAML()
+    document = yaml.load(lock_file.read_text())
+    entries = document.get("stages") or {}
+    for stage in stages & set(entries):
+        hashes = [out.get("md5", "") for out in entries[stage].get("outs", [])]
+        if not all(len(md5) > 2 and (Path(cache) / "files" / "md5" / md5[:2] / md5[2:]).exists() for md5 in hashes):
+            del entries[stage]
+    text = io.StringIO()
+    yaml.dump(document, text)
+    write_text(lock_file, text.getvalue())
+
+
 def working_tree_files(root: Path) -> list[str]:
     """The files of this working tree as Git sees them: tracked ones (as edited) and untracked ones it does
     not ignore."""
@@ -118,9 +141,11 @@ def working_tree_files(root: Path) -> list[str]:
     return [name for name in listed.stdout.split("\0") if name and (root / name).is_file()]
 
 
-def sync_workspace(root: Path, workspace: Path, files: list[str], cache_dir: str) -> None:
-    """Make `workspace` a copy of this working tree's files whose DVC cache is this repository's. Its results/
-    and DVC state are its own; its resume checkpoints are this repository's (a killed job resumes from here)."""
+def sync_workspace(root: Path, workspace: Path, files: list[str], cache_dir: str, stale: set[str]) -> None:
+    """Make `workspace` a copy of this working tree's files whose DVC cache is this repository's, and whose
+    dvc.lock leaves the `stale` stages whose outputs the cache lacks to the run-cache (a stage a job finished
+    earlier is restored, not run again). Its results/ and DVC state are its own; its resume checkpoints are
+    this repository's (a killed job resumes from here)."""
     from configobj import ConfigObj
 
     keep = set(files)
@@ -141,6 +166,7 @@ def sync_workspace(root: Path, workspace: Path, files: list[str], cache_dir: str
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
+    forget_uncached(workspace / "dvc.lock", stale, cache_dir)
     config = ConfigObj(str(root / ".dvc" / "config.local"))  # empty when the file is missing
     (workspace / ".dvc").mkdir(parents=True, exist_ok=True)
     config.filename = str(workspace / ".dvc" / "config.local")
@@ -335,17 +361,18 @@ def repro_parallel(config: StudyConfig, jobs: int) -> list[str]:
         stale = changed_stages([stage for piece in work for stage in piece.stages])
         work = [piece for piece in work if stale.intersection(piece.stages)]
         if work:
-            run_in_workspaces(config, root, work, jobs)
+            run_in_workspaces(config, root, work, jobs, stale)
+            forget_uncached(root / "dvc.lock", stale, cache_dir())
         run_dvc_here("repro")  # restores every stage the jobs ran from the run-cache, then runs the rest
         shutil.rmtree(root / WORKSPACES, ignore_errors=True)  # their outputs are in the cache and here
     return [piece.name for piece in work]
 
 
-def run_in_workspaces(config: StudyConfig, root: Path, work: list[Piece], jobs: int) -> None:
+def run_in_workspaces(config: StudyConfig, root: Path, work: list[Piece], jobs: int, stale: set[str]) -> None:
     files, cache = working_tree_files(root), cache_dir()
     workspaces = [root / WORKSPACES / str(index) for index in range(min(jobs, len(work)))]
     for workspace in workspaces:
-        sync_workspace(root, workspace, files, cache)
+        sync_workspace(root, workspace, files, cache, stale)
     log.info("%d piece(s) of work on %d job(s): %s", len(work), len(workspaces), ", ".join(p.name for p in work))
     outcomes = Workers(root, workspaces, worker_env(config, root, jobs)).run(work)
     failed = [outcome for outcome in outcomes if outcome.returncode != 0]

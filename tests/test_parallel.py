@@ -15,7 +15,15 @@ from mlflow import MlflowClient
 
 from conftest import SHARED_DATA, TINY_STUDY, copy_repo
 from pipeline.config import ConfigError, load_study
-from pipeline.parallel import WORKSPACES, busy_threads_sleep, check_jobs, default_jobs, pieces, sync_workspace
+from pipeline.parallel import (
+    WORKSPACES,
+    busy_threads_sleep,
+    check_jobs,
+    default_jobs,
+    forget_uncached,
+    pieces,
+    sync_workspace,
+)
 
 TINY_CELLS = load_study(TINY_STUDY).cells
 
@@ -84,7 +92,7 @@ def test_a_workspace_is_this_working_tree_on_this_cache_with_its_own_results(tmp
     (workspace / "results/kept").mkdir(parents=True)
     (workspace / "results/kept/model.pt").write_text("a stage output of the workspace\n")
 
-    sync_workspace(root, workspace, ["pipeline/stage.py"], "/cache/of/the/repository")
+    sync_workspace(root, workspace, ["pipeline/stage.py"], "/cache/of/the/repository", set())
 
     assert (workspace / "pipeline/stage.py").read_text() == "print('edited')\n"
     assert not (workspace / "pipeline/gone.py").exists()
@@ -217,3 +225,37 @@ def test_a_failed_job_is_named_with_its_log_and_the_other_finishes_its_stage_the
     assert "ae-linear-z2-s0: done" in output  # the other job finished the stage it was running
     assert not (root / "results/tiny/train").exists()
     assert cell_runs(root) == {"ae-diverges-s0": "FAILED", "ae-linear-z2-s0": "FINISHED"}
+
+    # the cause fixed, a re-run restores the finished cell from the run-cache and trains only the other
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["cells"]["ae-diverges-s0"]["lr"] = 0.001
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    process, lines = started(root, jobs=2)
+    output = "".join(read_rest(lines))
+    assert process.wait(timeout=60) == 0, output
+    assert "Stage 'train@ae-linear-z2-s0' is cached - skipping run" in output
+    assert "Running stage 'train@ae-linear-z2-s0'" not in output
+    assert "[ae-diverges-s0] Running stage 'train@ae-diverges-s0'" in output
+    assert (root / "results/tiny/train/ae-linear-z2-s0/model.pt").is_file()
+
+
+def test_only_the_stale_stages_whose_outputs_the_cache_lacks_are_left_to_the_run_cache(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "files/md5/aa").mkdir(parents=True)
+    (cache / "files/md5/aa/11111111111111111111111111111111").write_text("an output DVC cached")
+    entry = "    cmd: python -m pipeline {}\n    outs:\n    - path: out\n      md5: {}\n"
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(
+        "schema: '2.0'\nstages:\n"
+        + "  train@cached:\n"
+        + entry.format("a", "aa11111111111111111111111111111111")
+        + "  train@uncached:\n"
+        + entry.format("b", "bb22222222222222222222222222222222")
+        + "  train@current:\n"
+        + entry.format("c", "cc33333333333333333333333333333333")
+    )
+    forget_uncached(lock, {"train@cached", "train@uncached"}, str(cache))
+    stages = yaml.safe_load(lock.read_text())["stages"]
+    # checked out from its entry / looked up in the run-cache / not stale, left as it is
+    assert sorted(stages) == ["train@cached", "train@current"]
+    assert stages["train@cached"]["outs"][0]["md5"] == "aa11111111111111111111111111111111"
