@@ -121,7 +121,7 @@ def cmd_repro(args) -> None:
     from pipeline.parallel import default_jobs, machine_cores, repro_parallel
 
     config = load_study(args.params)
-    jobs = args.jobs if args.jobs is not None else default_jobs(machine_cores())
+    jobs = args.jobs if args.jobs is not None else default_jobs(config.threads, machine_cores())
     ran = repro_parallel(config, jobs)
     in_jobs = f": {len(ran)} piece(s) of work ran in parallel jobs ({', '.join(ran)})" if jobs > 1 else ""
     say(f"study {config.study!r} reproduced with --jobs {jobs}{in_jobs}")
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument(
         "--jobs",
         type=positive_int,
-        help="pieces of work at a time on this machine (default: one per core)",
+        help="pieces of work at a time on this machine (default: the cores divided by the study's threads)",
     )
     repro.add_argument(
         "--shard", help="I/N with I = 0..N-1: this machine's share (default inside a Slurm job array: its task)"

@@ -72,10 +72,10 @@ def machine_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def default_jobs(cores: int) -> int:
-    """One job per core: with idle threads sleeping (busy_threads_sleep), 2 jobs of 2 threads on 2 cores
-    train as fast as 2 jobs of 1 thread, and faster than 1 job of 2 (docs/speed.md#threads)."""
-    return max(1, cores)
+def default_jobs(threads: int, cores: int) -> int:
+    """As many jobs as the cores hold at the study's threads each. More only share the cores: on 2 cores the
+    default study took 15 min 3 s with 2 jobs of 2 threads, no less than with 1 (docs/speed.md#parallel-stages)."""
+    return max(1, cores // threads)
 
 
 def check_jobs(jobs: int, cores: int) -> None:
@@ -84,15 +84,15 @@ def check_jobs(jobs: int, cores: int) -> None:
     if jobs > 2 * cores:
         raise ConfigError(
             f"--jobs {jobs} on {cores} cores: at most {2 * cores} (twice the cores); more jobs than that only "
-            f"share the same cores, each slower; use --jobs {default_jobs(cores)} (one per core)"
+            f"share the same cores, each slower; leave --jobs out for cores / threads"
         )
 
 
 def busy_threads_sleep(jobs: int, threads: int, cores: int) -> dict[str, str]:
     """The environment that makes a job's waiting threads sleep when the jobs' threads outnumber the cores.
-    PyTorch's OpenMP threads otherwise spin while they wait, taking the core from the other job's threads:
-    2 jobs of 2 threads on 2 cores then train a conv epoch 2.6 times slower than with sleeping threads.
-    The numbers do not change (the same threads split the same work)."""
+    PyTorch's OpenMP threads otherwise spin while they wait, taking the core from the other job's threads
+    (benchmarks/jobs.py: 2 jobs of 2 threads on 2 cores train conv epochs 2.5 times slower spinning). The
+    numbers do not change: the same threads split the same work."""
     return {"OMP_WAIT_POLICY": "PASSIVE"} if jobs * threads > cores else {}
 
 

@@ -49,9 +49,9 @@ def test_every_stage_of_the_study_is_in_exactly_one_piece_and_a_fine_tuned_cell_
     assert found[0].name in {name for name, cell in config.cells.items() if cell.arch == "conv"}
 
 
-@pytest.mark.parametrize("cores", [1, 2, 16])
-def test_the_default_is_one_job_per_core(cores):
-    assert default_jobs(cores) == cores
+@pytest.mark.parametrize("threads, cores, jobs", [(1, 2, 2), (2, 2, 1), (2, 16, 8), (4, 2, 1), (1, 1, 1)])
+def test_the_default_jobs_fill_the_cores_at_the_studys_threads(threads, cores, jobs):
+    assert default_jobs(threads, cores) == jobs
 
 
 @pytest.mark.parametrize("jobs, threads, cores, sleep", [(2, 2, 2, True), (2, 1, 2, False), (1, 2, 2, False)])
