@@ -91,7 +91,7 @@ def check_jobs(jobs: int, cores: int) -> None:
 def busy_threads_sleep(jobs: int, threads: int, cores: int) -> dict[str, str]:
     """The environment that makes a job's waiting threads sleep when the jobs' threads outnumber the cores.
     PyTorch's OpenMP threads otherwise spin while they wait, taking the core from the other job's threads
-    (benchmarks/jobs.py: 2 jobs of 2 threads on 2 cores train conv epochs 2.5 times slower spinning). The
+    (benchmarks/jobs.py: 2 jobs of 2 threads on 2 cores train conv epochs 2.8 times slower spinning). The
     numbers do not change: the same threads split the same work."""
     return {"OMP_WAIT_POLICY": "PASSIVE"} if jobs * threads > cores else {}
 
