@@ -108,9 +108,9 @@ def write_text(path: Path, text: str) -> None:
     scratch = path.with_name(path.name + ".partial")
     try:
         scratch.write_text(text)
-    except OSError as error:
+    except BaseException as error:  # a full disk, or Ctrl-C / SIGTERM mid-write: no half-written scratch left
         scratch.unlink(missing_ok=True)
-        if error.errno in DISK_FULL:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
             raise disk_full(path, len(text.encode())) from None
         raise
     os.replace(scratch, path)
@@ -134,9 +134,9 @@ def save_torch_file(value: object, path: Path) -> None:
     scratch = path.with_name(path.name + ".partial")
     try:
         scratch.write_bytes(buffer.getbuffer())
-    except OSError as error:
+    except BaseException as error:  # a full disk, or Ctrl-C / SIGTERM mid-write: no half-written scratch left
         scratch.unlink(missing_ok=True)
-        if error.errno in DISK_FULL:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
             raise disk_full(path, buffer.getbuffer().nbytes) from None
         raise
     os.replace(scratch, path)

@@ -190,8 +190,8 @@ def test_ctrl_c_stops_every_job_ends_their_runs_killed_and_restores_nothing(tmp_
     cells = {"ae-long-s0": LONG, "ae-long-s1": {**LONG, "seed": 1}}
     root = small_study(tmp_path, cells)
     process, lines = started(root, jobs=2)
-    # both jobs are training: each cell has logged an epoch
-    read_until(lines, lambda seen: all(any(f"[{cell}] " in s and " epoch " in s for s in seen) for cell in cells))
+    # both jobs are training, each past its first epoch's resume checkpoint (written after the epoch's line)
+    read_until(lines, lambda seen: all(any(f"[{cell}] " in s and " epoch 2/" in s for s in seen) for cell in cells))
     os.killpg(process.pid, signal.SIGINT)
     output = "".join(read_rest(lines))
     assert process.wait(timeout=60) == 130, output
@@ -199,7 +199,7 @@ def test_ctrl_c_stops_every_job_ends_their_runs_killed_and_restores_nothing(tmp_
     assert cell_runs(root) == {cell: "KILLED" for cell in cells}  # none left RUNNING
     assert not (root / "results/tiny/train").exists()  # nothing restored into the workspace
     assert not list((root / WORKSPACES).glob("*/results/**/*.partial"))
-    # each job's last finished epoch is in this repository's resume folder, whole, for the next run
+    # each job's last finished epoch is in this repository's resume folder, whole (no .partial), for the next run
     assert sorted(path.name for path in (root / ".vaebench/resume/tiny").iterdir()) == [
         f"{c}.pt" for c in sorted(cells)
     ]
