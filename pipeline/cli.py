@@ -109,13 +109,14 @@ def cmd_server(args) -> None:
 def cmd_repro(args) -> None:
     from pipeline.shards import ARRAY_INDEX
 
-    if args.jobs is not None and (args.shard is not None or ARRAY_INDEX in os.environ):
+    sharded = args.shard is not None or ARRAY_INDEX in os.environ
+    if sharded and args.jobs is not None:
         where = "--shard" if args.shard is not None else f"a Slurm job array ({ARRAY_INDEX} is set)"
         raise ConfigError(
             f"--jobs runs the whole study on this machine, while {where} runs one share of it; give --jobs "
             "outside a job array, or --shard alone"
         )
-    if args.shard is not None or ARRAY_INDEX in os.environ:
+    if sharded:
         reproduce_share(args)
         return
     from pipeline.parallel import default_jobs, machine_cores, repro_parallel

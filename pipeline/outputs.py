@@ -104,14 +104,20 @@ def write_json(path: Path, value: object) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` in one step: a reader sees the old file or the new one, never a part."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Replace `path` with `data` in one step, through a scratch file beside it that no failure or interrupt
+    leaves behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(path.name + ".partial")
     try:
-        scratch.write_text(text)
+        scratch.write_bytes(data)
     except BaseException as error:  # a full disk, or Ctrl-C / SIGTERM mid-write: no half-written scratch left
         scratch.unlink(missing_ok=True)
         if isinstance(error, OSError) and error.errno in DISK_FULL:
-            raise disk_full(path, len(text.encode())) from None
+            raise disk_full(path, len(data)) from None
         raise
     os.replace(scratch, path)
 
@@ -130,16 +136,7 @@ def save_torch_file(value: object, path: Path) -> None:
 
     buffer = io.BytesIO()
     torch.save(value, buffer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(path.name + ".partial")
-    try:
-        scratch.write_bytes(buffer.getbuffer())
-    except BaseException as error:  # a full disk, or Ctrl-C / SIGTERM mid-write: no half-written scratch left
-        scratch.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno in DISK_FULL:
-            raise disk_full(path, buffer.getbuffer().nbytes) from None
-        raise
-    os.replace(scratch, path)
+    write_bytes(path, buffer.getbuffer())
 
 
 def load_torch_file(path: Path, stage: str, device: object = "cpu") -> object:

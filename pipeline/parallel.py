@@ -158,12 +158,10 @@ def sync_workspace(root: Path, workspace: Path, files: list[str], cache_dir: str
                 path.unlink()
     for name in files:
         source, target = root / name, workspace / name
-        if (
-            target.is_file()
-            and target.stat().st_size == source.stat().st_size
-            and (target.stat().st_mtime_ns == source.stat().st_mtime_ns)
-        ):
-            continue
+        if target.is_file():
+            copied, original = target.stat(), source.stat()
+            if (copied.st_size, copied.st_mtime_ns) == (original.st_size, original.st_mtime_ns):
+                continue
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
     forget_uncached(workspace / "dvc.lock", stale, cache_dir)
@@ -361,15 +359,18 @@ def repro_parallel(config: StudyConfig, jobs: int) -> list[str]:
         stale = changed_stages([stage for piece in work for stage in piece.stages])
         work = [piece for piece in work if stale.intersection(piece.stages)]
         if work:
-            run_in_workspaces(config, root, work, jobs, stale)
-            forget_uncached(root / "dvc.lock", stale, cache_dir())
+            cache = cache_dir()
+            run_in_workspaces(config, root, work, jobs, stale, cache)
+            forget_uncached(root / "dvc.lock", stale, cache)
         run_dvc_here("repro")  # restores every stage the jobs ran from the run-cache, then runs the rest
         shutil.rmtree(root / WORKSPACES, ignore_errors=True)  # their outputs are in the cache and here
     return [piece.name for piece in work]
 
 
-def run_in_workspaces(config: StudyConfig, root: Path, work: list[Piece], jobs: int, stale: set[str]) -> None:
-    files, cache = working_tree_files(root), cache_dir()
+def run_in_workspaces(
+    config: StudyConfig, root: Path, work: list[Piece], jobs: int, stale: set[str], cache: str
+) -> None:
+    files = working_tree_files(root)
     workspaces = [root / WORKSPACES / str(index) for index in range(min(jobs, len(work)))]
     for workspace in workspaces:
         sync_workspace(root, workspace, files, cache, stale)
