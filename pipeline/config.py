@@ -17,6 +17,10 @@ PARAMS_FILE = Path("params.yaml")
 DATA_ROOT_ENV = "VAEBENCH_DATA_ROOT"
 ARCHS = ("linear", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
+ACTIVATIONS = ("relu", "tanh")  # the MLP's nonlinearity (arch linear)
+# data.binarize: none keeps grey levels in [0, 1]; dynamic draws every training image as Bernoulli(pixel) each
+# time it is used and the validation and test images once (Burda et al.'s binarized MNIST).
+BINARIZE = ("none", "dynamic")
 DEVICES = ("auto", "cpu", "cuda")
 MNIST_TRAIN_IMAGES = 60_000
 MNIST_TEST_IMAGES = 10_000
@@ -44,6 +48,7 @@ class DataConfig:
     val_size: int
     test_size: int
     split_seed: int
+    binarize: str = "none"  # one of BINARIZE
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,12 @@ class CellConfig:
     device: str
     settings: object
     init_from: str | None = None  # fine-tuned cells (the `finetuned:` block): the VAE cell they start from
+    activation: str = "relu"  # the MLP's nonlinearity (arch linear; conv networks use ReLU)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    # (epochs, rate) stages: the first `epochs` at `rate`, then the next; they add up to the cell's epochs and
+    # start at its lr. None: lr throughout.
+    lr_schedule: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,8 @@ CELL_OWN_KEYS = ("family", "arch", "latent_dim", "seed")
 CELL_DEFAULT_KEYS = tuple(
     f.name for f in dataclasses.fields(CellConfig) if f.name not in CELL_OWN_KEYS + ("name", "settings", "init_from")
 )
+# Keys a study may leave out: their defaults are the dataclass's (the optimizer's, PyTorch's Adam defaults).
+OPTIONAL_CELL_KEYS = ("activation", "adam_betas", "adam_eps", "lr_schedule")
 
 
 def families() -> dict:
@@ -253,6 +266,7 @@ def _parse_data(raw: dict) -> DataConfig:
         val_size=integer(_required(raw, "val_size", where), f"{where}.val_size", low=1),
         test_size=integer(_required(raw, "test_size", where), f"{where}.test_size", low=1),
         split_seed=integer(raw.get("split_seed", 0), f"{where}.split_seed", low=0),
+        binarize=choice(raw.get("binarize", "none"), f"{where}.binarize", BINARIZE),
     )
     if data.train_size + data.val_size > MNIST_TRAIN_IMAGES:
         raise ConfigError(
@@ -289,7 +303,7 @@ def parse_cell(name: str, spec: object, defaults: dict, where: str | None = None
     _only_keys(spec, CELL_OWN_KEYS + CELL_DEFAULT_KEYS + setting_keys[family], where)
     merged = {**defaults, **spec, "family": family}
     for key in CELL_OWN_KEYS + CELL_DEFAULT_KEYS:
-        if key not in merged:
+        if key not in merged and key not in OPTIONAL_CELL_KEYS:
             raise ConfigError(f"{where}.{key} is missing; set it in the cell or in the train block")
 
     def field(key: str) -> str:
@@ -302,22 +316,95 @@ def parse_cell(name: str, spec: object, defaults: dict, where: str | None = None
             f"{field('channels')} = {list(channels)}: {len(channels)} strided convolutions shrink a 28x28 image "
             f"to nothing; use at most {_max_conv_depth()} entries"
         )
+    activation = choice(merged.get("activation", CellConfig.activation), field("activation"), ACTIVATIONS)
+    if arch == "conv" and activation != "relu":
+        raise ConfigError(
+            f"{field('activation')} is {activation!r}, but it sets the MLP's nonlinearity and the conv networks use "
+            "ReLU; remove it from the conv cell, or use arch: linear"
+        )
+    epochs = integer(merged["epochs"], field("epochs"), low=1)
+    lr = number(merged["lr"], field("lr"), low=0.0, low_inclusive=False)
+    family_class = families()[family]
+    betas = adam_betas(merged.get("adam_betas", list(CellConfig.adam_betas)), field("adam_betas"))
+    eps = number(merged.get("adam_eps", CellConfig.adam_eps), field("adam_eps"), low=0.0, low_inclusive=False)
+    if family_class.capabilities.adversarial and (betas, eps) != (CellConfig.adam_betas, CellConfig.adam_eps):
+        key = "adam_betas" if betas != CellConfig.adam_betas else "adam_eps"
+        raise ConfigError(
+            f"{field(key)}: family {family} sets its own Adam (its adam_beta1 setting); remove the key from this "
+            "cell (or from the train block, and set it on the cells that use it)"
+        )
     return CellConfig(
         name=name,
         family=family,
         arch=arch,
         latent_dim=integer(merged["latent_dim"], field("latent_dim"), low=1),
         seed=integer(merged["seed"], field("seed"), low=0),
-        epochs=integer(merged["epochs"], field("epochs"), low=1),
+        epochs=epochs,
         batch_size=integer(merged["batch_size"], field("batch_size"), low=1),
-        lr=number(merged["lr"], field("lr"), low=0.0, low_inclusive=False),
+        lr=lr,
         likelihood=choice(merged["likelihood"], field("likelihood"), LIKELIHOODS),
         gaussian_std=number(merged["gaussian_std"], field("gaussian_std"), low=0.0, low_inclusive=False),
         hidden=int_list(merged["hidden"], field("hidden")),
         channels=channels,
         device=device(merged["device"], field("device")),
-        settings=families()[family].parse_settings({k: v for k, v in spec.items() if k in setting_keys[family]}, where),
+        settings=family_class.parse_settings({k: v for k, v in spec.items() if k in setting_keys[family]}, where),
+        activation=activation,
+        adam_betas=betas,
+        adam_eps=eps,
+        lr_schedule=lr_schedule(merged.get("lr_schedule"), field("lr_schedule"), epochs, lr),
     )
+
+
+def adam_betas(value: object, what: str) -> tuple[float, float]:
+    """Adam's two moment decays, each in [0, 1)."""
+    if not isinstance(value, list) or len(value) != 2:
+        raise ConfigError(f"{what} must be a list of two numbers in [0, 1) like [0.9, 0.999], got {value!r}")
+    betas = tuple(number(beta, f"{what}[{i}]", low=0.0) for i, beta in enumerate(value))
+    for i, beta in enumerate(betas):
+        if beta >= 1.0:
+            raise ConfigError(f"{what}[{i}] must be below 1, got {beta:g}; a decay of 1 never forgets")
+    return betas
+
+
+def lr_schedule(value: object, what: str, epochs: int, lr: float) -> tuple[tuple[int, float], ...] | None:
+    """[[epochs, rate], ...]: stages that add up to the cell's epochs and start at its lr (null: none)."""
+    if value is None:
+        return None
+    example = "[[1, 0.001], [3, 0.00072]]"
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{what} must be a non-empty list of [epochs, rate] stages like {example}, got {value!r}")
+    stages = []
+    for i, stage in enumerate(value):
+        if not isinstance(stage, list) or len(stage) != 2:
+            raise ConfigError(f"{what}[{i}] must be one [epochs, rate] pair like [3, 0.00072], got {stage!r}")
+        stages.append(
+            (
+                integer(stage[0], f"{what}[{i}][0] (epochs)", low=1),
+                number(stage[1], f"{what}[{i}][1] (rate)", low=0.0, low_inclusive=False),
+            )
+        )
+    total = sum(count for count, _ in stages)
+    if total != epochs:
+        raise ConfigError(
+            f"{what}: its stages add up to {total} epochs but the cell trains {epochs}; set epochs: {total} or change "
+            "the stages"
+        )
+    if stages[0][1] != lr:
+        raise ConfigError(
+            f"{what} starts at rate {stages[0][1]:g} but the cell's lr is {lr:g}; set lr: {stages[0][1]:g} (lr is the "
+            "schedule's first rate)"
+        )
+    return tuple(stages)
+
+
+def scheduled_rate(schedule: tuple[tuple[int, float], ...], epoch: int) -> float:
+    """The learning rate of `epoch` (counted from 1) under a schedule of (epochs, rate) stages."""
+    end = 0
+    for count, rate in schedule:
+        end += count
+        if epoch <= end:
+            return rate
+    raise ValueError(f"epoch {epoch} is beyond the schedule's {end} epochs")
 
 
 def _refuse_duplicates(cells: dict[str, CellConfig], source: str) -> None:
@@ -606,5 +693,10 @@ def cell_as_dict(cell: CellConfig) -> dict:
         del values["init_from"]
     values["hidden"] = list(cell.hidden)
     values["channels"] = list(cell.channels)
+    values["adam_betas"] = list(cell.adam_betas)
+    if cell.lr_schedule is None:
+        del values["lr_schedule"]
+    else:
+        values["lr_schedule"] = [list(stage) for stage in cell.lr_schedule]
     settings = {key: value for key, value in dataclasses.asdict(cell.settings).items() if value is not None}
     return values | settings

@@ -93,6 +93,13 @@ def load_prepared(path: Path) -> dict[str, np.ndarray]:
         ) from None
 
 
+def binarize_once(images: np.ndarray, seed: int) -> np.ndarray:
+    """uint8 grey images drawn once as binary ones (0 or 255): each pixel is 255 with probability pixel / 255
+    (the reference code's test set: one seeded Bernoulli draw of the grey pixels)."""
+    draws = np.random.default_rng(seed).random(images.shape)
+    return np.where(draws < images / 255.0, 255, 0).astype(np.uint8)
+
+
 def images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1], the targets of the Bernoulli likelihood."""
     return torch.from_numpy(np.ascontiguousarray(images)).to(device).unsqueeze(1).float().div_(255.0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import CellConfig, ConfigError, cell_as_dict
+from pipeline.config import CellConfig, ConfigError, cell_as_dict, scheduled_rate
 from pipeline.errors import ArtifactError, VaebenchError
 from pipeline.models import Autoencoder, build_model
 from pipeline.outputs import non_finite, save_torch_file
@@ -64,6 +64,12 @@ def train_epoch(
     return dict(zip(terms, (sums / size).tolist()))
 
 
+def binarized(images: torch.Tensor, binarizer: torch.Generator | None) -> torch.Tensor:
+    """Each grey pixel p drawn as Bernoulli(p) with the `binarizer` generator (dynamic binarization), or the
+    images as they are when there is none."""
+    return images if binarizer is None else torch.bernoulli(images, generator=binarizer)
+
+
 def model_epoch(
     model: Autoencoder,
     optimizer,
@@ -71,15 +77,17 @@ def model_epoch(
     batch_size: int,
     generator: torch.Generator,
     progress: Callable[[int], None] | None = None,
+    binarizer: torch.Generator | None = None,
 ) -> dict[str, float]:
     """One training epoch of a model of any family over the images; for a family fitted in one pass, its fit
-    and the mean of its loss terms over the images."""
+    and the mean of its loss terms over the images. With a `binarizer`, every batch is drawn binary anew."""
     if model.capabilities.one_pass:
-        model.fit(images)
-        return evaluate_split(model, images)
+        drawn = binarized(images, binarizer)
+        model.fit(drawn)
+        return evaluate_split(model, drawn)
     model.train()
     means = train_epoch(
-        lambda batch: model.train_step(images[batch], optimizer),
+        lambda batch: model.train_step(binarized(images[batch], binarizer), optimizer),
         len(images),
         batch_size,
         generator,
@@ -117,13 +125,27 @@ class Training:
     optimizer: torch.optim.Optimizer | None  # None for a family fitted in one pass
     shuffle: torch.Generator
     history: list[dict] = field(default_factory=list)
+    binarizer: torch.Generator | None = None  # draws the binary training images (data.binarize: dynamic)
 
 
-def start_training(cell: CellConfig, device: torch.device) -> Training:
+def start_training(cell: CellConfig, device: torch.device, binarize: bool = False) -> Training:
+    """A fresh model and optimizer for the cell; `binarize`: train on dynamically binarized images, drawn by a
+    generator of their own on the training device, seeded with the cell's seed."""
     torch.manual_seed(cell.seed)
     model = build_model(cell).to(device)
-    optimizer = model.make_optimizer(cell.lr)
-    return Training(cell, model, optimizer, torch.Generator().manual_seed(cell.seed))
+    optimizer = model.make_optimizer(cell.lr, cell.adam_betas, cell.adam_eps)
+    binarizer = torch.Generator(device).manual_seed(cell.seed) if binarize else None
+    return Training(cell, model, optimizer, torch.Generator().manual_seed(cell.seed), binarizer=binarizer)
+
+
+def set_scheduled_rate(optimizer: torch.optim.Optimizer, cell: CellConfig, epoch: int) -> float:
+    """Set the rate of `epoch` under the cell's lr_schedule; every parameter group keeps its ratio to the cell's
+    lr (a discriminator's own rate). Returns the rate."""
+    rate = scheduled_rate(cell.lr_schedule, epoch)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * rate / cell.lr
+    return rate
 
 
 def progress_reporter(cell: CellConfig, epoch: int, total: int):
@@ -147,15 +169,24 @@ def epochs(
     metric is NaN or infinite."""
     cell = training.cell
     for epoch in range(len(training.history) + 1, cell.epochs + 1):
+        rate = {}
+        if cell.lr_schedule is not None and training.optimizer is not None:
+            rate = {"lr": set_scheduled_rate(training.optimizer, cell, epoch)}
         advance, close = progress_reporter(cell, epoch, len(train_images))
         train_metrics = model_epoch(
-            training.model, training.optimizer, train_images, cell.batch_size, training.shuffle, advance
+            training.model,
+            training.optimizer,
+            train_images,
+            cell.batch_size,
+            training.shuffle,
+            advance,
+            training.binarizer,
         )
         close()
         val_metrics = evaluate_split(training.model, val_images)
         if probe is not None:
             val_metrics |= probe(training.model)
-        row = {"epoch": epoch, **_prefixed("train", train_metrics), **_prefixed("val", val_metrics)}
+        row = {"epoch": epoch, **rate, **_prefixed("train", train_metrics), **_prefixed("val", val_metrics)}
         broken = non_finite(row)
         if broken:
             what = "the loss" if "train_loss" in broken else broken[0]
@@ -182,6 +213,7 @@ def save_checkpoint(path: Path, training: Training, run_id: str, inputs: dict | 
         "model": training.model.state_dict(),
         "optimizer": training.optimizer.state_dict() if training.optimizer is not None else {},
         "shuffle": training.shuffle.get_state(),
+        "binarizer": training.binarizer.get_state() if training.binarizer is not None else None,
         "rng": _rng_state(),
         "history": training.history,
         "run_id": run_id,
@@ -232,6 +264,8 @@ def restore_checkpoint(path: Path, training: Training, inputs: dict | None = Non
         if training.optimizer is not None:
             training.optimizer.load_state_dict(state["optimizer"])
         training.shuffle.set_state(state["shuffle"])
+        if training.binarizer is not None:
+            training.binarizer.set_state(state["binarizer"])
         _restore_rng_state(state["rng"])
     except (RuntimeError, KeyError, TypeError, ValueError) as error:  # the model may be half-loaded: stop
         path.unlink()

@@ -372,7 +372,8 @@ def log_settings(settings: dict[str, object]) -> None:
 
 def prepared_dataset(prepared: dict, source: Path):
     """The prepared MNIST splits as an MLflow dataset: named by their sizes, with a digest of the raw files'
-    checksums, the split sizes and seed (the same digest means the same images in the same splits)."""
+    checksums, the split sizes and seed, and the binarization (the same digest means the same images in the same
+    splits)."""
     import hashlib
     import json
 
@@ -382,6 +383,8 @@ def prepared_dataset(prepared: dict, source: Path):
     sizes = prepared["images"]
     digest = hashlib.sha256(json.dumps(prepared, sort_keys=True).encode()).hexdigest()[:16]
     name = f"mnist-{sizes['train']}-{sizes['val']}-{sizes['test']}"
+    if prepared["binarize"] == "dynamic":
+        name += "-binarized"
     return MetaDataset(LocalArtifactDatasetSource(str(source.resolve())), name=name, digest=digest)
 
 

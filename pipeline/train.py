@@ -50,7 +50,8 @@ def train_cell(
         train_images = images_to_tensor(arrays["train_images"], device)
         val_images = images_to_tensor(arrays["val_images"], device)
 
-    training = engine.start_training(cell, device)
+    prepared = read_json(PREPARED_SUMMARY)
+    training = engine.start_training(cell, device, binarize=prepared["binarize"] == "dynamic")
     inputs = {"data": sha256_of(PREPARED_FILE)}
     if cell.init_from:
         training.model.start_from(load_trained(config.study, config.cell(cell.init_from), device))
@@ -67,7 +68,6 @@ def train_cell(
             run_id,
         )
         run_id = None
-    prepared = read_json(PREPARED_SUMMARY)
     system_metrics = config.tracking.log_system_metrics
     with tracking.cell_run(config, cell, stage=train_stage(cell), run_id=run_id, system_metrics=system_metrics) as run:
         with stopwatch.part("setup"):

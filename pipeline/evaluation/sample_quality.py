@@ -20,6 +20,7 @@ from pipeline.evaluation.metrics import (
     precision_recall,
 )
 from pipeline.models import Autoencoder
+from pipeline.models.gaussian import iw_nll
 from pipeline.timing import Stopwatch
 
 SUFFIX = "mnist_cnn"
@@ -98,7 +99,15 @@ def model_scores(
     torch.manual_seed(settings.seed)
     with stopwatch.part("iw_nll"):
         nll = importance_weighted_nll(model, subset, settings.iw_samples)
-    return {**scores, "iw_nll": nll.mean().item()}, {"samples": sample_shares}
+    scores["iw_nll"] = nll.mean().item()
+    if len(nll) > 1:
+        scores["iw_nll_se"] = standard_error(nll)
+    return scores, {"samples": sample_shares}
+
+
+def standard_error(values: torch.Tensor) -> float:
+    """The standard error of the mean of `values` across its entries (sample standard deviation / sqrt(n))."""
+    return (values.double().std() / len(values) ** 0.5).item()
 
 
 @torch.no_grad()
@@ -106,6 +115,11 @@ def importance_weighted_nll(
     model: Autoencoder, x: torch.Tensor, k: int, decodes_per_chunk: int = 20_000
 ) -> torch.Tensor:
     """The model's K-sample bound on -log p(x) (its `nll_bound`) per image, in chunks of images whose K
-    decodes stay within `decodes_per_chunk`."""
-    images_per_chunk = max(1, decodes_per_chunk // k)
-    return torch.cat([model.nll_bound(batch, k) for batch in x.split(images_per_chunk)])
+    decodes stay within `decodes_per_chunk`. When K alone exceeds it, each image's K log weights are computed
+    in pieces of at most `decodes_per_chunk` samples and combined in one log-mean-exp, so memory stays bounded
+    whatever K is."""
+    if k <= decodes_per_chunk:
+        images_per_chunk = decodes_per_chunk // k
+        return torch.cat([model.nll_bound(batch, k) for batch in x.split(images_per_chunk)])
+    pieces = [decodes_per_chunk] * (k // decodes_per_chunk) + [k % decodes_per_chunk] * bool(k % decodes_per_chunk)
+    return torch.cat([iw_nll(torch.cat([model.log_weights(image, count) for count in pieces])) for image in x.split(1)])

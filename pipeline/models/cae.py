@@ -37,7 +37,7 @@ class CAE(Autoencoder):
 
     @property
     def loss_differentiates_input(self) -> bool:
-        return not (self.arch == "linear" and len(self.hidden) == 1)
+        return not (self.arch == "linear" and len(self.hidden) == 1 and self.activation == "relu")
 
     def contraction_sq(self, x: torch.Tensor) -> torch.Tensor:
         """||dh/dx||_F^2 per image, as the module docstring says."""

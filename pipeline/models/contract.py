@@ -84,7 +84,7 @@ class Autoencoder(nn.Module):
     def __init__(self, cell: CellConfig):
         super().__init__()
         self.encoder, self.decoder = self.networks(cell)
-        self.arch, self.hidden = cell.arch, cell.hidden
+        self.arch, self.hidden, self.activation = cell.arch, cell.hidden, cell.activation
         self.latent_dim = cell.latent_dim
         self.likelihood, self.gaussian_std = cell.likelihood, cell.gaussian_std
         self.settings = cell.settings
@@ -119,7 +119,12 @@ class Autoencoder(nn.Module):
     def networks(self, cell: CellConfig) -> tuple[nn.Module, nn.Module]:
         """The encoder and decoder: the shared networks of the cell's arch, the encoder built first."""
         return build_networks(
-            cell.arch, self.encoder_outputs(cell.latent_dim), cell.latent_dim, cell.hidden, cell.channels
+            cell.arch,
+            self.encoder_outputs(cell.latent_dim),
+            cell.latent_dim,
+            cell.hidden,
+            cell.channels,
+            cell.activation,
         )
 
     @property
@@ -132,9 +137,11 @@ class Autoencoder(nn.Module):
         """Numbers the encoder network gives per image (2 x latent_dim for a mean and a log-variance)."""
         return latent_dim
 
-    def make_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
+    def make_optimizer(
+        self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> torch.optim.Optimizer | None:
         """Adam on every parameter; None for a family fitted in one pass."""
-        return None if self.capabilities.one_pass else torch.optim.Adam(self.parameters(), lr=lr)
+        return None if self.capabilities.one_pass else torch.optim.Adam(self.parameters(), lr=lr, betas=betas, eps=eps)
 
     def fit(self, images: torch.Tensor) -> None:
         """Fit in closed form on the training images (families with `capabilities.one_pass`)."""
@@ -193,6 +200,11 @@ class Autoencoder(nn.Module):
     def own_metrics(self, images: torch.Tensor) -> dict[str, float]:
         """The family's own test metrics (OWN_METRICS) on the test images."""
         return {}
+
+    def log_weights(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """log p(x, z_k) - log q(z_k|x) of K importance samples z_k of each image, (K, N), for a family with a
+        likelihood bound (nll_bound is -log of their mean)."""
+        raise NotImplementedError(f"family {self.family} has no likelihood bound")
 
     def nll_bound(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """-log p(x) per image, bounded with K importance samples, for a family with a likelihood bound."""

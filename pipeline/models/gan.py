@@ -55,7 +55,8 @@ class GAN(Autoencoder):
         """G(z): the decoder's mean image, in [0, 1] like the real digits."""
         return torch.sigmoid(self.decode(z))
 
-    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+    def make_optimizer(self, lr: float, betas=None, eps=None) -> torch.optim.Optimizer:
+        """Its own Adam (adversarial.make_adversarial_optimizer); the config refuses adam_betas and adam_eps."""
         return adversarial.make_adversarial_optimizer([self.decoder], self.discriminator, lr, self.settings)
 
     def generator_step(self, fake: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:

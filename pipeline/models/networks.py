@@ -9,14 +9,15 @@ from torch import nn
 
 IMAGE_SIZE = 28
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}  # a cell's `activation` (config.ACTIVATIONS)
 
 
-def mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear layers with ReLU between them, none after the last."""
+def mlp(sizes: list[int], activation: str = "relu") -> nn.Sequential:
+    """Linear layers with the activation between them, none after the last."""
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
         if i:
-            layers.append(nn.ReLU())
+            layers.append(ACTIVATIONS[activation]())
         layers.append(nn.Linear(fan_in, fan_out))
     return nn.Sequential(*layers)
 
@@ -29,11 +30,13 @@ def conv_sides(channels: tuple[int, ...]) -> list[int]:
     return sides
 
 
-def linear_networks(outputs: int, latent_dim: int, hidden: tuple[int, ...]) -> tuple[nn.Module, nn.Module]:
+def linear_networks(
+    outputs: int, latent_dim: int, hidden: tuple[int, ...], activation: str = "relu"
+) -> tuple[nn.Module, nn.Module]:
     """MLP encoder 784-hidden-outputs and mirrored decoder latent-hidden-784 (the classic 784-400-20 VAE with
-    hidden=(400,))."""
-    encoder = nn.Sequential(nn.Flatten(), mlp([PIXELS, *hidden, outputs]))
-    decoder = mlp([latent_dim, *reversed(hidden), PIXELS])
+    hidden=(400,); Burda et al.'s 784-200-200-50 with hidden=(200, 200) and tanh)."""
+    encoder = nn.Sequential(nn.Flatten(), mlp([PIXELS, *hidden, outputs], activation))
+    decoder = mlp([latent_dim, *reversed(hidden), PIXELS], activation)
     return encoder, decoder
 
 
@@ -66,11 +69,18 @@ def conv_networks(outputs: int, latent_dim: int, channels: tuple[int, ...]) -> t
     return encoder, nn.Sequential(*up)
 
 
-def build_networks(arch: str, outputs: int, latent_dim: int, hidden: tuple[int, ...], channels: tuple[int, ...]):
+def build_networks(
+    arch: str,
+    outputs: int,
+    latent_dim: int,
+    hidden: tuple[int, ...],
+    channels: tuple[int, ...],
+    activation: str = "relu",
+):
     """(encoder, decoder) of an arch, the encoder built first: a seed gives the same decoder to the families whose
-    encoders have as many outputs (vae and vaegan; ae, dae and cae), not across them."""
+    encoders have as many outputs (vae and vaegan; ae, dae and cae), not across them. `activation` is the MLP's."""
     if arch == "linear":
-        return linear_networks(outputs, latent_dim, hidden)
+        return linear_networks(outputs, latent_dim, hidden, activation)
     if arch == "conv":
         return conv_networks(outputs, latent_dim, channels)
     raise ValueError(f"unknown arch {arch!r}")

@@ -48,7 +48,9 @@ class VAEGAN(GaussianAutoencoder):
 
     def __init__(self, cell):
         super().__init__(cell)
-        self.discriminator = build_networks(cell.arch, 1, cell.latent_dim, cell.hidden, cell.channels)[0]
+        self.discriminator = build_networks(cell.arch, 1, cell.latent_dim, cell.hidden, cell.channels, cell.activation)[
+            0
+        ]
 
     @staticmethod
     def parse_settings(raw: dict, where: str) -> VAEGANSettings:
@@ -65,7 +67,8 @@ class VAEGAN(GaussianAutoencoder):
         """The discriminator's last hidden layer: the space `recon_space: features` reconstructs in."""
         return adversarial.feature_extractor(self.discriminator)(images)
 
-    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+    def make_optimizer(self, lr: float, betas=None, eps=None) -> torch.optim.Optimizer:
+        """Its own Adam (adversarial.make_adversarial_optimizer); the config refuses adam_betas and adam_eps."""
         return adversarial.make_adversarial_optimizer(
             [self.encoder, self.decoder], self.discriminator, lr, self.settings
         )
