@@ -31,7 +31,7 @@ from pipeline.paths import (
     study_metrics_file,
     train_dir,
 )
-from pipeline.reporting import figures
+from pipeline.reporting import figures, literature
 from pipeline.reporting.findings import study_findings
 from pipeline.reporting.results import (
     OWN_METRICS,
@@ -287,6 +287,14 @@ def report_blocks(
         blocks += [
             ("h3", "The decoder as a generator, the encoder against the discriminator"),
             ("ul", generator_sentences),
+        ]
+    compared = literature.comparison_table(config, cells, groups)
+    if not compared.empty:
+        blocks += [
+            ("h2", "Against the literature"),
+            ("p", literature.protocol_text(config)),
+            ("table", literature.markdown_comparison(compared)),
+            ("ul", literature.comparison_findings(compared)),
         ]
     blocks += [("h2", "Results"), ("table", markdown_table(cells))]
     if (groups["seeds"] > 1).any():

@@ -46,6 +46,39 @@ def as_family(family: str, **settings) -> dict:
         (with_cell(lr=0), "cells.linear-z2-b1-s0.lr must be > 0"),
         (with_cell(device="tpu"), "cells.linear-z2-b1-s0.device is 'tpu'"),
         (with_cell(width=3), "cells.linear-z2-b1-s0: unknown key 'width'"),
+        (
+            {**tiny_raw(), "data": {**tiny_raw()["data"], "binarize": "static"}},
+            "data.binarize is 'static'; choose one of none, dynamic",
+        ),
+        (with_cell(activation="sigmoid"), "cells.linear-z2-b1-s0.activation is 'sigmoid'; choose one of relu, tanh"),
+        (
+            with_cell(arch="conv", activation="tanh"),
+            "cells.linear-z2-b1-s0.activation is 'tanh', but it sets the MLP's nonlinearity and the conv networks use",
+        ),
+        (with_cell(adam_eps=0), "cells.linear-z2-b1-s0.adam_eps must be > 0, got 0"),
+        (with_cell(adam_betas=[0.9, 1.0]), "cells.linear-z2-b1-s0.adam_betas[1] must be below 1, got 1"),
+        (with_cell(adam_betas=0.9), "cells.linear-z2-b1-s0.adam_betas must be a list of two numbers in [0, 1)"),
+        (
+            with_cell(lr_schedule=[[1, 0.001], [1, 0.0005]]),
+            "cells.linear-z2-b1-s0.lr_schedule: its stages add up to 2 epochs but the cell trains 1; set epochs: 2 or",
+        ),
+        (
+            with_cell(epochs=2, lr_schedule=[[1, 0.001], [1, 0]]),
+            "cells.linear-z2-b1-s0.lr_schedule[1][1] (rate) must be > 0, got 0",
+        ),
+        (
+            with_cell(epochs=2, lr_schedule=[[1, 0.001], [1, -0.1]]),
+            "cells.linear-z2-b1-s0.lr_schedule[1][1] (rate) must be > 0, got -0.1",
+        ),
+        (
+            with_cell(epochs=2, lr_schedule=[[2, 0.01]]),
+            "cells.linear-z2-b1-s0.lr_schedule starts at rate 0.01 but the cell's lr is 0.001; set lr: 0.01",
+        ),
+        (with_cell(lr_schedule=[1, 0.001]), "cells.linear-z2-b1-s0.lr_schedule[0] must be one [epochs, rate] pair"),
+        (
+            as_family("gan", adam_eps=1e-4),
+            "cells.linear-z2-b1-s0.adam_eps: family gan sets its own Adam (its adam_beta1 setting); remove the key",
+        ),
         ({**tiny_raw(), "cells": {}}, "cells is empty"),
         (
             with_cell(family="flow"),
@@ -229,6 +262,7 @@ def run_cli(*args, cwd):
         ({"family": "cae", "beta": 1.0}, "beta is a setting of family vae and vaegan, not of cae"),
         ({"r1_weight": 1.0}, "r1_weight is a setting of family gan and vaegan, not of vae"),
         ({"contraction_weight": 0.5}, "contraction_weight is a setting of family cae, not of vae"),
+        ({"lr_schedule": [[5, 0.001]]}, "lr_schedule: its stages add up to 5 epochs but the cell trains"),
     ],
 )
 def test_cli_rejects_bad_input_with_one_line_before_training(workdir, capsys, change, message):

@@ -49,6 +49,7 @@ SAMPLE_METRICS = (
     "class_entropy_mnist_cnn",
     "fid_mnist_cnn_recon",
     "iw_nll",
+    "iw_nll_se",  # its standard error across the test images
 )
 # Test metrics only some families report (a family's OWN_METRICS), with their descriptions.
 OWN_METRICS = {name: text for family in FAMILIES.values() for name, text in family.OWN_METRICS.items()}
