@@ -320,7 +320,8 @@ def parse_cell(name: str, spec: object, defaults: dict, where: str | None = None
     if arch == "conv" and activation != "relu":
         raise ConfigError(
             f"{field('activation')} is {activation!r}, but it sets the MLP's nonlinearity and the conv networks use "
-            "ReLU; remove it from the conv cell, or use arch: linear"
+            "ReLU; remove the key from this cell (or from the train block, and set it on the linear cells), or use "
+            "arch: linear"
         )
     epochs = integer(merged["epochs"], field("epochs"), low=1)
     lr = number(merged["lr"], field("lr"), low=0.0, low_inclusive=False)
@@ -395,16 +396,6 @@ def lr_schedule(value: object, what: str, epochs: int, lr: float) -> tuple[tuple
             "schedule's first rate)"
         )
     return tuple(stages)
-
-
-def scheduled_rate(schedule: tuple[tuple[int, float], ...], epoch: int) -> float:
-    """The learning rate of `epoch` (counted from 1) under a schedule of (epochs, rate) stages."""
-    end = 0
-    for count, rate in schedule:
-        end += count
-        if epoch <= end:
-            return rate
-    raise ValueError(f"epoch {epoch} is beyond the schedule's {end} epochs")
 
 
 def _refuse_duplicates(cells: dict[str, CellConfig], source: str) -> None:
@@ -685,6 +676,11 @@ def int_list(value: object, what: str) -> tuple[int, ...]:
     return tuple(integer(item, f"{what}[{i}]", low=1) for i, item in enumerate(value))
 
 
+def _optional_default(key: str) -> object:
+    default = {f.name: f.default for f in dataclasses.fields(CellConfig)}[key]
+    return list(default) if isinstance(default, tuple) else default
+
+
 def cell_as_dict(cell: CellConfig) -> dict:
     """The cell as one flat mapping, its family settings beside the common keys (parse_cell reads it back,
     except a fine-tuned cell's init_from, which only the finetuned: block may set)."""
@@ -694,9 +690,11 @@ def cell_as_dict(cell: CellConfig) -> dict:
     values["hidden"] = list(cell.hidden)
     values["channels"] = list(cell.channels)
     values["adam_betas"] = list(cell.adam_betas)
-    if cell.lr_schedule is None:
-        del values["lr_schedule"]
-    else:
+    if cell.lr_schedule is not None:
         values["lr_schedule"] = [list(stage) for stage in cell.lr_schedule]
+    # The optional keys at their defaults are left out, as a cell that does not set them reads.
+    for key in OPTIONAL_CELL_KEYS:
+        if values.get(key) == _optional_default(key):
+            values.pop(key, None)
     settings = {key: value for key, value in dataclasses.asdict(cell.settings).items() if value is not None}
     return values | settings

@@ -93,10 +93,12 @@ def load_prepared(path: Path) -> dict[str, np.ndarray]:
         ) from None
 
 
-def binarize_once(images: np.ndarray, seed: int) -> np.ndarray:
+def binarize_once(images: np.ndarray, seed: int, split: str) -> np.ndarray:
     """uint8 grey images drawn once as binary ones (0 or 255): each pixel is 255 with probability pixel / 255
-    (the reference code's test set: one seeded Bernoulli draw of the grey pixels)."""
-    draws = np.random.default_rng(seed).random(images.shape)
+    (the reference code's test set: one seeded Bernoulli draw of the grey pixels). Each split has a stream of
+    its own, apart from the split's permutation of the same seed."""
+    stream = np.random.SeedSequence([seed, SPLITS.index(split) + 1])
+    draws = np.random.default_rng(stream).random(images.shape)
     return np.where(draws < images / 255.0, 255, 0).astype(np.uint8)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import CellConfig, ConfigError, cell_as_dict, scheduled_rate
+from pipeline.config import CellConfig, ConfigError, cell_as_dict
 from pipeline.errors import ArtifactError, VaebenchError
 from pipeline.models import Autoencoder, build_model
 from pipeline.outputs import non_finite, save_torch_file
@@ -65,9 +65,13 @@ def train_epoch(
 
 
 def binarized(images: torch.Tensor, binarizer: torch.Generator | None) -> torch.Tensor:
-    """Each grey pixel p drawn as Bernoulli(p) with the `binarizer` generator (dynamic binarization), or the
-    images as they are when there is none."""
-    return images if binarizer is None else torch.bernoulli(images, generator=binarizer)
+    """Each grey pixel p drawn as Bernoulli(p) (dynamic binarization), or the images as they are when there is
+    no `binarizer`. The uniforms come from the binarizer on the CPU, so a seed draws the same images on any
+    device and a checkpoint resumes on another one."""
+    if binarizer is None:
+        return images
+    uniforms = torch.rand(images.shape, generator=binarizer).to(images.device)
+    return (uniforms < images).to(images.dtype)
 
 
 def model_epoch(
@@ -130,12 +134,22 @@ class Training:
 
 def start_training(cell: CellConfig, device: torch.device, binarize: bool = False) -> Training:
     """A fresh model and optimizer for the cell; `binarize`: train on dynamically binarized images, drawn by a
-    generator of their own on the training device, seeded with the cell's seed."""
+    generator of their own, seeded with the cell's seed."""
     torch.manual_seed(cell.seed)
     model = build_model(cell).to(device)
     optimizer = model.make_optimizer(cell.lr, cell.adam_betas, cell.adam_eps)
-    binarizer = torch.Generator(device).manual_seed(cell.seed) if binarize else None
+    binarizer = torch.Generator().manual_seed(cell.seed) if binarize else None
     return Training(cell, model, optimizer, torch.Generator().manual_seed(cell.seed), binarizer=binarizer)
+
+
+def scheduled_rate(schedule: tuple[tuple[int, float], ...], epoch: int) -> float:
+    """The learning rate of `epoch` (counted from 1) under a schedule of (epochs, rate) stages."""
+    end = 0
+    for count, rate in schedule:
+        end += count
+        if epoch <= end:
+            return rate
+    raise ValueError(f"epoch {epoch} is beyond the schedule's {end} epochs")
 
 
 def set_scheduled_rate(optimizer: torch.optim.Optimizer, cell: CellConfig, epoch: int) -> float:

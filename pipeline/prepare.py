@@ -83,16 +83,17 @@ def prepare(config: StudyConfig) -> dict:
         settings.split_seed,
     )
     if settings.binarize == "dynamic":  # training images stay grey: the train stage draws them anew every epoch
-        for offset, split in enumerate(("val", "test")):
-            arrays[f"{split}_images"] = data.binarize_once(arrays[f"{split}_images"], settings.split_seed + offset)
+        for split in ("val", "test"):
+            arrays[f"{split}_images"] = data.binarize_once(arrays[f"{split}_images"], settings.split_seed, split)
     with staged_dir(PREPARED_DIR) as scratch:
         np.savez_compressed(scratch / PREPARED_FILE.name, **arrays)
         summary = {
             "images": {split: int(len(arrays[f"{split}_images"])) for split in data.SPLITS},
             "split_seed": settings.split_seed,
-            "binarize": settings.binarize,  # dynamic: val and test binary (drawn once), train grey
             "sha256": data.MNIST_SHA256,
         }
+        if settings.binarize != "none":  # grey-level data keeps the summary (and dataset digest) it always had
+            summary["binarize"] = settings.binarize  # dynamic: val and test binary (drawn once), train grey
         write_json(scratch / PREPARED_SUMMARY.name, summary)
         check_unchanged(config, PREPARE_PARAMS, "prepare")
     log.info("prepared %s", summary["images"])

@@ -351,6 +351,7 @@ def log_cell_params(config: StudyConfig, cell: CellConfig, prepared: dict) -> No
     params = {f"cell.{key}": value for key, value in cell_as_dict(cell).items()}
     params |= {f"data.{split}_size": count for split, count in prepared["images"].items()}
     params["data.split_seed"] = prepared["split_seed"]
+    params["data.binarize"] = prepared.get("binarize", "none")
     params["study"] = config.study
     params["threads"] = config.threads  # the CPU threads it computed with: part of what makes its numbers
     mlflow.log_params(params)
@@ -383,7 +384,7 @@ def prepared_dataset(prepared: dict, source: Path):
     sizes = prepared["images"]
     digest = hashlib.sha256(json.dumps(prepared, sort_keys=True).encode()).hexdigest()[:16]
     name = f"mnist-{sizes['train']}-{sizes['val']}-{sizes['test']}"
-    if prepared["binarize"] == "dynamic":
+    if prepared.get("binarize") == "dynamic":
         name += "-binarized"
     return MetaDataset(LocalArtifactDatasetSource(str(source.resolve())), name=name, digest=digest)
 

@@ -51,7 +51,7 @@ def train_cell(
         val_images = images_to_tensor(arrays["val_images"], device)
 
     prepared = read_json(PREPARED_SUMMARY)
-    training = engine.start_training(cell, device, binarize=prepared["binarize"] == "dynamic")
+    training = engine.start_training(cell, device, binarize=prepared.get("binarize") == "dynamic")
     inputs = {"data": sha256_of(PREPARED_FILE)}
     if cell.init_from:
         training.model.start_from(load_trained(config.study, config.cell(cell.init_from), device))

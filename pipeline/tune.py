@@ -32,8 +32,8 @@ from pipeline.config import PARAMS_FILE, StudyConfig, cell_as_dict, load_study
 from pipeline.data import images_to_tensor, load_prepared
 from pipeline.errors import TrackingError, VaebenchError
 from pipeline.memory import check_memory
-from pipeline.outputs import read_json, repository_root, staged_dir, write_json
-from pipeline.paths import PREPARED_FILE, PREPARED_SUMMARY
+from pipeline.outputs import repository_root, staged_dir, write_json
+from pipeline.paths import PREPARED_FILE
 from pipeline.stage_params import TUNE_PARAMS, check_unchanged
 from pipeline.tuning.search_space import TuneSpace, check_space_fits, load_space, make_pruner, make_sampler, with_values
 
@@ -187,7 +187,7 @@ def worker(params_file: str, space_file: str, url: str, parent_id: str, index: i
     data = {
         "train": images_to_tensor(arrays["train_images"], device),
         "val": images_to_tensor(arrays["val_images"], device),
-        "binarize": read_json(PREPARED_SUMMARY)["binarize"] == "dynamic",
+        "binarize": config.data.binarize == "dynamic",
     }
     objective = partial(run_trial, config, space, data, parent_id)
     failures = StopAfterFailures(space.n_trials)

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import data, engine, tracking
-from pipeline.config import scheduled_rate
+from pipeline.config import cell_as_dict, parse_cell
 from pipeline.evaluation.sample_quality import importance_weighted_nll, standard_error
-from pipeline.models import build_model
+from pipeline.models import FAMILIES, build_model
 from pipeline.outputs import read_json
 from pipeline.paths import PREPARED_FILE, PREPARED_SUMMARY
 from pipeline.prepare import prepare
@@ -60,9 +60,16 @@ def test_without_binarization_the_training_images_are_used_as_they_are():
 
 def test_the_schedule_sets_each_stages_rate_at_its_epochs():
     schedule = ((1, 0.01), (2, 0.005), (3, 0.001))
-    assert [scheduled_rate(schedule, epoch) for epoch in range(1, 7)] == [0.01, 0.005, 0.005, 0.001, 0.001, 0.001]
+    assert [engine.scheduled_rate(schedule, epoch) for epoch in range(1, 7)] == [
+        0.01,
+        0.005,
+        0.005,
+        0.001,
+        0.001,
+        0.001,
+    ]
     with pytest.raises(ValueError, match="epoch 7 is beyond the schedule's 6 epochs"):
-        scheduled_rate(schedule, 7)
+        engine.scheduled_rate(schedule, 7)
 
 
 def scheduled_cell():
@@ -175,7 +182,7 @@ def test_prepare_binarizes_validation_and_test_once_and_keeps_training_images_gr
     grey = data.load_prepared(PREPARED_FILE)
     prepare(with_data(prepared, binarize="dynamic"))
     summary, arrays = read_json(PREPARED_SUMMARY), data.load_prepared(PREPARED_FILE)
-    assert (grey_summary["binarize"], summary["binarize"]) == ("none", "dynamic")
+    assert ("binarize" not in grey_summary, summary["binarize"]) == (True, "dynamic")
     assert np.array_equal(arrays["train_images"], grey["train_images"])
     for split in ("val", "test"):
         binary, levels = arrays[f"{split}_images"], grey[f"{split}_images"]
@@ -188,3 +195,17 @@ def test_prepare_binarizes_validation_and_test_once_and_keeps_training_images_gr
         tracking.prepared_dataset(summary, PREPARED_FILE).digest
         != tracking.prepared_dataset(grey_summary, PREPARED_FILE).digest
     )
+
+
+@pytest.mark.parametrize("family", ["vae", "ae", "dae", "cae", "gan", "vaegan", "iwae", "vqvae", "pca"])
+def test_a_cell_reads_back_from_its_dict_with_the_new_keys_and_leaves_out_their_defaults(family):
+    plain = small_cell(family, "linear")
+    assert not {"activation", "adam_betas", "adam_eps", "lr_schedule"} & set(cell_as_dict(plain))
+    changes = {"epochs": 2, "lr_schedule": [[1, 0.001], [1, 0.0005]], "activation": "tanh"}
+    if FAMILIES[family].capabilities.one_pass:  # fitted in one epoch
+        changes |= {"epochs": 1, "lr_schedule": [[1, 0.001]]}
+    if not FAMILIES[family].capabilities.adversarial:
+        changes |= {"adam_betas": [0.8, 0.99], "adam_eps": 1e-4}
+    cell = small_cell(family, "linear", **changes)
+    values = cell_as_dict(cell)
+    assert parse_cell(values.pop("name"), values, {}) == cell
