@@ -316,7 +316,11 @@ def report_blocks(
         (
             "p",
             SAMPLE_QUALITY_TEXT.format(
-                **vars(config.sample_quality), ex_post=family_names(lambda family: family.Sampler.ex_post)
+                **(
+                    vars(config.sample_quality)
+                    | ({"binarize": "drawn once by prepare"} if config.data.binarize == "dynamic" else {})
+                ),
+                ex_post=family_names(lambda family: family.Sampler.ex_post),
             ),
         ),
         ("table", markdown_sample_table(cells, load_floor())),
