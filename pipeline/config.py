@@ -690,11 +690,10 @@ def cell_as_dict(cell: CellConfig) -> dict:
     values["hidden"] = list(cell.hidden)
     values["channels"] = list(cell.channels)
     values["adam_betas"] = list(cell.adam_betas)
-    if cell.lr_schedule is not None:
-        values["lr_schedule"] = [list(stage) for stage in cell.lr_schedule]
+    values["lr_schedule"] = None if cell.lr_schedule is None else [list(stage) for stage in cell.lr_schedule]
     # The optional keys at their defaults are left out, as a cell that does not set them reads.
     for key in OPTIONAL_CELL_KEYS:
-        if values.get(key) == _optional_default(key):
-            values.pop(key, None)
+        if values[key] == _optional_default(key):
+            del values[key]
     settings = {key: value for key, value in dataclasses.asdict(cell.settings).items() if value is not None}
     return values | settings

@@ -48,9 +48,9 @@ class VAEGAN(GaussianAutoencoder):
 
     def __init__(self, cell):
         super().__init__(cell)
-        self.discriminator = build_networks(cell.arch, 1, cell.latent_dim, cell.hidden, cell.channels, cell.activation)[
-            0
-        ]
+        self.discriminator, _ = build_networks(
+            cell.arch, 1, cell.latent_dim, cell.hidden, cell.channels, cell.activation
+        )
 
     @staticmethod
     def parse_settings(raw: dict, where: str) -> VAEGANSettings:
